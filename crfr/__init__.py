@@ -1,0 +1,3 @@
+"""crfr: cross-resolution face recognition with WaveResNet and knowledge distillation."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,94 @@
+"""The ``crfr`` command line: one entry point, subcommands registered by ``crfr/commands/*``.
+
+Errors the user can fix (``CrfrError``) print one line naming the file or setting and exit non-zero;
+only bugs show a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+from collections.abc import Callable, Sequence
+
+from crfr import __version__
+from crfr.errors import CrfrError
+
+# Each module adds its subcommands; a module that is not written yet is simply absent.
+COMMAND_MODULES = (
+    "crfr.commands.run",
+    "crfr.commands.data",
+    "crfr.commands.train",
+    "crfr.commands.evaluate",
+    "crfr.commands.models",
+    "crfr.commands.pipeline",
+    "crfr.commands.bench",
+)
+
+OFFLINE_DEFAULTS = {
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "DVC_NO_ANALYTICS": "1",
+    "DO_NOT_TRACK": "1",
+}
+
+
+def add_params_args(parser: argparse.ArgumentParser) -> None:
+    """``--params FILE`` and repeatable ``--set section.key=value``, shared by every step."""
+    parser.add_argument("--params", default="params.yaml", help="params file (default: %(default)s)")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override one param, e.g. --set teacher.epochs=1 (repeatable; VALUE is YAML)",
+    )
+
+
+def run_guarded(func: Callable[[], int | None]) -> int:
+    """Run a command, turning ``CrfrError`` into ``crfr: error: ...`` and its exit code."""
+    try:
+        return int(func() or 0)
+    except CrfrError as exc:
+        print(f"crfr: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("crfr: interrupted", file=sys.stderr)
+        return 130
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="crfr",
+        description=(
+            "Cross-resolution face recognition: train a ResNet teacher on HR faces, distil a WaveResNet "
+            "student on degraded multi-scale LR faces, evaluate at 14/28/56/112 px, register, promote and use it."
+        ),
+    )
+    parser.add_argument("--version", action="version", version=f"crfr {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name != name:
+                raise
+            continue
+        module.register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    for key, value in OFFLINE_DEFAULTS.items():
+        os.environ.setdefault(key, value)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 0 if args.command is None else 2
+    return run_guarded(lambda: args.func(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

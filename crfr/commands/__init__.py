@@ -1,0 +1,1 @@
+"""Subcommands of the ``crfr`` CLI: each module has ``register(subparsers)``."""

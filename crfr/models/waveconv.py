@@ -1,0 +1,133 @@
+"""WaveConv's DWT low-pass (LL band) stride-2 filter.
+
+WaveConv = this filter followed by the stride-1 version of the convolution it replaces (see iresnet.py).
+
+``x_LL = (f_LL * x) downarrow 2`` is computed exactly as PyWavelets' ``pywt.dwt2`` computes its approximation
+band, so ``LowPass2d`` agrees with ``pywt.dwt2(x, wavelet, mode)[0]`` for any even or odd size. Two
+implementations:
+
+* ``fast`` (default): Haar on even sizes is ``2 * avg_pool2d(x, 2)`` exactly; everything else is one padding
+  step (PyWavelets' extension mode) and a fixed depthwise strided convolution with the outer product of the
+  wavelet's decomposition low-pass filter.
+* ``reference``: pytorch_wavelets' ``DWTForward``, which computes all four bands and keeps LL.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import pywt
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+MODES = ("zero", "symmetric", "reflect", "periodization")
+_NUMPY_PAD = {"symmetric": "symmetric", "reflect": "reflect"}
+
+
+def ll_output_size(n: int, filter_len: int, mode: str) -> int:
+    """Length of PyWavelets' approximation band for a signal of length ``n``."""
+    if mode == "periodization":
+        return (n + 1) // 2
+    return (n + filter_len - 1) // 2
+
+
+@functools.lru_cache(maxsize=256)
+def _pad_index(n: int, filter_len: int, mode: str) -> tuple[torch.Tensor | None, int, int]:
+    """Gather index that extends a length-``n`` axis as PyWavelets does before its stride-2 filter.
+
+    PyWavelets computes ``a[i] = sum_j h[j] x[2i + 1 - j]`` over the extended signal, i.e. a stride-2
+    cross-correlation with the reversed filter after ``L - 2`` samples of left padding.
+    Returns (index or None for zero padding, left pad, right pad).
+    """
+    out = ll_output_size(n, filter_len, mode)
+    if mode == "periodization":
+        # PyWavelets first makes odd signals even by repeating the last sample, then wraps around.
+        base = np.arange(n).tolist() + ([n - 1] if n % 2 else [])
+        m = len(base)
+        left = filter_len // 2 - 1
+        right = 2 * out + filter_len - 2 - left - m
+        idx = [base[(i - left) % m] for i in range(m + left + right)]
+        return torch.tensor(idx, dtype=torch.long), left, right
+    left = filter_len - 2
+    right = 2 * out - n
+    if mode == "zero":
+        return None, left, right
+    idx = np.pad(np.arange(n), (left, right), mode=_NUMPY_PAD[mode])
+    return torch.from_numpy(idx.astype(np.int64)), left, right
+
+
+class LowPass2d(nn.Module):
+    """Stride-2 DWT low-pass filter: the LL band of a one-level 2D DWT, per channel.
+
+    Args:
+        wavelet: a discrete wavelet known to PyWavelets (``haar``, ``db2``, ``bior2.2``...).
+        mode: signal extension, one of ``zero``, ``symmetric``, ``reflect``, ``periodization``.
+        impl: ``fast`` (pooling / fixed depthwise convolution) or ``reference`` (pytorch_wavelets).
+    """
+
+    def __init__(self, wavelet: str = "haar", mode: str = "zero", impl: str = "fast") -> None:
+        super().__init__()
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if impl not in ("fast", "reference"):
+            raise ValueError(f"impl must be 'fast' or 'reference', got {impl!r}")
+        self.wavelet, self.mode, self.impl = wavelet, mode, impl
+        dec_lo = np.asarray(pywt.Wavelet(wavelet).dec_lo, dtype=np.float64)
+        self.filter_len = len(dec_lo)
+        # Cross-correlation with the reversed filter is PyWavelets' convolution.
+        kernel_1d = torch.tensor(dec_lo[::-1].copy(), dtype=torch.float32)
+        self.register_buffer("kernel", torch.outer(kernel_1d, kernel_1d)[None, None], persistent=False)
+        self._haar = wavelet == "haar"
+        self._reference = None
+        if impl == "reference":
+            from pytorch_wavelets import DWTForward
+
+            self._reference = DWTForward(J=1, wave=wavelet, mode=mode)
+
+    def extra_repr(self) -> str:
+        return f"wavelet={self.wavelet}, mode={self.mode}, impl={self.impl}"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._reference is not None:
+            low, _ = self._reference(x)
+            return low
+        h, w = x.shape[-2:]
+        if self._haar and h % 2 == 0 and w % 2 == 0:
+            # For Haar on even sizes the LL band is exactly twice the 2x2 mean (no padding involved).
+            return 2.0 * F.avg_pool2d(x, 2)
+        x = self._extend(x, h, dim=-2)
+        x = self._extend(x, w, dim=-1)
+        channels = x.shape[1]
+        weight = self.kernel.to(dtype=x.dtype).expand(channels, 1, -1, -1)
+        return F.conv2d(x, weight, stride=2, groups=channels)
+
+    def _extend(self, x: torch.Tensor, n: int, dim: int) -> torch.Tensor:
+        index, left, right = _pad_index(n, self.filter_len, self.mode)
+        if index is None:
+            pad = (0, 0, left, right) if dim == -2 else (left, right)
+            return F.pad(x, pad)
+        return x.index_select(dim, index.to(x.device))
+
+
+class WaveDown(nn.Module):
+    """WaveConv's downsampling: the LL band, trimmed to the size a stride-2 convolution would give.
+
+    For Haar (the default) on even sizes the trim does nothing. Longer wavelets with non-periodic
+    extension produce ``(n + L - 1) // 2`` samples; the centre ``ceil(n / 2)`` are kept so that a
+    WaveResNet has the same feature-map sizes, and therefore the same parameter count, as its ResNet.
+    """
+
+    def __init__(self, wavelet: str = "haar", mode: str = "zero", impl: str = "fast") -> None:
+        super().__init__()
+        self.lowpass = LowPass2d(wavelet, mode, impl)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, w = x.shape[-2:]
+        low = self.lowpass(x)
+        th, tw = (h + 1) // 2, (w + 1) // 2
+        dh, dw = (low.shape[-2] - th) // 2, (low.shape[-1] - tw) // 2
+        if dh or dw or low.shape[-2] != th or low.shape[-1] != tw:
+            low = low[..., dh : dh + th, dw : dw + tw]
+        return low

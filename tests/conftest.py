@@ -1,0 +1,40 @@
+"""Shared fixtures: real LFW faces from ../shared, offline settings for MLflow/DVC/Prefect."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+LFW_ROOT = Path(os.environ.get("CRFR_LFW_ROOT", REPO.parent / "shared" / "data" / "lfw"))
+
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+os.environ.setdefault("DVC_NO_ANALYTICS", "1")
+os.environ.setdefault("DO_NOT_TRACK", "1")
+
+try:  # the moto S3 server fixture, if the storage tests' helper module is present
+    from tests.s3fixture import s3_server  # noqa: F401
+except ImportError:  # pragma: no cover
+    pass
+
+
+def lfw_image_path(name: str, number: int) -> Path:
+    return LFW_ROOT / "lfw-deepfunneled" / name / f"{name}_{number:04d}.jpg"
+
+
+@pytest.fixture(scope="session")
+def lfw_root() -> Path:
+    if not (LFW_ROOT / "pairs.txt").exists():
+        pytest.skip(f"LFW not found at {LFW_ROOT} (set CRFR_LFW_ROOT)")
+    return LFW_ROOT
+
+
+@pytest.fixture(scope="session")
+def lfw_face(lfw_root) -> np.ndarray:
+    """A real LFW face, loosely centre-cropped to 112x112 RGB uint8."""
+    bgr = cv2.imread(str(lfw_image_path("Aaron_Eckhart", 1)))
+    return cv2.cvtColor(cv2.resize(bgr[64:186, 70:180], (112, 112), interpolation=cv2.INTER_AREA), cv2.COLOR_BGR2RGB)

@@ -1,0 +1,81 @@
+"""params.yaml: profiles, overrides and errors that name the key."""
+
+import pytest
+import yaml
+
+from crfr.config import REPO_PARAMS_KEYS, Params, load_params, params_from_json
+from crfr.errors import ConfigError
+
+
+def test_repo_params_validate_for_every_profile():
+    raw = yaml.safe_load(open("params.yaml"))
+    assert set(raw) == REPO_PARAMS_KEYS
+    for profile in raw["profiles"]:
+        assert load_params("params.yaml", [f"profile={profile}"]).profile == profile
+
+
+def test_paper_profile_is_the_papers_setting():
+    p = load_params("params.yaml", ["profile=paper"])
+    assert (p.model.depth, p.model.width, p.model.embedding_size) == (50, 1.0, 512)
+    assert (p.teacher.epochs, p.teacher.batch_size, p.teacher.lr, p.teacher.milestones) == (18, 128, 0.1, [10, 13, 16])
+    assert (p.loss.lambda1, p.loss.lambda2, p.loss.arcface_s, p.loss.arcface_m) == (1.0, 0.05, 64.0, 0.5)
+    assert [s.name for s in p.data.eval_sets] == ["lfw", "agedb_30", "cplfw", "calfw"]
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("data.align=foo", "'data.align': Input should be 'mtcnn', 'center-crop' or 'none'"),
+        ("model.depth=20", "'model.depth': Input should be 18, 34, 50 or 100"),
+        ("teacher.lr=-1", "'teacher.lr': Input should be greater than 0"),
+        ("data.bogus=1", "unknown key 'data.bogus'; allowed keys here: align,"),
+        ("degrade.p_blur=2", "'degrade.p_blur': Input should be less than or equal to 1"),
+        ("model.wavelet=nope", "'model.wavelet': unknown wavelet 'nope'"),
+        ("teacher.epochs=two", "'teacher.epochs': Input should be a valid integer"),
+        ("student.wavesim=true", None),
+    ],
+)
+def test_bad_values_name_the_key(override, message):
+    if message is None:
+        assert load_params("params.yaml", [override]).student.wavesim
+        return
+    with pytest.raises(ConfigError) as err:
+        load_params("params.yaml", [override])
+    assert message in str(err.value)
+
+
+def test_unknown_profile_lists_the_allowed_ones():
+    with pytest.raises(ConfigError, match=r"profile 'x' is not defined; allowed: \['demo', 'paper', 'tiny'\]"):
+        load_params("params.yaml", ["profile=x"])
+
+
+def test_missing_file_and_bad_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="params file not found"):
+        load_params(tmp_path / "nope.yaml")
+    bad = tmp_path / "p.yaml"
+    bad.write_text("teacher: [unclosed")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_params(bad)
+
+
+def test_environment_overrides(monkeypatch):
+    monkeypatch.setenv("CRFR_LFW_ROOT", "/data/lfw")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow:5000")
+    p = load_params("params.yaml")
+    assert p.data.root == "/data/lfw" and p.tracking.uri == "http://mlflow:5000"
+
+
+def test_ablation_rows_and_json_round_trip():
+    p = load_params("params.yaml")
+    row = p.student_for_row("waveresnet")
+    assert (row.backbone, row.lr_data, row.kd, row.wavesim) == ("waveresnet", "bicubic", False, False)
+    assert p.student_for_row("default") == p.student
+    with pytest.raises(ConfigError, match="ablation row 'x'"):
+        p.student_for_row("x")
+    assert params_from_json(p.model_dump_json()) == p
+    assert isinstance(p, Params) and p.flat()["model.depth"] == 18
+
+
+def test_wavesim_without_kd_is_rejected():
+    with pytest.raises(ConfigError, match="wavesim: true needs kd: true"):
+        load_params("params.yaml", ["student.kd=false"])

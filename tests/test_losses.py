@@ -1,0 +1,101 @@
+"""Losses against independent straightforward implementations (float64, acos, PyWavelets)."""
+
+import math
+
+import numpy as np
+import pytest
+import pywt
+import torch
+
+from crfr.losses import ArcFace, LossTerms, WaveletSimilarity, arcface_loss, distillation_loss
+
+
+def reference_arcface_logits(emb, weight, labels, s, m):
+    e = emb / np.linalg.norm(emb, axis=1, keepdims=True)
+    w = weight / np.linalg.norm(weight, axis=1, keepdims=True)
+    cos = e @ w.T
+    out = s * cos.copy()
+    for i, y in enumerate(labels):
+        theta = math.acos(np.clip(cos[i, y], -1, 1))
+        # insightface: past pi - m the margin logit continues linearly instead of rising again.
+        out[i, y] = s * (math.cos(theta + m) if theta + m <= math.pi else cos[i, y] - math.sin(math.pi - m) * m)
+    return out, s * cos
+
+
+def test_arcface_matches_reference():
+    torch.manual_seed(0)
+    head = ArcFace(8, 5, s=64.0, m=0.5)
+    emb = torch.randn(6, 8)
+    labels = torch.tensor([0, 1, 2, 3, 4, 0])
+    margin, plain = head(emb, labels)
+    ref_margin, ref_plain = reference_arcface_logits(
+        emb.double().numpy(), head.weight.detach().double().numpy(), labels.numpy(), 64.0, 0.5
+    )
+    np.testing.assert_allclose(margin.detach().numpy(), ref_margin, atol=1e-3)
+    np.testing.assert_allclose(plain.detach().numpy(), ref_plain, atol=1e-3)
+    ce = -np.mean([ref_margin[i, y] - np.log(np.exp(ref_margin[i]).sum()) for i, y in enumerate(labels.numpy())])
+    assert arcface_loss(margin, labels).item() == pytest.approx(ce, rel=1e-4)
+
+
+@pytest.mark.parametrize("sign", [1.0, -1.0], ids=["theta=0", "theta=pi"])
+def test_arcface_is_finite_at_theta_0_and_pi(sign):
+    head = ArcFace(4, 3)
+    emb = (sign * head.weight.detach()[1:2].clone()).requires_grad_(True)
+    margin, _ = head(emb, torch.tensor([1]))
+    loss = arcface_loss(margin, torch.tensor([1]))
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert torch.isfinite(emb.grad).all() and torch.isfinite(head.weight.grad).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_arcface_under_autocast_is_float32_and_finite(dtype):
+    torch.manual_seed(0)
+    head = ArcFace(16, 10)
+    emb = torch.randn(4, 16, requires_grad=True)
+    labels = torch.tensor([1, 2, 3, 4])
+    with torch.autocast("cpu", dtype=dtype):
+        margin, plain = head(emb.to(dtype), labels)
+        loss = arcface_loss(margin, labels)
+    loss.backward()
+    assert margin.dtype == torch.float32 and plain.dtype == torch.float32
+    assert torch.isfinite(loss) and torch.isfinite(emb.grad).all()
+    ref_margin, _ = head(emb.detach(), labels)
+    torch.testing.assert_close(margin, ref_margin, atol=0.5, rtol=0.02)  # inputs were rounded to half precision
+
+
+def test_distillation_matches_reference():
+    torch.manual_seed(0)
+    zt, zs = torch.randn(5, 7) * 10, torch.randn(5, 7) * 10
+    t = 4.0
+    p = torch.softmax(zt.double() / t, 1).numpy()
+    q = torch.softmax(zs.double() / t, 1).numpy()
+    expected = t * t * np.mean(np.sum(p * (np.log(p) - np.log(q)), axis=1))
+    assert distillation_loss(zt, zs, t).item() == pytest.approx(expected, rel=1e-5)
+    assert distillation_loss(zt, zt, t).item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_wavelet_similarity_matches_pywt():
+    torch.manual_seed(0)
+    teacher = [torch.randn(2, 3, 8, 8), torch.randn(2, 4, 4, 4)]
+    student = [torch.randn(2, 3, 8, 8), torch.randn(2, 4, 4, 4)]
+    expected = 0.0
+    for t, s in zip(teacher, student):
+        lt = pywt.dwt2(t.double().numpy(), "haar", axes=(-2, -1))[0]
+        ls = pywt.dwt2(s.double().numpy(), "haar", axes=(-2, -1))[0]
+        expected += np.mean((lt - ls) ** 2)
+    assert WaveletSimilarity()(teacher, student).item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_wavelet_similarity_does_not_train_the_teacher():
+    t = torch.randn(1, 2, 4, 4, requires_grad=True)
+    s = torch.randn(1, 2, 4, 4, requires_grad=True)
+    WaveletSimilarity()([t], [s]).backward()
+    assert t.grad is None and s.grad is not None
+
+
+def test_total_is_equation_4():
+    terms = LossTerms(arcface=torch.tensor(2.0), distill=torch.tensor(3.0), wavesim=torch.tensor(10.0))
+    assert terms.total(1.0, 0.05).item() == pytest.approx(2.0 + 3.0 + 0.5)
+    assert LossTerms(arcface=torch.tensor(2.0)).total(1.0, 0.05).item() == pytest.approx(2.0)
+    assert terms.items() == {"arcface": 2.0, "distill": 3.0, "wavesim": 10.0}

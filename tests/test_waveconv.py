@@ -1,0 +1,65 @@
+"""The LL filters against PyWavelets, and their gradients."""
+
+import numpy as np
+import pytest
+import pywt
+import torch
+
+from crfr.models.waveconv import LowPass2d, WaveDown
+
+SIZES = [(8, 8), (56, 56), (7, 9), (13, 6)]
+
+
+@pytest.mark.parametrize("impl", ["fast", "reference"])
+@pytest.mark.parametrize("wavelet", ["haar", "db2"])
+@pytest.mark.parametrize("mode", ["zero", "symmetric", "reflect", "periodization"])
+@pytest.mark.parametrize("size", SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
+def test_ll_matches_pywt(impl, wavelet, mode, size):
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2, 3, *size))
+    expected = pywt.dwt2(x, wavelet, mode=mode, axes=(-2, -1))[0]
+    got = LowPass2d(wavelet, mode, impl)(torch.tensor(x, dtype=torch.float32)).numpy()
+    assert got.shape == expected.shape
+    np.testing.assert_allclose(got, expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("wavelet", ["bior2.2", "db3", "sym4"])
+def test_fast_ll_matches_pywt_for_longer_wavelets(wavelet):
+    x = np.random.default_rng(1).standard_normal((1, 2, 17, 20))
+    for mode in ("zero", "symmetric", "reflect", "periodization"):
+        expected = pywt.dwt2(x, wavelet, mode=mode, axes=(-2, -1))[0]
+        got = LowPass2d(wavelet, mode, "fast")(torch.tensor(x, dtype=torch.float32)).numpy()
+        np.testing.assert_allclose(got, expected, atol=1e-5, err_msg=mode)
+
+
+def test_haar_even_is_twice_avg_pool():
+    x = torch.randn(2, 4, 16, 16)
+    torch.testing.assert_close(LowPass2d("haar")(x), 2 * torch.nn.functional.avg_pool2d(x, 2))
+
+
+@pytest.mark.parametrize("impl", ["fast", "reference"])
+@pytest.mark.parametrize("wavelet,size", [("haar", 8), ("haar", 7), ("db2", 10)])
+def test_gradients_match_autograd_of_reference(impl, wavelet, size):
+    """The LL band is linear in x: its gradient is the adjoint filter, identical for both implementations."""
+    x = torch.randn(1, 2, size, size, dtype=torch.float32, requires_grad=True)
+    y = LowPass2d(wavelet, "zero", impl)(x)
+    weights = torch.randn_like(y)
+    (y * weights).sum().backward()
+    grad = x.grad.clone()
+    assert grad.abs().sum() > 0
+    x2 = x.detach().clone().requires_grad_(True)
+    ref = LowPass2d(wavelet, "zero", "reference")(x2)
+    (ref * weights).sum().backward()
+    torch.testing.assert_close(grad, x2.grad, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("wavelet", ["haar", "db2"])
+def test_wavedown_matches_strided_conv_size(wavelet):
+    for n in (56, 28, 7):
+        out = WaveDown(wavelet)(torch.randn(1, 3, n, n))
+        assert out.shape[-1] == (n + 1) // 2
+
+
+def test_bad_mode_is_rejected():
+    with pytest.raises(ValueError, match="mode"):
+        LowPass2d("haar", "wrap")
