@@ -13,4 +13,5 @@ def to_tensor(images: np.ndarray | torch.Tensor) -> torch.Tensor:
         batch = batch[None]
     if batch.dtype != torch.uint8 or batch.ndim != 4 or batch.shape[-1] != 3:
         raise ValueError(f"expected uint8 images of shape (B, H, W, 3), got {batch.dtype} {tuple(batch.shape)}")
-    return batch.permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)
+    # contiguous(): a permuted NHWC-strided input trips a torch 2.13 CPU conv bug (see train/runtime.py).
+    return batch.permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0).contiguous()

@@ -1,0 +1,77 @@
+"""Training batches: HR faces for the teacher, (HR, LR) pairs of the same face for the student.
+
+Every random choice (order, flip, degradation) is a pure function of (seed, epoch, index), never of a
+global RNG, so a resumed run, a run with more loader workers or a DDP rank sees exactly the data it would
+have seen otherwise.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset, Sampler
+
+from crfr.config import DegradeCfg
+from crfr.degrade import Degrader
+
+# Stride between epochs in the degradation index: sample i of epoch e is degraded as e * EPOCH_STRIDE + i.
+EPOCH_STRIDE = 1 << 32
+
+
+class FaceTrainingSet(Dataset):
+    """Wraps an indexable of ``(uint8 HxWx3, label)``; yields uint8 arrays, normalised later on the device.
+
+    Args:
+        faces: e.g. ``crfr.data.shards.ShardDataset``.
+        lr_data: None for HR only (teacher); ``bicubic`` or ``degraded`` to add the student's LR view.
+        degrade: the degradation model's settings.
+        seed: run seed.
+    """
+
+    def __init__(self, faces, lr_data: str | None, degrade: DegradeCfg, seed: int) -> None:
+        self.faces, self.lr_data, self.seed = faces, lr_data, seed
+        self.degrader = Degrader(degrade, seed=seed, corrupt=lr_data == "degraded") if lr_data else None
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.faces)
+
+    def __getitem__(self, index: int):
+        img, label = self.faces[index]
+        img = np.asarray(img)
+        rng = np.random.default_rng((self.seed, self.epoch, index))
+        if rng.random() < 0.5:
+            img = img[:, ::-1]
+        img = np.ascontiguousarray(img)
+        if self.degrader is None:
+            return torch.from_numpy(img), int(label)
+        low = self.degrader(img, self.epoch * EPOCH_STRIDE + index)
+        return torch.from_numpy(img), torch.from_numpy(low), int(label)
+
+
+class EpochSampler(Sampler[int]):
+    """A fresh permutation per epoch from (seed, epoch); each DDP rank takes every world_size-th index.
+
+    Every rank gets the same number of samples (the tail is dropped), so collective ops never wait forever.
+    """
+
+    def __init__(self, size: int, seed: int, rank: int = 0, world_size: int = 1) -> None:
+        self.size, self.seed, self.rank, self.world_size = size, seed, rank, world_size
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.size // self.world_size
+
+    def __iter__(self) -> Iterator[int]:
+        gen = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        order = torch.randperm(self.size, generator=gen)
+        per_rank = len(self)
+        return iter(order[self.rank : per_rank * self.world_size : self.world_size].tolist())

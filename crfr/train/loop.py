@@ -1,0 +1,381 @@
+"""One training loop for both steps: the HR teacher and the distilled LR student.
+
+Teacher: iresnet + ArcFace on HR faces. Student: (Wave)ResNet + ArcFace on LR faces, plus optionally the
+logit distillation (Eq. 2) and wavelet-similarity (Eq. 3) losses against the frozen teacher, which sees the
+HR version of the same face. Each Table I row is a ``TrainSpec``.
+
+Checkpoints are written atomically after every epoch and hold everything needed to continue exactly
+(model, head, optimiser, schedule, grad scaler, RNG states, epoch, step, MLflow run id).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from crfr.artifacts import atomic_torch_save, load_model, save_model
+from crfr.config import OptimCfg, Params
+from crfr.errors import DataError, TrainingError
+from crfr.losses import ArcFace, LossTerms, WaveletSimilarity, arcface_loss, distillation_loss
+from crfr.models import build_backbone
+from crfr.train.data import EpochSampler, FaceTrainingSet
+from crfr.train.runtime import Runtime
+
+HEAD_FILE = "head.pt"
+CHECKPOINT_FILE = "checkpoint.pt"
+
+
+@dataclass
+class TrainSpec:
+    """What to train: a teacher, or a student configured as one row of Table I."""
+
+    name: str
+    optim: OptimCfg
+    backbone: str = "iresnet"
+    lr_data: str | None = None  # None: HR (teacher); "bicubic" | "degraded": the student's LR view
+    kd: bool = False
+    wavesim: bool = False
+    teacher_dir: str | None = None
+    init_from_teacher: bool = False
+
+    @property
+    def needs_teacher(self) -> bool:
+        return self.kd or self.wavesim or self.init_from_teacher
+
+
+@dataclass
+class Holdout:
+    """A few verification pairs checked at 14 and 112 px after each epoch (monitoring only, no selection)."""
+
+    images: np.ndarray
+    left: np.ndarray
+    right: np.ndarray
+    same: np.ndarray
+
+
+class Network(nn.Module):
+    """Backbone + ArcFace head in one module, so DDP synchronises both."""
+
+    def __init__(self, backbone: nn.Module, head: ArcFace) -> None:
+        super().__init__()
+        self.backbone, self.head = backbone, head
+
+    def forward(self, x: torch.Tensor, labels: torch.Tensor):
+        emb, stages = self.backbone.forward_stages(x)
+        margin_logits, logits = self.head(emb, labels)
+        return margin_logits, logits, stages
+
+
+def lr_factor(step: int, steps_per_epoch: int, cfg: OptimCfg) -> float:
+    """Linear warmup, then multiply by gamma at each milestone epoch."""
+    epoch = step / steps_per_epoch
+    warmup_steps = cfg.warmup_epochs * steps_per_epoch
+    if warmup_steps and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    return cfg.gamma ** sum(epoch >= m for m in cfg.milestones)
+
+
+def _rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def load_teacher(teacher_dir: str, device: torch.device) -> tuple[nn.Module, ArcFace]:
+    """The frozen teacher backbone and its ArcFace head (for logits), in eval mode."""
+    model, _ = load_model(teacher_dir, device=str(device))
+    head_file = Path(teacher_dir) / HEAD_FILE
+    if not head_file.is_file():
+        raise DataError(f"teacher head not found: {head_file} (was the teacher trained by crfr?)")
+    head_state = torch.load(head_file, map_location="cpu", weights_only=True)
+    head = ArcFace(head_state["embedding_size"], head_state["num_classes"], head_state["s"], head_state["m"])
+    head.load_state_dict(head_state["state_dict"])
+    head.to(device).eval()
+    for p in list(model.parameters()) + list(head.parameters()):
+        p.requires_grad_(False)
+    return model, head
+
+
+class Trainer:
+    """Trains one network; see the module docstring.
+
+    Args:
+        spec: what to train.
+        params: all settings (model shape, losses, runtime, tracking).
+        faces: indexable of (uint8 HxWx3 RGB, label) with ``num_classes``.
+        runtime: device, precision and distributed context.
+        work_dir: where checkpoints live while training (survives a killed run).
+        holdout: pairs checked each epoch, or None.
+    """
+
+    def __init__(self, spec: TrainSpec, params: Params, faces, runtime: Runtime, work_dir: str | Path,
+                 holdout: Holdout | None = None) -> None:
+        self.spec, self.params, self.faces, self.rt = spec, params, faces, runtime
+        self.work_dir = Path(work_dir)
+        self.holdout = holdout
+        self.num_classes = int(faces.num_classes)
+        cfg = spec.optim
+        torch.manual_seed(params.seed)
+        backbone = build_backbone(spec.backbone, params.model)
+        head = ArcFace(params.model.embedding_size, self.num_classes, params.loss.arcface_s, params.loss.arcface_m)
+        self.teacher = self.teacher_head = None
+        if spec.needs_teacher:
+            if not spec.teacher_dir:
+                raise TrainingError(f"{spec.name}: KD, wavelet similarity or init_from_teacher need a teacher model")
+            self.teacher, self.teacher_head = load_teacher(spec.teacher_dir, runtime.device)
+            if self.teacher_head.weight.shape[0] != self.num_classes:
+                raise DataError(
+                    f"teacher {spec.teacher_dir} was trained on {self.teacher_head.weight.shape[0]} identities, "
+                    f"the student's data has {self.num_classes}: train both on the same prepared data"
+                )
+            if spec.init_from_teacher:
+                backbone.load_state_dict(self.teacher.state_dict())
+                head.load_state_dict(self.teacher_head.state_dict())
+        self.net = Network(backbone, head).to(runtime.device)
+        if runtime.channels_last:
+            self.net = self.net.to(memory_format=torch.channels_last)
+            if self.teacher is not None:
+                self.teacher = self.teacher.to(memory_format=torch.channels_last)
+        self.model = (
+            DistributedDataParallel(self.net, device_ids=[runtime.device.index] if runtime.device.type == "cuda"
+                                    else None)
+            if runtime.distributed else self.net
+        )
+        self.wavesim = WaveletSimilarity(params.model.wavelet, params.model.wave_mode).to(runtime.device)
+        self.dataset = FaceTrainingSet(faces, spec.lr_data, params.degrade, params.seed)
+        self.sampler = EpochSampler(len(self.dataset), params.seed, runtime.rank, runtime.world_size)
+        self.loader = DataLoader(
+            self.dataset,
+            batch_size=cfg.batch_size,
+            sampler=self.sampler,
+            num_workers=params.runtime.num_workers,
+            drop_last=True,
+            pin_memory=runtime.device.type == "cuda",
+            persistent_workers=params.runtime.num_workers > 0,
+        )
+        steps = len(self.loader)
+        if steps == 0:
+            raise DataError(f"{spec.name}: {len(self.dataset)} training images are fewer than one batch of "
+                            f"{cfg.batch_size} per process; lower {spec.name.split('-')[0]}.batch_size")
+        self.steps_per_epoch = min(steps, cfg.max_steps_per_epoch or steps)
+        self.optimizer = torch.optim.SGD(
+            [p for p in self.net.parameters() if p.requires_grad],
+            lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+        )
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda step: lr_factor(step, self.steps_per_epoch, cfg)
+        )
+        self.scaler = runtime.grad_scaler()
+        self.epoch = 0
+        self.step = 0
+        self.mlflow_run_id: str | None = None
+        self.history: list[dict] = []
+        self.step_rows: list[dict] = []
+
+    # ----------------------------------------------------------------------------------------- state
+    def state_dict(self) -> dict:
+        return {
+            "spec_name": self.spec.name,
+            "net": self.net.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "rng": _rng_state(),
+            "epoch": self.epoch,
+            "step": self.step,
+            "mlflow_run_id": self.mlflow_run_id,
+            "history": self.history,
+            "step_rows": self.step_rows,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.net.load_state_dict(state["net"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        _set_rng_state(state["rng"])
+        self.epoch, self.step = state["epoch"], state["step"]
+        self.mlflow_run_id = state.get("mlflow_run_id")
+        self.history = state.get("history", [])
+        self.step_rows = state.get("step_rows", [])
+
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.work_dir / CHECKPOINT_FILE
+
+    def save_checkpoint(self) -> None:
+        if self.rt.is_main:
+            atomic_torch_save(self.state_dict(), self.checkpoint_path)
+
+    def try_resume(self) -> bool:
+        """Continue from the last checkpoint in ``work_dir``, if any. Returns whether one was found."""
+        if not self.checkpoint_path.is_file():
+            return False
+        # The checkpoint holds optimiser and RNG state (numpy arrays, tuples), which weights_only refuses;
+        # it is our own file in our own work dir, not a download.
+        state = torch.load(self.checkpoint_path, map_location=self.rt.device, weights_only=False)
+        if state.get("spec_name") != self.spec.name:
+            raise TrainingError(f"{self.checkpoint_path} belongs to {state.get('spec_name')!r}, not {self.spec.name!r}")
+        self.load_state_dict(state)
+        return True
+
+    # ------------------------------------------------------------------------------------------ step
+    def loss_terms(self, batch) -> tuple[LossTerms, int]:
+        spec, rt, lcfg = self.spec, self.rt, self.params.loss
+        if spec.lr_data is None:
+            hr, labels = batch
+            x, hr_x = rt.to_input(hr), None
+        else:
+            hr, lr, labels = batch
+            x, hr_x = rt.to_input(lr), rt.to_input(hr)
+        labels = labels.to(rt.device, non_blocking=True)
+        with rt.autocast():
+            margin_logits, logits, stages = self.model(x, labels)
+            terms = LossTerms(arcface=arcface_loss(margin_logits, labels))
+            if spec.kd or spec.wavesim:
+                with torch.no_grad():
+                    t_emb, t_stages = self.teacher.forward_stages(hr_x)
+                    t_logits = self.teacher_head.s * self.teacher_head.cosine(t_emb)
+                if spec.kd:
+                    terms.distill = distillation_loss(t_logits, logits, lcfg.temperature)
+                if spec.wavesim:
+                    picked = [i - 1 for i in lcfg.wavesim_stages]
+                    terms.wavesim = self.wavesim([t_stages[i] for i in picked], [stages[i] for i in picked])
+        return terms, labels.shape[0]
+
+    def check_finite(self, terms: LossTerms) -> None:
+        for name, value in terms.items().items():
+            if not math.isfinite(value):
+                last = self.checkpoint_path if self.checkpoint_path.exists() else "none (first epoch)"
+                raise TrainingError(
+                    f"{self.spec.name}: loss term '{name}' is {value} at epoch {self.epoch + 1}, step {self.step}; "
+                    f"training stopped. Last good checkpoint: {last}. Try a lower lr or runtime.amp: none."
+                )
+
+    def train_epoch(self, on_log) -> dict:
+        cfg = self.spec.optim
+        self.net.train()
+        self.dataset.set_epoch(self.epoch)
+        self.sampler.set_epoch(self.epoch)
+        sums: dict[str, float] = {}
+        seen, t0 = 0, time.perf_counter()
+        window_images, window_t = 0, time.perf_counter()
+        bar = tqdm(total=self.steps_per_epoch, desc=f"{self.spec.name} epoch {self.epoch + 1}/{cfg.epochs}",
+                   disable=not self.rt.is_main, mininterval=1.0 if os.isatty(2) else 15.0, unit="step")
+        for i, batch in enumerate(self.loader):
+            if i >= self.steps_per_epoch:
+                break
+            terms, n = self.loss_terms(batch)
+            self.check_finite(terms)
+            loss = terms.total(self.params.loss.lambda1, self.params.loss.lambda2)
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            self.scheduler.step()
+            self.step += 1
+            seen += n
+            window_images += n
+            values = terms.items() | {"total": float(loss.detach())}
+            for k, v in values.items():
+                sums[k] = sums.get(k, 0.0) + v * n
+            if self.step % self.params.runtime.log_every == 0 or i + 1 == self.steps_per_epoch:
+                now = time.perf_counter()
+                ips = window_images * self.rt.world_size / max(now - window_t, 1e-9)
+                window_images, window_t = 0, now
+                lr = self.optimizer.param_groups[0]["lr"]
+                logged = {**{f"loss_{k}": v for k, v in values.items()}, "lr": lr, "images_per_s": ips}
+                self.step_rows.append({"step": self.step, "epoch": self.epoch + 1, **logged})
+                on_log(logged, self.step)
+                bar.set_postfix(loss=f"{values['total']:.3f}", img_s=f"{ips:.1f}", lr=f"{lr:.2g}")
+            bar.update(1)
+        bar.close()
+        elapsed = time.perf_counter() - t0
+        out = {f"loss_{k}": v / max(seen, 1) for k, v in sums.items()}
+        out["images_per_s"] = seen * self.rt.world_size / max(elapsed, 1e-9)
+        return out
+
+    def check_holdout(self) -> dict:
+        """Verification accuracy on the holdout pairs with the probe at 14 px and at 112 px."""
+        if self.holdout is None or not self.rt.is_main:
+            return {}
+        from crfr.degrade import linear_probe
+        from crfr.verification import embed_images, verify
+
+        h = self.holdout
+        backbone = self.net.backbone
+        backbone.eval()
+        device = str(self.rt.device)
+        gallery = embed_images(backbone, h.images[h.right], batch_size=128, device=device, progress=False)
+        out = {}
+        for size in (14, 112):
+            probes = h.images[h.left] if size == 112 else np.stack([linear_probe(im, size) for im in h.images[h.left]])
+            emb = embed_images(backbone, probes, batch_size=128, device=device, progress=False)
+            result = verify(emb, gallery, h.same, nfolds=min(10, max(2, len(h.same) // 20)))
+            out[f"holdout_acc_{size}"] = result.accuracy
+        backbone.train()
+        return out
+
+    # ------------------------------------------------------------------------------------------- run
+    def fit(self, on_log=lambda metrics, step: None, on_epoch=lambda metrics, epoch: None) -> list[dict]:
+        """Train the remaining epochs, checkpointing after each; returns the per-epoch history."""
+        cfg = self.spec.optim
+        while self.epoch < cfg.epochs:
+            metrics = self.train_epoch(on_log)
+            metrics.update(self.check_holdout())
+            metrics["epoch"] = self.epoch + 1
+            self.history.append(metrics)
+            self.epoch += 1
+            self.save_checkpoint()
+            on_epoch(metrics, self.epoch)
+        return self.history
+
+    def export(self, out_dir: str | Path, meta: dict | None = None) -> None:
+        """Write the model directory (model.pt for inference, head.pt for a later student)."""
+        out_dir = Path(out_dir)
+        save_model(out_dir, self.net.backbone, self.spec.backbone, self.params.model, meta=meta)
+        head = self.net.head
+        atomic_torch_save(
+            {
+                "state_dict": {k: v.detach().cpu() for k, v in head.state_dict().items()},
+                "embedding_size": head.weight.shape[1],
+                "num_classes": head.weight.shape[0],
+                "s": head.s,
+                "m": head.m,
+            },
+            out_dir / HEAD_FILE,
+        )
+        (out_dir / "history.json").write_text(json.dumps(self.history, indent=2))
+
+
+def write_history_csv(path: Path, rows: list[dict]) -> None:
+    """DVC plots want a flat table: one row per epoch (or step), the union of keys as columns."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    keys = sorted({k for r in rows for k in r}, key=lambda k: (k not in ("epoch", "step"), k))
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=keys)
+        writer.writeheader()
+        writer.writerows(rows)
+

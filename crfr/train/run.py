@@ -1,0 +1,165 @@
+"""Driving a training run: data in, tracked training, model and reports out. Used by both training steps."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+
+from crfr import storage, tracking
+from crfr.config import Params
+from crfr.errors import TrainingError
+from crfr.train.loop import Holdout, Trainer, TrainSpec, write_history_csv
+from crfr.train.runtime import resolve_runtime, shutdown
+
+
+def spec_hash(spec: TrainSpec, params: Params) -> str:
+    """Fingerprint of everything that shapes the weights: a checkpoint only resumes the run it came from."""
+    relevant = params.model_dump(mode="json", include={"seed", "model", "loss", "degrade"})
+    relevant["spec"] = {k: (v.model_dump(mode="json") if hasattr(v, "model_dump") else v)
+                        for k, v in vars(spec).items() if k != "teacher_dir"}
+    return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def load_holdout(prepared: Path, params: Params) -> Holdout | None:
+    """The first ``runtime.holdout_pairs`` pairs of the first evaluation set (monitoring only)."""
+    n = params.runtime.holdout_pairs
+    first = params.data.eval_sets[0].name
+    if n == 0 or not (prepared / "eval" / first).exists():
+        return None
+    from crfr.data.pairs import load_pair_set
+
+    pairs = load_pair_set(prepared / "eval" / first)
+    # Take pairs spread over the set so that both same and different pairs are represented.
+    pick = np.linspace(0, len(pairs.same) - 1, num=min(n, len(pairs.same))).astype(int)
+    return Holdout(np.asarray(pairs.images), pairs.left[pick], pairs.right[pick], pairs.same[pick])
+
+
+def run_training(
+    spec: TrainSpec,
+    params: Params,
+    prepared_dir: str,
+    out_dir: str,
+    report_dir: str | None = None,
+    resume: bool = False,
+) -> dict:
+    """Train ``spec`` on prepared data and publish the model directory and reports.
+
+    Args:
+        spec: teacher or student configuration.
+        params: all settings.
+        prepared_dir: output of the prepare step (local path or s3:// URI).
+        out_dir: model directory to publish (model.pt, head.pt, config.json, history.json).
+        report_dir: DVC metrics and plots (metrics.json, epochs.csv, steps.csv); default ``out_dir``.
+        resume: continue from this run's last checkpoint in ``run_dir/checkpoints/<name>``.
+
+    Returns:
+        A summary: final metrics, images/s, MLflow run id, paths.
+    """
+    from crfr.data.shards import ShardDataset
+
+    storage.configure(params.storage)
+    prepared = storage.local_input(prepared_dir, kind="dir")
+    runtime = resolve_runtime(params.runtime)
+    faces = ShardDataset(prepared / "train")
+    work_dir = Path(params.run_dir) / "checkpoints" / spec.name
+    fingerprint = spec_hash(spec, params)
+    trainer = Trainer(spec, params, faces, runtime, work_dir, holdout=load_holdout(prepared, params))
+    resumed = False
+    if resume:
+        resumed = trainer.try_resume()
+        if resumed and trainer_fingerprint(work_dir) != fingerprint:
+            raise TrainingError(
+                f"{work_dir}: the checkpoint was made with other settings; rerun without --resume to start over"
+            )
+    elif trainer.checkpoint_path.exists() and runtime.is_main:
+        trainer.checkpoint_path.unlink()  # a fresh run must never pick up a stale checkpoint later
+    if runtime.is_main:
+        work_dir.mkdir(parents=True, exist_ok=True)
+        (work_dir / "fingerprint").write_text(fingerprint)
+
+    log, log_epoch, finish = _mlflow_hooks(trainer, spec, params, runtime.is_main, resumed)
+    try:
+        history = trainer.fit(on_log=log, on_epoch=log_epoch)
+    except BaseException as exc:
+        finish("FAILED" if not isinstance(exc, KeyboardInterrupt) else "KILLED")
+        shutdown(runtime)
+        raise
+    summary = {
+        "name": spec.name,
+        "backbone": spec.backbone,
+        "epochs": trainer.epoch,
+        "steps": trainer.step,
+        "resumed": resumed,
+        "mlflow_run_id": trainer.mlflow_run_id,
+        "final": history[-1] if history else {},
+        "images_per_s": float(np.mean([h["images_per_s"] for h in history])) if history else 0.0,
+    }
+    if runtime.is_main:
+        config = params.model_dump(mode="json")
+        meta = {"name": spec.name, "num_classes": trainer.num_classes, "mlflow_run_id": trainer.mlflow_run_id,
+                "spec": {k: v for k, v in vars(spec).items() if k not in ("optim", "teacher_dir")}}
+        with storage.output_dir(out_dir) as staging:
+            trainer.export(staging, meta=meta)
+            (staging / "config.json").write_text(json.dumps(config, indent=2))
+            _log_artifacts(staging, trainer.mlflow_run_id)
+            if report_dir is None:
+                _write_report(staging, summary, history, trainer.step_rows)
+        if report_dir is not None:
+            with storage.output_dir(report_dir) as staging:
+                _write_report(staging, summary, history, trainer.step_rows)
+    finish("FINISHED")
+    shutdown(runtime)
+    return summary
+
+
+def _write_report(folder: Path, summary: dict, history: list[dict], steps: list[dict]) -> None:
+    metrics = dict(summary["final"]) | {"images_per_s": summary["images_per_s"]}
+    (folder / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    write_history_csv(folder / "epochs.csv", history)
+    write_history_csv(folder / "steps.csv", steps)
+
+
+def trainer_fingerprint(work_dir: Path) -> str | None:
+    file = work_dir / "fingerprint"
+    return file.read_text().strip() if file.exists() else None
+
+
+def _mlflow_hooks(trainer: Trainer, spec: TrainSpec, params: Params, is_main: bool, resumed: bool):
+    """Per-step and per-epoch logging into one MLflow run (the same run again after a resume)."""
+    if not is_main:
+        return (lambda m, s: None), (lambda m, e: None), (lambda status: None)
+    import mlflow
+
+    tracking.setup(params.tracking)
+    run = mlflow.start_run(run_id=trainer.mlflow_run_id if resumed else None, run_name=spec.name)
+    trainer.mlflow_run_id = run.info.run_id
+    if not resumed:
+        flat = params.flat()
+        flat.update({f"spec.{k}": v for k, v in vars(spec).items() if k != "optim"})
+        flat.update({f"spec.optim.{k}": v for k, v in spec.optim.model_dump().items()})
+        mlflow.log_params({k: str(v)[:500] for k, v in flat.items()})
+        mlflow.set_tags({"crfr.step": spec.name, "crfr.backbone": spec.backbone})
+
+    def log(metrics: dict, step: int) -> None:
+        mlflow.log_metrics({f"step/{k}": v for k, v in metrics.items()}, step=step)
+
+    def log_epoch(metrics: dict, epoch: int) -> None:
+        mlflow.log_metrics({f"epoch/{k}": v for k, v in metrics.items() if k != "epoch"}, step=epoch)
+
+    def finish(status: str) -> None:
+        if mlflow.active_run() is not None:
+            mlflow.end_run(status=status)
+
+    return log, log_epoch, finish
+
+
+def _log_artifacts(model_dir: Path, run_id: str | None) -> None:
+    if run_id is None:
+        return
+    import mlflow
+
+    for name in ("model.pt", "config.json", "history.json"):
+        mlflow.log_artifact(str(model_dir / name), artifact_path="model")

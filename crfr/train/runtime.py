@@ -1,0 +1,93 @@
+"""Where training runs: device choice, mixed precision, determinism and torchrun's distributed setup."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from crfr.config import RuntimeCfg
+from crfr.errors import ConfigError
+
+
+@dataclass
+class Runtime:
+    """The resolved execution context of one training process."""
+
+    device: torch.device
+    amp_dtype: torch.dtype | None
+    channels_last: bool
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    def autocast(self):
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
+
+    def grad_scaler(self) -> torch.amp.GradScaler:
+        # Only fp16 needs loss scaling; a disabled scaler is a no-op with the same interface.
+        return torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
+
+    def to_input(self, batch: torch.Tensor) -> torch.Tensor:
+        """uint8 (B, H, W, 3) on CPU -> normalised float (B, 3, H, W) on the device."""
+        batch = batch.to(self.device, non_blocking=True).permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)
+        # Always give convolutions one explicit layout: with torch 2.13 on CPU, a permuted (NHWC-strided)
+        # input into a contiguous model corrupts the heap in conv backward (free(): invalid next size).
+        memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
+        return batch.contiguous(memory_format=memory_format)
+
+
+def resolve_runtime(cfg: RuntimeCfg) -> Runtime:
+    """Pick the device, set threads/determinism/cudnn flags and join torchrun's process group if launched by it."""
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    want = cfg.device
+    if want == "auto":
+        want = "cuda" if torch.cuda.is_available() else "cpu"
+    if want == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("runtime.device: cuda was requested but no CUDA device is available (use auto or cpu)")
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if want == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+        torch.backends.cudnn.benchmark = cfg.cudnn_benchmark and not cfg.deterministic
+        torch.backends.cuda.matmul.allow_tf32 = not cfg.deterministic
+        torch.backends.cudnn.allow_tf32 = not cfg.deterministic
+    else:
+        device = torch.device("cpu")
+    if cfg.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.deterministic = True
+        torch.backends.cudnn.benchmark = False
+    amp = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.amp] if want == "cuda" else None
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if want == "cuda" else "gloo")
+    return Runtime(
+        device=device,
+        amp_dtype=amp,
+        channels_last=cfg.channels_last and want == "cuda",
+        rank=rank,
+        world_size=world_size,
+        local_rank=local_rank,
+    )
+
+
+def shutdown(runtime: Runtime) -> None:
+    if runtime.distributed and dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,55 @@
+"""Small real-data fixtures built directly in the documented formats (independent of the prepare step)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from crfr.data.pairs import write_pair_set
+from crfr.data.shards import ShardWriter
+
+
+def centre_face(path: Path) -> np.ndarray:
+    bgr = cv2.imread(str(path))
+    if bgr is None:
+        raise FileNotFoundError(path)
+    return cv2.cvtColor(cv2.resize(bgr[64:186, 70:180], (112, 112), interpolation=cv2.INTER_AREA), cv2.COLOR_BGR2RGB)
+
+
+def people_with_images(lfw_root: Path, minimum: int) -> list[tuple[str, list[Path]]]:
+    folder = lfw_root / "lfw-deepfunneled"
+    out = []
+    for person in sorted(p for p in folder.iterdir() if p.is_dir()):
+        images = sorted(person.glob("*.jpg"))
+        if len(images) >= minimum:
+            out.append((person.name, images))
+    return out
+
+
+def make_prepared(lfw_root: Path, out: Path, identities: int = 6, per_identity: int = 6, eval_ids: int = 4) -> Path:
+    """prepared/train with ``identities`` people, prepared/eval/lfw with pairs among ``eval_ids`` other people."""
+    people = people_with_images(lfw_root, per_identity)
+    train_people, eval_people = people[:identities], people[identities : identities + eval_ids]
+    writer = ShardWriter(out / "train", shard_size=16)
+    for label, (_, images) in enumerate(train_people):
+        for path in images[:per_identity]:
+            writer.add(centre_face(path), label)
+    writer.close(classes=[name for name, _ in train_people])
+    images, owner = [], []
+    for k, (_, paths) in enumerate(eval_people):
+        for path in paths[:4]:
+            images.append(centre_face(path))
+            owner.append(k)
+    owner = np.array(owner)
+    left, right = [], []
+    for i in range(len(images)):
+        for j in range(i + 1, len(images)):
+            left.append(i)
+            right.append(j)
+    left, right = np.array(left), np.array(right)
+    same = owner[left] == owner[right]
+    fold = np.arange(len(left)) * 2 // len(left) + 1
+    write_pair_set(out / "eval" / "lfw", "lfw", np.stack(images), left, right, same, fold)
+    return out

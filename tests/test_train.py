@@ -1,0 +1,162 @@
+"""The training loop on real LFW faces: loss terms, Table I rows, resume, NaN, learning."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import crfr.train.loop as loop
+from components.distill_student import distill_student, student_spec
+from components.train_teacher import teacher_spec, train_teacher
+from crfr.artifacts import load_model
+from crfr.config import load_params
+from crfr.data.shards import ShardDataset
+from crfr.errors import TrainingError
+from crfr.models.waveconv import WaveDown
+from crfr.train.loop import Trainer
+from crfr.train.runtime import resolve_runtime
+from tests.builders import make_prepared
+
+
+@pytest.fixture(scope="module")
+def prepared(lfw_root, tmp_path_factory):
+    return make_prepared(lfw_root, tmp_path_factory.mktemp("prepared"))
+
+
+def tiny_params(tmp_path, *extra):
+    return load_params(
+        "params.yaml",
+        [
+            "profile=tiny",
+            f"run_dir={tmp_path / 'runs'}",
+            f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
+            f"tracking.artifact_location={tmp_path / 'artifacts'}",
+            "runtime.deterministic=true",
+            "runtime.threads=2",
+            "runtime.holdout_pairs=20",
+            "teacher.batch_size=8",
+            "student.batch_size=8",
+            "teacher.max_steps_per_epoch=2",
+            "student.max_steps_per_epoch=2",
+            *extra,
+        ],
+    )
+
+
+@pytest.fixture(scope="module")
+def teacher_dir(prepared, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("teacher")
+    params = tiny_params(tmp)
+    train_teacher(str(prepared), str(tmp / "teacher"), params)
+    return tmp / "teacher"
+
+
+def test_teacher_run_writes_model_reports_and_mlflow_run(teacher_dir):
+    model, info = load_model(teacher_dir)
+    assert info["backbone"] == "iresnet" and info["meta"]["num_classes"] == 6
+    assert (teacher_dir / "head.pt").is_file() and (teacher_dir / "config.json").is_file()
+    for name in ("metrics.json", "epochs.csv", "steps.csv"):
+        assert (teacher_dir / name).is_file()
+    metrics = json.loads((teacher_dir / "metrics.json").read_text())
+    assert {"loss_arcface", "images_per_s", "holdout_acc_14", "holdout_acc_112"} <= set(metrics)
+    import mlflow
+
+    run = mlflow.get_run(info["meta"]["mlflow_run_id"])
+    assert run.data.params["model.depth"] == "18"
+    assert "epoch/loss_arcface" in run.data.metrics and run.info.status == "FINISHED"
+
+
+@pytest.mark.parametrize("row", ["resnet", "waveresnet", "degradation", "kd", "wavesim"])
+def test_table1_rows_build_the_right_model_and_losses(row, prepared, teacher_dir, tmp_path):
+    params = tiny_params(tmp_path)
+    spec = student_spec(params, str(teacher_dir), row)
+    trainer = Trainer(spec, params, ShardDataset(prepared / "train"), resolve_runtime(params.runtime), tmp_path)
+    expected = params.ablation[row]
+    uses_wave = any(isinstance(m, WaveDown) for m in trainer.net.backbone.modules())
+    assert uses_wave == (expected.backbone == "waveresnet")
+    assert trainer.dataset.degrader.corrupt == (expected.lr_data == "degraded")
+    terms, _ = trainer.loss_terms(next(iter(trainer.loader)))
+    assert (terms.distill is not None) == expected.kd
+    assert (terms.wavesim is not None) == expected.wavesim
+
+
+def test_each_loss_term_reaches_the_student(prepared, teacher_dir, tmp_path):
+    params = tiny_params(tmp_path)
+    trainer = Trainer(student_spec(params, str(teacher_dir)), params, ShardDataset(prepared / "train"),
+                      resolve_runtime(params.runtime), tmp_path)
+    terms, _ = trainer.loss_terms(next(iter(trainer.loader)))
+    backbone = [p for p in trainer.net.backbone.parameters() if p.requires_grad]
+    for name in ("arcface", "distill", "wavesim"):
+        grads = torch.autograd.grad(getattr(terms, name), backbone, retain_graph=True, allow_unused=True)
+        norm = sum(float(g.norm()) for g in grads if g is not None)
+        assert norm > 0, f"{name} does not reach the student's weights"
+    teacher_grads = [p.grad for p in trainer.teacher.parameters()]
+    assert all(g is None for g in teacher_grads) and not any(p.requires_grad for p in trainer.teacher.parameters())
+
+
+def test_one_epoch_on_real_faces_lowers_the_loss(prepared, tmp_path):
+    params = tiny_params(tmp_path, "teacher.max_steps_per_epoch=null", "teacher.batch_size=6", "teacher.lr=0.05",
+                         "runtime.holdout_pairs=0")
+    faces = ShardDataset(prepared / "train")
+    trainer = Trainer(teacher_spec(params), params, faces, resolve_runtime(params.runtime), tmp_path)
+    everything = (torch.stack([torch.from_numpy(np.ascontiguousarray(faces[i][0])) for i in range(len(faces))]),
+                  torch.tensor([faces[i][1] for i in range(len(faces))]))
+
+    def loss_on_all_faces() -> float:
+        with torch.no_grad():
+            return float(trainer.loss_terms(everything)[0].arcface)
+
+    before = loss_on_all_faces()
+    trainer.fit()
+    after = loss_on_all_faces()
+    assert trainer.step == len(faces) // 6
+    assert after < before - 1.0, f"ArcFace loss on the training faces went from {before:.2f} to {after:.2f}"
+
+
+def test_resume_after_a_kill_gives_the_same_weights(prepared, teacher_dir, tmp_path, monkeypatch):
+    args = ("student.epochs=2", "student.milestones=[1]", "runtime.holdout_pairs=0")
+    straight = tiny_params(tmp_path / "a", *args)
+    distill_student(str(prepared), str(teacher_dir), str(tmp_path / "a" / "student"), straight)
+
+    interrupted = tiny_params(tmp_path / "b", *args)
+    original = Trainer.loss_terms
+
+    def killed_in_epoch_2(self, batch):
+        if self.epoch == 1 and self.step == self.steps_per_epoch + 1:
+            raise KeyboardInterrupt  # what SIGINT does mid-epoch
+        return original(self, batch)
+
+    monkeypatch.setattr(Trainer, "loss_terms", killed_in_epoch_2)
+    with pytest.raises(KeyboardInterrupt):
+        distill_student(str(prepared), str(teacher_dir), str(tmp_path / "b" / "student"), interrupted)
+    assert not (tmp_path / "b" / "student").exists()  # nothing half-written was published
+    monkeypatch.setattr(Trainer, "loss_terms", original)
+    summary = distill_student(str(prepared), str(teacher_dir), str(tmp_path / "b" / "student"), interrupted,
+                              resume=True)
+    assert summary["resumed"] and summary["epochs"] == 2
+
+    a = torch.load(tmp_path / "a" / "student" / "model.pt", weights_only=True)["state_dict"]
+    b = torch.load(tmp_path / "b" / "student" / "model.pt", weights_only=True)["state_dict"]
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def test_a_nan_loss_stops_with_the_term_and_step(prepared, teacher_dir, tmp_path, monkeypatch):
+    params = tiny_params(tmp_path, "student.epochs=2", "runtime.holdout_pairs=0")
+    calls = {"n": 0}
+    real = loop.distillation_loss
+
+    def poisoned(*args, **kwargs):
+        calls["n"] += 1
+        value = real(*args, **kwargs)
+        return value * float("nan") if calls["n"] == 3 else value
+
+    monkeypatch.setattr(loop, "distillation_loss", poisoned)
+    with pytest.raises(TrainingError, match=r"loss term 'distill' is nan at epoch 2, step 2.*checkpoint\.pt"):
+        distill_student(str(prepared), str(teacher_dir), str(tmp_path / "s"), params)
+    assert (tmp_path / "runs" / "checkpoints" / "student" / "checkpoint.pt").is_file()
+    assert not (tmp_path / "s").exists()
