@@ -17,7 +17,7 @@ from crfr.errors import CrfrError
 
 # Each module adds its subcommands; a module that is not written yet is simply absent.
 COMMAND_MODULES = (
-    "crfr.commands.run",
+    "crfr.commands.run",  # crfr report
     "crfr.commands.data",
     "crfr.commands.train",
     "crfr.commands.evaluate",

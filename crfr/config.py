@@ -316,12 +316,22 @@ class Params(Section):
     teacher: TeacherCfg = Field(default_factory=TeacherCfg)
     student: StudentCfg = Field(default_factory=StudentCfg)
     ablation: dict[str, AblationRow] = Field(default_factory=dict)
+    ablation_rows: list[str] = Field(
+        default_factory=list, description="Table I rows that dvc.yaml trains and evaluates besides the student"
+    )
     runtime: RuntimeCfg = Field(default_factory=RuntimeCfg)
     evaluate: EvaluateCfg = Field(default_factory=EvaluateCfg)
     registry: RegisterCfg = Field(default_factory=RegisterCfg)
     tracking: TrackingCfg = Field(default_factory=TrackingCfg)
     storage: StorageCfg = Field(default_factory=StorageCfg)
     kubeflow: KubeflowCfg = Field(default_factory=KubeflowCfg)
+
+    @model_validator(mode="after")
+    def _rows_defined(self) -> "Params":
+        unknown = [r for r in self.ablation_rows if r not in self.ablation]
+        if unknown:
+            raise ValueError(f"ablation_rows names undefined rows {unknown}; defined: {sorted(self.ablation)}")
+        return self
 
     def student_for_row(self, row: str) -> StudentCfg:
         """The student settings of one Table I row (``default`` is the configured student)."""

@@ -96,7 +96,7 @@ class LowPass2d(nn.Module):
         h, w = x.shape[-2:]
         if self._haar and h % 2 == 0 and w % 2 == 0:
             # For Haar on even sizes the LL band is exactly twice the 2x2 mean (no padding involved).
-            return 2.0 * F.avg_pool2d(x, 2)
+            return F.avg_pool2d(x, 2, divisor_override=2)
         x = self._extend(x, h, dim=-2)
         x = self._extend(x, w, dim=-1)
         channels = x.shape[1]

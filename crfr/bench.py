@@ -1,0 +1,183 @@
+"""Speed benchmarks that print numbers (medians after a warm-up), never timed tests.
+
+``crfr bench ops``: the LL filters, WaveResNet's step-time overhead over iresnet, the degradation model.
+``crfr bench train``: teacher and student training throughput and model FLOP utilisation on this device.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+
+import numpy as np
+import torch
+
+from crfr.config import DegradeCfg, ModelCfg, Params
+from crfr.losses import ArcFace, WaveletSimilarity, arcface_loss, distillation_loss
+from crfr.models import LowPass2d, build_backbone
+
+
+def median_ms(fn: Callable[[], object], repeats: int = 5, warmup: int = 1, sync: Callable[[], None] = lambda: None) -> float:
+    for _ in range(warmup):
+        fn()
+    sync()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        sync()
+        times.append((time.perf_counter() - start) * 1000)
+    return statistics.median(times)
+
+
+def _sync_for(device: torch.device) -> Callable[[], None]:
+    return torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+
+def ll_fwd_bwd_ms(impl: str, shape=(64, 64, 56, 56), device: str = "cpu", repeats: int = 5) -> float:
+    """Forward + backward of the Haar LL filter on a feature-map-sized tensor."""
+    dev = torch.device(device)
+    f = LowPass2d("haar", "zero", impl).to(dev)
+    x = torch.randn(shape, device=dev, requires_grad=True)
+
+    def step():
+        x.grad = None
+        f(x).sum().backward()
+
+    return median_ms(step, repeats=repeats, sync=_sync_for(dev))
+
+
+def train_step_fn(backbone: str, cfg: ModelCfg, batch: int, device: torch.device, classes: int = 1000,
+                  teacher: torch.nn.Module | None = None):
+    """A closure running one SGD step of ArcFace training (+ KD and wavelet similarity with a teacher)."""
+    model = build_backbone(backbone, cfg).to(device).train()
+    head = ArcFace(cfg.embedding_size, classes).to(device)
+    opt = torch.optim.SGD(list(model.parameters()) + list(head.parameters()), lr=0.01, momentum=0.9)
+    x = torch.randn(batch, 3, 112, 112, device=device)
+    y = torch.randint(0, classes, (batch,), device=device)
+    wavesim = WaveletSimilarity().to(device)
+    amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        with amp:
+            emb, stages = model.forward_stages(x)
+            margin, logits = head(emb, y)
+            loss = arcface_loss(margin, y)
+            if teacher is not None:
+                with torch.no_grad():
+                    t_emb, t_stages = teacher.forward_stages(x)
+                    t_logits = head.s * head.cosine(t_emb)
+                loss = loss + distillation_loss(t_logits, logits, 4.0) + 0.05 * wavesim(t_stages[:2], stages[:2])
+        loss.backward()
+        opt.step()
+
+    return step, model
+
+
+def forward_flops(model: torch.nn.Module, device: torch.device) -> float:
+    """FLOPs of one forward pass on one 112x112 face (multiply-add = 2 FLOPs)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model.eval()
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        model(torch.randn(1, 3, 112, 112, device=device))
+    model.train()
+    return float(counter.get_total_flops())
+
+
+def matmul_flops_per_s(device: torch.device, n: int = 2048) -> float:
+    """The device's measured dense matmul rate: the denominator of MFU (bf16 on CUDA, fp32 on CPU)."""
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    n = n if device.type == "cpu" else 8192
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    ms = median_ms(lambda: a @ b, repeats=5, sync=_sync_for(device))
+    return 2 * n**3 / (ms / 1000)
+
+
+def degrade_images_per_s(image: np.ndarray | None = None, count: int = 1000, repeats: int = 5) -> float:
+    """Degradation model throughput on one core at 112x112."""
+    import cv2
+
+    from crfr.degrade import Degrader
+
+    cv2.setNumThreads(1)
+    if image is None:
+        # A smooth synthetic face-sized image: JPEG cost depends on content, and noise is unrepresentative.
+        yy, xx = np.mgrid[0:112, 0:112]
+        image = np.stack([(xx * 2) % 256, (yy * 2) % 256, (xx + yy) % 256], -1).astype(np.uint8)
+        image = cv2.GaussianBlur(image, (0, 0), 3)
+    degrader = Degrader(DegradeCfg(), seed=0)
+    ms = median_ms(lambda: [degrader(image, i) for i in range(count)], repeats=repeats)
+    return count / (ms / 1000)
+
+
+def run_ops_bench(width: float = 1.0, batch: int = 32, device: str = "cpu", image: np.ndarray | None = None) -> dict:
+    """The numbers of ``crfr bench ops --json``."""
+    dev = torch.device(device)
+    cfg = ModelCfg(depth=18, width=width, embedding_size=512)
+    teacher_step, _ = train_step_fn("iresnet", cfg, batch, dev)
+    student_step, _ = train_step_fn("waveresnet", cfg, batch, dev)
+    sync = _sync_for(dev)
+    # Interleave the two models so that a change in machine load hits both alike.
+    teacher_ms, student_ms = [], []
+    teacher_step(), student_step()
+    for _ in range(3):
+        teacher_ms.append(median_ms(teacher_step, repeats=1, warmup=0, sync=sync))
+        student_ms.append(median_ms(student_step, repeats=1, warmup=0, sync=sync))
+    fast = ll_fwd_bwd_ms("fast", device=device)
+    reference = ll_fwd_bwd_ms("reference", device=device)
+    return {
+        "device": str(dev),
+        "threads": torch.get_num_threads(),
+        "ll_shape": [64, 64, 56, 56],
+        "ll_fast_fwd_bwd_ms": round(fast, 2),
+        "ll_pytorch_wavelets_fwd_bwd_ms": round(reference, 2),
+        "ll_speedup": round(reference / fast, 2),
+        "step_model": f"iresnet18 width {width}, batch {batch}, 112x112",
+        "teacher_step_ms": round(statistics.median(teacher_ms), 1),
+        "student_step_ms": round(statistics.median(student_ms), 1),
+        "student_teacher_step_ratio": round(statistics.median(student_ms) / statistics.median(teacher_ms), 3),
+        "degrade_images_per_s": round(degrade_images_per_s(image), 1),
+    }
+
+
+def run_train_bench(params: Params, steps: int = 3) -> dict:
+    """The numbers of ``crfr bench train --json``: images/s of each step and MFU."""
+    from crfr.train.runtime import resolve_runtime
+
+    rt = resolve_runtime(params.runtime)
+    dev = rt.device
+    sync = _sync_for(dev)
+    cfg = params.model
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+    teacher_step, teacher_model = train_step_fn("iresnet", cfg, params.teacher.batch_size, dev)
+    teacher_ms = median_ms(teacher_step, repeats=steps, warmup=1, sync=sync)
+    frozen = build_backbone("iresnet", cfg).to(dev).eval()
+    student_step, student_model = train_step_fn("waveresnet", cfg, params.student.batch_size, dev, teacher=frozen)
+    student_ms = median_ms(student_step, repeats=steps, warmup=1, sync=sync)
+    fwd = forward_flops(teacher_model, dev)
+    peak = matmul_flops_per_s(dev)
+    teacher_ips = params.teacher.batch_size / (teacher_ms / 1000)
+    student_ips = params.student.batch_size / (student_ms / 1000)
+    # Training costs ~3 forward passes (forward + backward); the student adds one teacher forward.
+    teacher_flops, student_flops = 3 * fwd * teacher_ips, 4 * fwd * student_ips
+    out = {
+        "device": str(dev),
+        "model": f"iresnet{cfg.depth} width {cfg.width}, embedding {cfg.embedding_size}",
+        "teacher_batch": params.teacher.batch_size,
+        "student_batch": params.student.batch_size,
+        "amp": "bf16" if dev.type == "cuda" else "none",
+        "forward_gflops_per_image": round(fwd / 1e9, 3),
+        "matmul_tflops_measured": round(peak / 1e12, 3),
+        "teacher_images_per_s": round(teacher_ips, 2),
+        "student_images_per_s": round(student_ips, 2),
+        "mfu": round(teacher_flops / peak, 4),
+        "student_mfu": round(student_flops / peak, 4),
+    }
+    if dev.type == "cuda":
+        out["peak_gpu_memory_gib"] = round(torch.cuda.max_memory_allocated(dev) / 2**30, 2)
+    return out
