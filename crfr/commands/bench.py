@@ -34,7 +34,8 @@ def register(sub) -> None:
                             description="Iterates the training loader over prepared shards with the configured "
                                         "workers; prints images/s and peak RSS.")
     add_params_args(data)
-    data.add_argument("--prepared", default="data/prepared", help="prepared data folder (default: %(default)s)")
+    data.add_argument("--prepared", default=None,
+                      help="prepared data folder (its train/ shards); default: 4,096 synthetic images")
     data.add_argument("--json", action="store_true", help="print one JSON object")
     data.set_defaults(func=_data)
 
@@ -83,4 +84,7 @@ def _data(args: argparse.Namespace) -> int:
     from crfr.bench_data import run_data_bench
     from crfr.config import load_params
 
-    return _print(run_data_bench(load_params(args.params, args.overrides), args.prepared), args.json)
+    from pathlib import Path
+
+    shards = Path(args.prepared) / "train" if args.prepared else None
+    return _print(run_data_bench(load_params(args.params, args.overrides), shards), args.json)

@@ -1,0 +1,1 @@
+"""Pipeline steps: one importable function per step, shared by DVC, Kubeflow and Prefect."""

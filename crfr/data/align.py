@@ -1,0 +1,190 @@
+"""Face alignment to the network's square input: ``mtcnn`` | ``center-crop`` | ``none`` (``data.align``).
+
+* ``center-crop``: cut ``data.crop_box`` (top, bottom, left, right, source pixels) and resize to ``image_size``;
+  right for deep-funneled LFW, whose faces are already roughly centred.
+* ``mtcnn``: detect faces and 5 landmarks, keep the largest face nearest the centre, and warp the landmarks onto
+  the ArcFace 112x112 template with a least-squares similarity transform (Umeyama). Images with no face fall
+  back to the centre crop and are counted.
+* ``none``: the images are already aligned (insightface .bin / .rec); only resized when their size differs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import cv2
+import numpy as np
+
+from crfr.config import DataCfg
+
+# ArcFace's 5-point template for a 112x112 crop: left eye, right eye, nose tip, left and right mouth corner (x, y).
+ARCFACE_TEMPLATE = np.array(
+    [[38.2946, 51.6963], [73.5318, 51.5014], [56.0252, 71.7366], [41.5493, 92.3655], [70.7299, 92.2041]],
+    dtype=np.float64,
+)
+
+
+def similarity_transform(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
+    """The 2x3 similarity (rotation, uniform scale, translation) mapping ``src`` points onto ``dst``.
+
+    Least squares in closed form (Umeyama 1991), so the result does not depend on a random sample the way
+    RANSAC / LMEDS estimators do.
+    """
+    src, dst = np.asarray(src, np.float64), np.asarray(dst, np.float64)
+    mu_s, mu_d = src.mean(0), dst.mean(0)
+    sc, dc = src - mu_s, dst - mu_d
+    cov = dc.T @ sc / len(src)
+    u, s, vt = np.linalg.svd(cov)
+    d = np.ones(2)
+    if np.linalg.det(u) * np.linalg.det(vt) < 0:  # a reflection fits better; a similarity must not flip
+        d[-1] = -1
+    rot = u @ np.diag(d) @ vt
+    var = (sc**2).sum() / len(src)
+    scale = (s * d).sum() / var if var > 0 else 1.0
+    shift = mu_d - scale * rot @ mu_s
+    return np.hstack([scale * rot, shift[:, None]])
+
+
+def warp_to_template(img: np.ndarray, landmarks: np.ndarray, size: int = 112) -> np.ndarray:
+    """Warp ``img`` so its 5 ``landmarks`` land on the ArcFace template scaled to ``size``."""
+    matrix = similarity_transform(landmarks, ARCFACE_TEMPLATE * (size / 112.0))
+    return cv2.warpAffine(img, matrix, (size, size), flags=cv2.INTER_LINEAR, borderValue=0)
+
+
+def center_crop(img: np.ndarray, box: tuple[int, int, int, int], size: int) -> tuple[np.ndarray, bool]:
+    """Cut ``box`` (top, bottom, left, right) and resize to ``size``; returns (face, whether the box fitted).
+
+    A box that does not lie inside the image (another dataset's image size) is replaced by the central
+    square of the shorter side, and reported as such so the caller can count it.
+    """
+    h, w = img.shape[:2]
+    top, bottom, left, right = box
+    fits = 0 <= top < bottom <= h and 0 <= left < right <= w
+    if not fits:
+        side = min(h, w)
+        top, left = (h - side) // 2, (w - side) // 2
+        bottom, right = top + side, left + side
+    crop = img[top:bottom, left:right]
+    interp = cv2.INTER_AREA if max(crop.shape[:2]) > size else cv2.INTER_LINEAR
+    return cv2.resize(crop, (size, size), interpolation=interp), fits
+
+
+def pick_face(boxes: np.ndarray, shape: tuple[int, int]) -> int:
+    """Index of the face to keep: large and central (box area minus twice the squared centre offset)."""
+    h, w = shape[:2]
+    area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+    cx, cy = (boxes[:, 0] + boxes[:, 2]) / 2 - w / 2, (boxes[:, 1] + boxes[:, 3]) / 2 - h / 2
+    return int(np.argmax(area - 2.0 * (cx**2 + cy**2)))
+
+
+@dataclass
+class AlignStats:
+    """Counts for report.json."""
+
+    mode: str
+    aligned: int = 0
+    detected: int = 0
+    multiple_faces: int = 0
+    fallbacks: int = 0  # mtcnn found no face: centre crop used instead
+    crop_box_outside: int = 0  # crop_box did not fit the image: central square used instead
+    resized: int = 0  # align: none, image not at image_size
+    fallback_examples: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+class Aligner:
+    """Aligns batches of uint8 RGB images to ``image_size`` squares per ``DataCfg.align``.
+
+    Args:
+        cfg: data settings (align, crop_box, image_size).
+        mode: overrides ``cfg.align`` (e.g. ``none`` for already aligned .bin images).
+        min_face: mtcnn's smallest face; None uses 1/8 of the image's shorter side, at least 20 px: faces
+            smaller than that are not the subject of a face-recognition photo and searching for them
+            costs most of the detector's time.
+    """
+
+    def __init__(self, cfg: DataCfg, mode: str | None = None, min_face: int | None = None) -> None:
+        self.cfg = cfg
+        self.mode = mode or cfg.align
+        self.size = cfg.image_size
+        self.min_face = min_face
+        self.stats = AlignStats(self.mode)
+        self._detectors: dict[int, object] = {}
+
+    def _detector(self, shape: tuple[int, ...]):
+        from crfr.data.mtcnn import MTCNN  # torch and the weights only when mtcnn is used
+
+        min_face = self.min_face or max(20, min(shape[:2]) // 8)
+        if min_face not in self._detectors:
+            shared = next(iter(self._detectors.values()), None)
+            det = MTCNN(min_face=min_face) if shared is None else _with_min_face(shared, min_face)
+            self._detectors[min_face] = det
+        return self._detectors[min_face]
+
+    def _crop(self, img: np.ndarray) -> np.ndarray:
+        face, fits = center_crop(img, self.cfg.crop_box, self.size)
+        self.stats.crop_box_outside += not fits
+        return face
+
+    def __call__(self, images: list[np.ndarray], names: list[str] | None = None) -> list[np.ndarray]:
+        """Align each image; ``names`` (for reports) label the images that fell back to a centre crop."""
+        out: list[np.ndarray]
+        if self.mode == "center-crop":
+            out = [self._crop(img) for img in images]
+        elif self.mode == "none":
+            out = []
+            for img in images:
+                if img.shape[:2] != (self.size, self.size):
+                    self.stats.resized += 1
+                    img = cv2.resize(img, (self.size, self.size), interpolation=cv2.INTER_AREA)
+                out.append(img)
+        elif self.mode == "mtcnn":
+            out = [None] * len(images)  # type: ignore[list-item]
+            groups: dict[int, list[int]] = {}
+            for i, img in enumerate(images):
+                groups.setdefault(self.min_face or max(20, min(img.shape[:2]) // 8), []).append(i)
+            for idx in groups.values():
+                det = self._detector(images[idx[0]].shape)
+                found = det.detect([images[i] for i in idx])
+                for i, (boxes, marks) in zip(idx, found):
+                    img = images[i]
+                    if len(boxes) == 0:
+                        self.stats.fallbacks += 1
+                        if names is not None and len(self.stats.fallback_examples) < 20:
+                            self.stats.fallback_examples.append(names[i])
+                        out[i] = self._crop(img)
+                        continue
+                    self.stats.detected += 1
+                    self.stats.multiple_faces += len(boxes) > 1
+                    out[i] = warp_to_template(img, marks[pick_face(boxes, img.shape)], self.size)
+        else:
+            raise ValueError(f"unknown align mode {self.mode!r}")
+        self.stats.aligned += len(out)
+        return out
+
+
+def _with_min_face(det, min_face: int):
+    """Another detector sharing the loaded networks but searching from a different smallest face."""
+    import copy
+
+    clone = copy.copy(det)
+    clone.min_face = min_face
+    return clone
+
+
+_SHARED: dict[int, Aligner] = {}
+
+
+def align_face(rgb: np.ndarray, size: int = 112) -> np.ndarray | None:
+    """One image through MTCNN and the template warp (serving); None when no face is found.
+
+    The detector is loaded once per process and image size and reused by later calls.
+    """
+    if size not in _SHARED:
+        _SHARED[size] = Aligner(DataCfg(align="mtcnn", image_size=size))
+    aligner = _SHARED[size]
+    before = aligner.stats.fallbacks
+    face = aligner([rgb])[0]
+    return None if aligner.stats.fallbacks > before else face

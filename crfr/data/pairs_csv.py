@@ -1,0 +1,109 @@
+"""Verification pairs as CSV: ``path1,path2,same`` (header row required), paths relative to an image root.
+
+An optional fourth column ``fold`` (1-based) keeps a benchmark's own folds; without it, evaluation uses
+contiguous folds. ``same`` accepts 1/0, true/false, yes/no (any case).
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+from crfr.errors import DataError
+
+COLUMNS = ("path1", "path2", "same")
+_TRUE = {"1", "true", "yes", "y", "t"}
+_FALSE = {"0", "false", "no", "n", "f"}
+
+
+@dataclass(frozen=True)
+class CsvPair:
+    """One row; ``line`` is its 1-based line number in the file."""
+
+    path1: str
+    path2: str
+    same: bool
+    fold: int | None
+    line: int
+
+
+def _check_relative(path: str, source: Path, lineno: int) -> str:
+    pure = PurePosixPath(path.replace("\\", "/"))
+    if not path or pure.is_absolute() or ".." in pure.parts:
+        raise DataError(f"{source}, line {lineno}: path {path!r} must be relative to the image root, without '..'")
+    return str(pure)
+
+
+def read_pairs_csv(path: str | Path) -> list[CsvPair]:
+    """Parse a pairs CSV.
+
+    Raises:
+        DataError: missing file, missing columns, a bad ``same`` or ``fold`` value, an absolute or escaping path;
+            the message names the line.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"pairs CSV {path} does not exist")
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            fields = [c.strip() for c in (reader.fieldnames or [])]
+            missing = [c for c in COLUMNS if c not in fields]
+            if missing:
+                raise DataError(
+                    f"{path}, line 1: header must name columns {','.join(COLUMNS)}[,fold]; missing {missing}"
+                )
+            reader.fieldnames = fields
+            pairs = []
+            for row in reader:
+                lineno = reader.line_num
+                if row.get("path2") is None or row.get("same") is None:
+                    raise DataError(f"{path}, line {lineno}: expected {len(fields)} columns")
+                same_raw = row["same"].strip().lower()
+                if same_raw in _TRUE:
+                    same = True
+                elif same_raw in _FALSE:
+                    same = False
+                else:
+                    raise DataError(f"{path}, line {lineno}: same must be 1/0 or true/false, got {row['same']!r}")
+                fold = None
+                if "fold" in fields and (row.get("fold") or "").strip():
+                    try:
+                        fold = int(row["fold"])
+                    except ValueError:
+                        raise DataError(
+                            f"{path}, line {lineno}: fold must be an integer, got {row['fold']!r}"
+                        ) from None
+                p1 = _check_relative(row["path1"].strip(), path, lineno)
+                p2 = _check_relative(row["path2"].strip(), path, lineno)
+                pairs.append(CsvPair(p1, p2, same, fold, lineno))
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise DataError(f"pairs CSV {path} could not be read: {exc}") from None
+    if not pairs:
+        raise DataError(f"pairs CSV {path} holds no pairs")
+    return pairs
+
+
+def write_pairs_csv(path: str | Path, pairs: list[tuple[str, str, bool] | tuple[str, str, bool, int]]) -> None:
+    """Write ``(path1, path2, same[, fold])`` rows (fold column when any row has one), atomically."""
+    path = Path(path)
+    with_fold = any(len(p) > 3 for p in pairs)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow([*COLUMNS, "fold"] if with_fold else list(COLUMNS))
+        for p in pairs:
+            row = [p[0], p[1], int(bool(p[2]))]
+            writer.writerow([*row, p[3] if len(p) > 3 else ""] if with_fold else row)
+    os.replace(tmp, path)
+
+
+def check_images_exist(pairs: list[CsvPair], image_root: str | Path, source: str | Path) -> None:
+    """DataError naming the line and path of the first pair image missing under ``image_root``."""
+    root = Path(image_root)
+    for pair in pairs:
+        for rel in (pair.path1, pair.path2):
+            if not (root / rel).is_file():
+                raise DataError(f"{source}, line {pair.line}: image {root / rel} does not exist")

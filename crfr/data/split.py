@@ -1,0 +1,77 @@
+"""The leak-free training split: no person who appears in any evaluated pair is ever trained on.
+
+Exclusion is by identity over every pair of the evaluated folds, both sides, before any ``max_pairs`` cap: a
+person seen only in a pair that a smoke run skips is still excluded, so the same training set serves any cap.
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+
+@dataclass
+class TrainSplit:
+    """The chosen training identities (in label order) and their images, plus what was left out and why."""
+
+    identities: list[str]
+    images: dict[str, list[Path]]
+    excluded: set[str]
+    dropped: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def num_images(self) -> int:
+        return sum(len(v) for v in self.images.values())
+
+
+def cap_images(name: str, paths: list[Path], max_images: int, seed: int) -> list[Path]:
+    """At most ``max_images`` of a person's images: a seeded choice per person, returned in file order.
+
+    Seeded by (seed, crc32(name)) so the choice for one person does not depend on who else is in the data.
+    """
+    if len(paths) <= max_images:
+        return list(paths)
+    rng = np.random.default_rng([seed, zlib.crc32(name.encode("utf-8"))])
+    keep = np.sort(rng.choice(len(paths), size=max_images, replace=False))
+    return [paths[i] for i in keep.tolist()]
+
+
+def leak_free_split(
+    people: dict[str, list[Path]],
+    exclude: set[str],
+    min_images: int,
+    max_images: int,
+    max_identities: int | None = None,
+    seed: int = 0,
+) -> TrainSplit:
+    """Pick training identities from ``people`` (name -> images).
+
+    Args:
+        people: every identity available for training, with its images.
+        exclude: identities that occur in any evaluated pair; never trained on.
+        min_images: identities with fewer images are left out.
+        max_images: cap per identity (seeded, deterministic choice).
+        max_identities: keep only the first N eligible identities in name order.
+        seed: the run seed for the per-identity cap.
+    """
+    dropped = {"identities_in_eval_pairs": 0, "identities_empty": 0, "identities_below_min_images": 0,
+               "identities_over_max_identities": 0, "images_over_max_per_identity": 0}
+    chosen: dict[str, list[Path]] = {}
+    for name in sorted(people):
+        paths = people[name]
+        if name in exclude:
+            dropped["identities_in_eval_pairs"] += 1
+        elif not paths:
+            dropped["identities_empty"] += 1
+        elif len(paths) < min_images:
+            dropped["identities_below_min_images"] += 1
+        elif max_identities is not None and len(chosen) >= max_identities:
+            dropped["identities_over_max_identities"] += 1
+        else:
+            kept = cap_images(name, paths, max_images, seed)
+            dropped["images_over_max_per_identity"] += len(paths) - len(kept)
+            chosen[name] = kept
+    return TrainSplit(list(chosen), chosen, set(exclude), dropped)
