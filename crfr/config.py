@@ -238,6 +238,9 @@ class RuntimeCfg(Section):
     num_workers: int = Field(default=0, ge=0)
     log_every: int = Field(default=10, ge=1)
     holdout_pairs: int = Field(default=300, ge=0, description="pairs checked at 14 and 112 px after each epoch")
+    checkpoint_uri: str | None = Field(
+        default=None, description="also mirror each epoch's checkpoint here (s3:// on a cluster: a retried pod resumes)"
+    )
 
 
 class EvaluateCfg(Section):

@@ -193,11 +193,14 @@ class Trainer:
         self.mlflow_run_id: str | None = None
         self.history: list[dict] = []
         self.step_rows: list[dict] = []
+        # Set by the caller: a checkpoint only resumes a run with the same settings.
+        self.fingerprint: str | None = None
 
     # ----------------------------------------------------------------------------------------- state
     def state_dict(self) -> dict:
         return {
             "spec_name": self.spec.name,
+            "fingerprint": self.fingerprint,
             "net": self.net.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
@@ -225,12 +228,29 @@ class Trainer:
     def checkpoint_path(self) -> Path:
         return self.work_dir / CHECKPOINT_FILE
 
+    @property
+    def remote_checkpoint(self) -> str | None:
+        uri = self.params.runtime.checkpoint_uri
+        return f"{uri.rstrip('/')}/{self.spec.name}/{CHECKPOINT_FILE}" if uri else None
+
     def save_checkpoint(self) -> None:
         if self.rt.is_main:
             atomic_torch_save(self.state_dict(), self.checkpoint_path)
+            if self.remote_checkpoint:
+                from crfr import storage
+
+                storage.upload(self.checkpoint_path, self.remote_checkpoint)
 
     def try_resume(self) -> bool:
-        """Continue from the last checkpoint in ``work_dir``, if any. Returns whether one was found."""
+        """Continue from the last checkpoint in ``work_dir`` (or its remote mirror), if any.
+
+        Returns whether one was found.
+        """
+        if not self.checkpoint_path.is_file() and self.remote_checkpoint:
+            from crfr import storage
+
+            if storage.exists(self.remote_checkpoint):
+                storage.download(self.remote_checkpoint, self.checkpoint_path)
         if not self.checkpoint_path.is_file():
             return False
         # The checkpoint holds optimiser and RNG state (numpy arrays, tuples), which weights_only refuses;
@@ -238,6 +258,9 @@ class Trainer:
         state = torch.load(self.checkpoint_path, map_location=self.rt.device, weights_only=False)
         if state.get("spec_name") != self.spec.name:
             raise TrainingError(f"{self.checkpoint_path} belongs to {state.get('spec_name')!r}, not {self.spec.name!r}")
+        if self.fingerprint and state.get("fingerprint") != self.fingerprint:
+            raise TrainingError(f"{self.checkpoint_path}: the checkpoint was made with other settings; "
+                                "rerun without --resume to start over")
         self.load_state_dict(state)
         return True
 

@@ -10,7 +10,6 @@ import numpy as np
 
 from crfr import storage, tracking
 from crfr.config import Params
-from crfr.errors import TrainingError
 from crfr.train.loop import Holdout, Trainer, TrainSpec, write_history_csv
 from crfr.train.runtime import resolve_runtime, shutdown
 
@@ -67,18 +66,12 @@ def run_training(
     work_dir = Path(params.run_dir) / "checkpoints" / spec.name
     fingerprint = spec_hash(spec, params)
     trainer = Trainer(spec, params, faces, runtime, work_dir, holdout=load_holdout(prepared, params))
+    trainer.fingerprint = fingerprint
     resumed = False
     if resume:
         resumed = trainer.try_resume()
-        if resumed and trainer_fingerprint(work_dir) != fingerprint:
-            raise TrainingError(
-                f"{work_dir}: the checkpoint was made with other settings; rerun without --resume to start over"
-            )
     elif trainer.checkpoint_path.exists() and runtime.is_main:
         trainer.checkpoint_path.unlink()  # a fresh run must never pick up a stale checkpoint later
-    if runtime.is_main:
-        work_dir.mkdir(parents=True, exist_ok=True)
-        (work_dir / "fingerprint").write_text(fingerprint)
 
     log, log_epoch, finish = _mlflow_hooks(trainer, spec, params, runtime.is_main, resumed)
     try:
@@ -120,11 +113,6 @@ def _write_report(folder: Path, summary: dict, history: list[dict], steps: list[
     (folder / "metrics.json").write_text(json.dumps(metrics, indent=2))
     write_history_csv(folder / "epochs.csv", history)
     write_history_csv(folder / "steps.csv", steps)
-
-
-def trainer_fingerprint(work_dir: Path) -> str | None:
-    file = work_dir / "fingerprint"
-    return file.read_text().strip() if file.exists() else None
 
 
 def _mlflow_hooks(trainer: Trainer, spec: TrainSpec, params: Params, is_main: bool, resumed: bool):
