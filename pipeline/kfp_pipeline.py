@@ -87,13 +87,12 @@ def evaluate_op(params_json: str, prepared: Input[Dataset], probes: Input[Datase
     summary = evaluate(prepared.path, probes.path, {"teacher": teacher.path, "student": student.path},
                        report.path, params)
     Path(table.path).write_text((Path(report.path) / "table.md").read_text())
-    averages = json.loads((Path(report.path) / "metrics.json").read_text()).get("average", {})
-    for model_name, by_protocol in averages.items():
-        for protocol, by_res in by_protocol.items():
-            for res, value in by_res.items():
-                if isinstance(value, (int, float)):
-                    metrics.log_metric(f"{model_name}_{protocol}_{res}", float(value))
-    print(json.dumps(summary, default=str)[:2000])
+    for model_name, by_set in summary["metrics"].items():
+        for set_name, by_protocol in by_set.items():
+            for protocol, by_res in by_protocol.items():
+                for res, cell in by_res.items():
+                    metrics.log_metric(f"{model_name}_{set_name}_{protocol}_{res}", float(cell["acc"]))
+    print(json.dumps(summary["tables"], default=str)[:4000])
 
 
 def register_op(params_json: str, student: Input[Model], teacher: Input[Model], report: Input[Artifact],

@@ -1,0 +1,137 @@
+"""Register a trained model in the MLflow registry and run the promotion gate.
+
+Reads the evaluate step's ``metrics.json`` and ``thresholds.json``, logs the model as a pyfunc carrying its
+calibrated thresholds, registers it (alias ``challenger``), then lets :func:`crfr.registry.promote` decide
+whether it becomes ``champion``. ``out_dir/registration.json`` records the name, version, aliases and the
+decision, for the pipeline and for people.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+
+from crfr import storage
+from crfr.config import Params, load_params
+from crfr.errors import DataError
+from crfr.registry import CHAMPION, model_name, promote, register_model
+
+log = logging.getLogger(__name__)
+
+
+def _read_json(folder, name: str) -> dict:
+    path = folder / name
+    if not path.is_file():
+        raise DataError(f"{path} is missing (did the evaluate step run?)")
+    try:
+        return json.loads(path.read_text())
+    except ValueError as exc:
+        raise DataError(f"{path}: not valid JSON ({exc})") from None
+
+
+def register(
+    model_dir: str,
+    eval_dir: str,
+    out_dir: str,
+    params: Params,
+    role: str = "student",
+    row: str | None = None,
+    force: bool = False,
+    teacher_dir: str | None = None,
+) -> dict:
+    """Register ``model_dir`` with its evaluation and apply the gate (and the teacher too, if given).
+
+    Args:
+        model_dir: the model directory (local or ``s3://``).
+        eval_dir: the evaluate step's output.
+        out_dir: where ``registration.json`` goes (replaced atomically).
+        params: ``registry``, ``tracking``, ``data`` (serving preprocessing).
+        role: ``student`` or ``teacher`` (which registered model name).
+        row: the model's row name in the evaluation; defaults to ``role``.
+        force: promote even when the gate blocks (recorded as forced).
+        teacher_dir: also register this teacher (evaluation row ``teacher``) under ``registry.teacher_name``;
+            its result is the ``teacher`` entry.
+
+    Returns:
+        The content of ``registration.json``.
+    """
+    storage.configure(params.storage)
+    result = _register_one(model_dir, eval_dir, params, role, row, force)
+    if teacher_dir:
+        result["teacher"] = _register_one(teacher_dir, eval_dir, params, "teacher", "teacher", False)
+    with storage.output_dir(out_dir) as out:
+        (out / "registration.json").write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+def _register_one(model_dir: str, eval_dir: str, params: Params, role: str, row: str | None, force: bool) -> dict:
+    row = row or role
+    name = model_name(params, role)
+    evaluation = storage.local_input(eval_dir, kind="dir")
+    metrics, thresholds = _read_json(evaluation, "metrics.json"), _read_json(evaluation, "thresholds.json")
+    if row not in metrics:
+        raise DataError(f"{evaluation}/metrics.json has no model {row!r}; it has {sorted(metrics)}")
+    model_thresholds = thresholds.get("models", {}).get(row)
+    if not model_thresholds:
+        raise DataError(f"{evaluation}/thresholds.json has no thresholds for model {row!r}")
+    local_model = storage.local_input(model_dir, kind="dir")
+    version = register_model(local_model, metrics[row], model_thresholds, params, role=role)
+    decision = promote(name, version.version, params, force=force)
+    from mlflow import MlflowClient
+
+    aliases = sorted(MlflowClient().get_model_version(name, version.version).aliases or [])
+    result = {
+        "name": name,
+        "version": str(version.version),
+        "model_uri": f"models:/{name}/{version.version}",
+        "champion_uri": f"models:/{name}@{CHAMPION}",
+        "run_id": version.run_id,
+        "aliases": aliases,
+        "accuracies": json.loads(version.tags.get("accuracies", "{}")),
+        "thresholds": model_thresholds,
+        "decision": decision.to_dict(),
+    }
+    log.info("%s version %s: %s", name, version.version, decision.outcome)
+    return result
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from crfr.cli import add_params_args
+
+    add_params_args(parser)
+    parser.add_argument("--model", required=True, help="model directory")
+    parser.add_argument("--eval", required=True, dest="eval_dir", help="evaluate step output")
+    parser.add_argument("--out", required=True, help="folder for registration.json")
+    parser.add_argument("--role", choices=("student", "teacher"), default="student")
+    parser.add_argument("--row", default=None, help="the model's row in the evaluation (default: ROLE)")
+    parser.add_argument("--force", action="store_true", help="promote even if the gate blocks (recorded)")
+    parser.add_argument("--teacher", default=None, help="also register this teacher model (row 'teacher')")
+
+
+def run(args: argparse.Namespace) -> int:
+    params = load_params(args.params, args.overrides)
+    result = register(args.model, args.eval_dir, args.out, params, role=args.role, row=args.row, force=args.force,
+                      teacher_dir=args.teacher)
+    decision = result["decision"]
+    print(f"{result['name']} version {result['version']}: {decision['outcome']}")
+    for reason in decision["reasons"]:
+        print(f"  - {reason}")
+    print(f"aliases: {', '.join(result['aliases']) or 'none'}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from crfr.cli import run_guarded
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    parser = argparse.ArgumentParser(prog="python -m components.register", description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    return run_guarded(lambda: run(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,337 @@
+"""Using a trained model: image bytes in, L2-normalised face embeddings out, locally or as an MLflow pyfunc.
+
+:class:`FaceEmbedder` carries the whole input path of training and evaluation (decode with OpenCV, BGR to
+RGB, crop and resize to the network's 112x112, flip-augmented embedding), so a served model needs nothing
+from the caller but an image file's bytes. :class:`CrfrPyfunc` wraps it for MLflow: the pyfunc takes a
+DataFrame with an ``image`` column holding encoded images (JPEG/PNG bytes, or base64 strings, which is what
+JSON scoring sends) or already aligned uint8 arrays, and returns an (N, D) float32 array.
+
+Preprocessing (``align`` settings, stored with the model; the same functions as the prepare step,
+:mod:`crfr.data.align`):
+
+* an image whose smaller side is at most the input size (112) is taken as an aligned face, possibly a
+  low-resolution one, and resized to 112x112 with linear interpolation (the paper's test protocol);
+* a larger image is aligned as the training data was: ``center-crop`` cuts ``data.crop_box`` (or the central
+  square when the box does not fit the image), ``mtcnn`` detects 5 landmarks and warps them onto the ArcFace
+  template (falling back to the centre crop when no face is found), ``none`` resizes the whole image.
+
+Thresholds are squared Euclidean distances calibrated per probe resolution (evaluate's ``thresholds.json``);
+a pair is the same person when its distance is below the threshold of the probe's resolution.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import pandas as pd
+
+from crfr.data import images
+from crfr.errors import DataError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_ALIGN = {"mode": "center-crop", "crop_box": [64, 186, 70, 180]}  # params' defaults (deep-funneled LFW)
+DEFAULT_THRESHOLD = 1.0  # squared distance 1.0 = cosine 0.5; only when a model carries no calibration
+# The packages a served model imports, pinned from requirements.lock (tqdm: crfr.verification's progress bars).
+SERVING_PACKAGES = ("torch", "numpy", "opencv-python-headless", "mlflow", "pandas", "PyWavelets",
+                    "pytorch_wavelets", "setuptools", "pydantic", "PyYAML", "tqdm")
+
+
+# ------------------------------------------------------------------------------------------ images
+
+
+def decode_image(data: bytes | str | np.ndarray, what: str = "image") -> np.ndarray:
+    """Encoded image bytes (or their base64 text, or a uint8 byte vector) -> RGB uint8 (H, W, 3).
+
+    Raises:
+        DataError: the data is not an image OpenCV can decode; the message names ``what``.
+    """
+    if isinstance(data, str):
+        try:
+            data = base64.b64decode(data, validate=False)
+        except (binascii.Error, ValueError):
+            raise DataError(f"{what}: a string input must be base64-encoded image bytes") from None
+    raw = data.tobytes() if isinstance(data, np.ndarray) else bytes(data)
+    return images.decode_image(raw, what)
+
+
+def read_image(path: str | Path) -> np.ndarray:
+    """An image file as RGB uint8; DataError naming the file when it is missing or not an image."""
+    return images.read_image(path)
+
+
+def prepare_face(rgb: np.ndarray, align: dict | None = None, size: int = 112) -> np.ndarray:
+    """Bring one RGB image to the network input: ``size`` x ``size`` uint8 (see the module docstring)."""
+    from crfr.data.align import align_face, center_crop
+
+    align = align or DEFAULT_ALIGN
+    if rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[2] != 3:
+        raise DataError(f"expected an RGB uint8 image (H, W, 3), got {rgb.dtype} {rgb.shape}")
+    h, w = rgb.shape[:2]
+    if (h, w) == (size, size):
+        return rgb
+    if min(h, w) <= size:  # an aligned (LR) face: bring it up as the test protocol does, no detector
+        return cv2.resize(rgb, (size, size), interpolation=cv2.INTER_LINEAR)
+    mode = align.get("mode", "center-crop")
+    if mode == "mtcnn":
+        try:
+            face = align_face(rgb, size)
+        except Exception as exc:  # e.g. detector weights not installed: serve the crop rather than fail
+            log.warning("landmark alignment unavailable (%s: %s); using the centre crop", type(exc).__name__, exc)
+            face = None
+        if face is not None:
+            return face
+        mode = "center-crop"
+    if mode == "center-crop":
+        return center_crop(rgb, tuple(align.get("crop_box", DEFAULT_ALIGN["crop_box"])), size)[0]
+    if mode == "none":
+        return cv2.resize(rgb, (size, size), interpolation=cv2.INTER_AREA)
+    raise DataError(f"unknown align mode {mode!r} (expected center-crop, mtcnn or none)")
+
+
+def _as_image(value: Any, index: int) -> np.ndarray:
+    """One cell of the ``image`` column -> RGB uint8."""
+    if isinstance(value, (bytes, bytearray, memoryview, str)):
+        return decode_image(value, what=f"row {index}")
+    arr = np.asarray(value)
+    if arr.ndim == 3 and arr.shape[-1] == 3:
+        if arr.dtype != np.uint8:
+            if arr.min() < 0 or arr.max() > 255:
+                raise DataError(f"row {index}: pixel values must lie in 0..255")
+            arr = arr.astype(np.uint8)
+        return arr
+    if arr.ndim == 1 and arr.dtype == np.uint8:  # encoded bytes given as a uint8 vector
+        return decode_image(arr, what=f"row {index}")
+    raise DataError(f"row {index}: expected encoded image bytes, base64 text or an (H, W, 3) array, "
+                    f"got {type(value).__name__} {getattr(arr, 'shape', '')}")
+
+
+def resolution_key(thresholds: dict[str, float], size: int) -> str:
+    """The calibrated resolution nearest to ``size`` pixels (112 and above map to the largest)."""
+    if not thresholds:
+        raise DataError("the model carries no calibrated thresholds")
+    return min(thresholds, key=lambda k: (abs(int(k) - size), -int(k)))
+
+
+# ------------------------------------------------------------------------------------------ embedder
+
+
+class FaceEmbedder:
+    """A crfr model plus its preprocessing and calibrated thresholds.
+
+    Args:
+        model: a network from :func:`crfr.artifacts.load_model`.
+        info: that function's model info (``input_size``, ``backbone``...).
+        thresholds: probe resolution (str) -> squared-distance threshold; may be empty.
+        align: preprocessing settings (``mode``: center-crop | mtcnn | none, ``crop_box``).
+        device: where the model runs.
+        batch_size: images per forward pass.
+    """
+
+    def __init__(self, model, info: dict, thresholds: dict | None = None, align: dict | None = None,
+                 device: str = "cpu", batch_size: int = 64) -> None:
+        self.model, self.info = model, info
+        self.thresholds = {str(k): float(v) for k, v in (thresholds or {}).items()}
+        self.align = dict(align or DEFAULT_ALIGN)
+        self.device, self.batch_size = device, batch_size
+        self.input_size = int(info.get("input_size", 112))
+
+    @classmethod
+    def from_dir(cls, model_dir: str | Path, thresholds: dict | None = None, align: dict | None = None,
+                 device: str | None = None) -> "FaceEmbedder":
+        """Load a crfr model dir; thresholds default to ``thresholds.json`` beside ``model.pt`` if present."""
+        from crfr.artifacts import load_model
+
+        device = device or _default_device()
+        model, info = load_model(model_dir, device=device)
+        if thresholds is None:
+            thresholds = read_thresholds_file(Path(model_dir) / "thresholds.json")
+        return cls(model, info, thresholds, align, device)
+
+    @property
+    def embedding_size(self) -> int:
+        return int(self.info.get("model_cfg", {}).get("embedding_size", 0)) or int(self.model.embedding_size)
+
+    def prepare(self, images: Sequence[np.ndarray]) -> np.ndarray:
+        return np.stack([prepare_face(img, self.align, self.input_size) for img in images])
+
+    def embed(self, images: Sequence[np.ndarray]) -> np.ndarray:
+        """RGB uint8 images of any size -> (N, D) float32 unit vectors."""
+        from crfr.verification import embed_images
+
+        if len(images) == 0:
+            return np.zeros((0, self.embedding_size), np.float32)
+        return embed_images(self.model, self.prepare(images), self.batch_size, self.device, progress=False)
+
+    def threshold_for(self, size: int) -> tuple[str | None, float]:
+        """(calibrated resolution, threshold) for a probe whose smaller side is ``size`` pixels."""
+        if not self.thresholds:
+            return None, DEFAULT_THRESHOLD
+        key = resolution_key(self.thresholds, size)
+        return key, self.thresholds[key]
+
+
+def _default_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def read_thresholds_file(path: Path, row: str | None = None) -> dict[str, float]:
+    """Thresholds from a ``thresholds.json``: evaluate's ``{"models": {row: {res: t}}}`` or a plain ``{res: t}``."""
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise DataError(f"{path}: not a readable thresholds file ({exc})") from None
+    if "models" in data:
+        models = data["models"]
+        if row is None and len(models) == 1:
+            row = next(iter(models))
+        if row not in models:
+            raise DataError(f"{path}: no thresholds for model {row!r}; it has {sorted(models)}")
+        data = models[row]
+    elif "thresholds" in data:
+        data = data["thresholds"]
+    return {str(k): float(v) for k, v in data.items()}
+
+
+# ------------------------------------------------------------------------------------------ MLflow pyfunc
+
+
+def _pyfunc_base():
+    import mlflow.pyfunc
+
+    return mlflow.pyfunc.PythonModel
+
+
+class CrfrPyfunc(_pyfunc_base()):
+    """MLflow pyfunc: DataFrame with an ``image`` column -> (N, D) float32 L2-normalised embeddings."""
+
+    def load_context(self, context) -> None:
+        config = dict(context.model_config or {})
+        thresholds = json.loads(Path(context.artifacts["thresholds"]).read_text())
+        self.embedder = FaceEmbedder.from_dir(Path(context.artifacts["model"]).parent, thresholds=thresholds,
+                                              align=config.get("align"), device=config.get("device"))
+
+    # A DataFrame hint: MLflow 3 then neither warns nor derives a schema from it (the signature describes input).
+    def predict(self, context, model_input: pd.DataFrame, params=None):
+        if isinstance(model_input, pd.DataFrame):
+            if "image" not in model_input.columns:
+                raise DataError(f"input needs an 'image' column; got columns {list(model_input.columns)}")
+            values = list(model_input["image"])
+        elif isinstance(model_input, dict) and "image" in model_input:
+            values = list(model_input["image"])
+        else:
+            values = list(model_input)
+        images = [_as_image(v, i) for i, v in enumerate(values)]
+        return self.embedder.embed(images)
+
+
+def pinned_requirements(lock_file: Path | None = None) -> list[str]:
+    """``name==version`` of the serving packages: from requirements.lock, else from what is installed."""
+    from importlib import metadata
+
+    def norm(name: str) -> str:
+        return name.lower().replace("_", "-")
+
+    wanted = {norm(p): p for p in SERVING_PACKAGES}
+    lock_file = lock_file or Path(__file__).resolve().parents[1] / "requirements.lock"
+    pins: dict[str, str] = {}
+    if lock_file.is_file():
+        for line in lock_file.read_text().splitlines():
+            name, sep, _ = line.strip().partition("==")
+            if sep and norm(name) in wanted:
+                pins[norm(name)] = line.strip()
+    for key, name in wanted.items():
+        if key not in pins:
+            try:
+                version = metadata.version(name).split("+")[0]  # the CPU wheel's "+cpu" is not on PyPI
+                pins[key] = f"{name}=={version}"
+            except metadata.PackageNotFoundError:
+                pins[key] = name
+    return [pins[norm(p)] for p in SERVING_PACKAGES]
+
+
+def input_example() -> "Any":
+    """A one-row input: a mid-grey 112x112 JPEG (any image works; the signature records the column type)."""
+    import pandas as pd
+
+    ok, buf = cv2.imencode(".jpg", np.full((112, 112, 3), 128, np.uint8))
+    assert ok
+    return pd.DataFrame({"image": [buf.tobytes()]})
+
+
+def log_pyfunc(
+    model_dir: str | Path,
+    thresholds: dict[str, float],
+    align: dict | None = None,
+    name: str = "model",
+    registered_model_name: str | None = None,
+    extra_metadata: dict | None = None,
+):
+    """Log a crfr model dir as a pyfunc in the active MLflow run.
+
+    Args:
+        model_dir: holds ``model.pt`` (only that file is packaged, not the training checkpoint).
+        thresholds: probe resolution -> squared-distance threshold.
+        align: preprocessing settings (default: LFW centre crop).
+        name: the logged model's name in the run.
+        registered_model_name: also register it under this name.
+        extra_metadata: more keys for the model's metadata (e.g. accuracies).
+
+    Returns:
+        mlflow's ``ModelInfo``.
+    """
+    import tempfile
+
+    import mlflow
+    from mlflow.models import infer_signature
+
+    import crfr
+    from crfr.artifacts import load_model
+
+    model_file = Path(model_dir) / "model.pt"
+    if not model_file.is_file():
+        raise DataError(f"model file not found: {model_file}")
+    model, info = load_model(model_dir)
+    align = dict(align or DEFAULT_ALIGN)
+    thresholds = {str(k): float(v) for k, v in thresholds.items()}
+    embedder = FaceEmbedder(model, info, thresholds, align)
+    example = input_example()
+    output = embedder.embed([decode_image(b) for b in example["image"]])
+    metadata = {
+        "thresholds": thresholds,
+        "distance": "squared_euclidean",
+        "rule": "same person if distance < threshold of the probe's resolution",
+        "embedding_size": int(output.shape[1]),
+        "backbone": info.get("backbone"),
+        "input_size": int(info.get("input_size", 112)),
+        "align": align,
+        "crfr_version": crfr.__version__,
+    }
+    metadata.update(extra_metadata or {})
+    with tempfile.TemporaryDirectory(prefix="crfr-pyfunc-") as tmp:
+        thresholds_file = Path(tmp) / "thresholds.json"
+        thresholds_file.write_text(json.dumps(thresholds, indent=2))
+        return mlflow.pyfunc.log_model(
+            name=name,
+            python_model=CrfrPyfunc(),
+            artifacts={"model": str(model_file), "thresholds": str(thresholds_file)},
+            model_config={"align": align},
+            code_paths=[str(Path(crfr.__file__).parent)],  # the served model imports crfr from here
+            signature=infer_signature(example, output),
+            input_example=example,
+            pip_requirements=pinned_requirements(),
+            metadata=metadata,
+            registered_model_name=registered_model_name,
+        )

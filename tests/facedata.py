@@ -1,0 +1,162 @@
+"""Real LFW faces and small random models for the evaluation, registry and serving tests.
+
+Builds eval sets in the ``docs/formats.md`` layout with plain numpy, so these tests do not depend on the
+data-preparation code. Faces are the loose centre crop of deep-funneled LFW (rows 64:186, columns 70:180)
+resized to 112.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import time
+import urllib.request
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from crfr.artifacts import save_model
+from crfr.config import ModelCfg
+
+LFW_ROOT = Path(os.environ.get("CRFR_LFW_ROOT", "/work/shared/data/lfw"))
+IMAGES = LFW_ROOT / "lfw-deepfunneled"
+TINY_MODEL = ModelCfg(depth=18, width=0.125, embedding_size=32)
+
+
+def require_lfw() -> None:
+    if not (LFW_ROOT / "pairs.txt").is_file() or not IMAGES.is_dir():
+        pytest.skip(f"LFW not found at {LFW_ROOT} (set CRFR_LFW_ROOT)")
+
+
+def image_path(name: str, number: int) -> Path:
+    return IMAGES / name / f"{name}_{number:04d}.jpg"
+
+
+def view2_fold(fold: int) -> list[tuple[tuple[str, int], tuple[str, int], bool]]:
+    """The 600 pairs of one View 2 fold of pairs.txt, in file order (300 same, then 300 different)."""
+    require_lfw()
+    lines = (LFW_ROOT / "pairs.txt").read_text().splitlines()
+    n = int(lines[0].split()[1])
+    block = lines[1 + (fold - 1) * 2 * n: 1 + fold * 2 * n]
+    pairs = []
+    for line in block:
+        t = line.split()
+        if len(t) == 3:
+            pairs.append(((t[0], int(t[1])), (t[0], int(t[2])), True))
+        else:
+            pairs.append(((t[0], int(t[1])), (t[2], int(t[3])), False))
+    return pairs
+
+
+def interleaved_pairs(fold: int, n: int) -> list:
+    """``n`` pairs of a fold alternating same/different, so that every contiguous fold has both kinds."""
+    pairs = view2_fold(fold)
+    same, diff = [p for p in pairs if p[2]], [p for p in pairs if not p[2]]
+    out = []
+    for s, d in zip(same, diff):
+        out += [s, d]
+    return out[:n]
+
+
+def load_face(name: str, number: int) -> np.ndarray:
+    """RGB uint8 112x112 face: loose centre crop of the deep-funneled image."""
+    bgr = cv2.imread(str(image_path(name, number)), cv2.IMREAD_COLOR)
+    assert bgr is not None, image_path(name, number)
+    crop = bgr[64:186, 70:180]
+    return cv2.cvtColor(cv2.resize(crop, (112, 112), interpolation=cv2.INTER_AREA), cv2.COLOR_BGR2RGB)
+
+
+def pair_arrays(pairs: list) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(images (M,112,112,3), left, right, same) with every distinct image stored once."""
+    index: dict[tuple[str, int], int] = {}
+    for a, b, _ in pairs:
+        for ref in (a, b):
+            index.setdefault(ref, len(index))
+    images = np.stack([load_face(*ref) for ref in index])
+    left = np.array([index[a] for a, _, _ in pairs], np.int64)
+    right = np.array([index[b] for _, b, _ in pairs], np.int64)
+    same = np.array([s for _, _, s in pairs], bool)
+    return images, left, right, same
+
+
+def write_eval_set(prepared: Path, name: str, pairs: list, nfolds: int = 2) -> Path:
+    """``prepared/eval/<name>/`` as the prepare step writes it (images.npy, pairs.npz, meta.json)."""
+    images, left, right, same = pair_arrays(pairs)
+    folder = prepared / "eval" / name
+    folder.mkdir(parents=True, exist_ok=True)
+    np.save(folder / "images.npy", images)
+    fold = np.repeat(np.arange(1, nfolds + 1), int(np.ceil(len(left) / nfolds)))[: len(left)]
+    np.savez(folder / "pairs.npz", left=left, right=right, same=same, fold=fold.astype(np.int64))
+    meta = {"name": name, "kind": "lfw", "source": str(LFW_ROOT), "num_images": len(images),
+            "num_pairs": len(left), "folds": sorted(set(fold.tolist()))}
+    (folder / "meta.json").write_text(json.dumps(meta))
+    return folder
+
+
+def random_model(seed: int, backbone: str = "iresnet") -> torch.nn.Module:
+    from crfr.models import build_backbone
+
+    torch.manual_seed(seed)
+    return build_backbone(backbone, TINY_MODEL).eval()
+
+
+def save_random_model(folder: Path, seed: int, backbone: str = "iresnet") -> Path:
+    """A model dir (``model.pt``) holding a randomly initialised tiny network."""
+    save_model(folder, random_model(seed, backbone), backbone, TINY_MODEL, meta={"seed": seed})
+    return folder
+
+
+def params_file(folder: Path) -> Path:
+    """A params file holding only the built-in defaults (the demo profile), independent of the repo's file."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "params.yaml"
+    path.write_text("profile: demo\n")
+    return path
+
+
+def make_params(folder: Path, overrides: list[str] | None = None):
+    """Validated default params with ``overrides`` applied."""
+    from crfr.config import load_params
+
+    return load_params(params_file(folder), overrides or [])
+
+
+# ------------------------------------------------------------------------------ local servers
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_for_health(url: str, proc: subprocess.Popen, timeout: float = 180.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{proc.args[:4]} exited with {proc.returncode}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as resp:
+                if resp.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.5)
+    raise TimeoutError(f"{url} did not answer within {timeout:.0f}s")
+
+
+def stop(proc: subprocess.Popen) -> None:
+    """Stop a server started with start_new_session=True, and its workers (its own process group only)."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=10)

@@ -1,0 +1,260 @@
+"""Model registry and promotion gate against a real sqlite store and a real ``mlflow server``."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+import uuid
+
+import numpy as np
+import pytest
+
+from crfr.errors import RegistryError
+from crfr.registry import (
+    CHALLENGER,
+    CHAMPION,
+    PREVIOUS,
+    gate,
+    gate_accuracies,
+    load_embedder,
+    promote,
+    register_model,
+)
+from tests.facedata import (
+    free_port,
+    load_face,
+    make_params,
+    params_file,
+    require_lfw,
+    save_random_model,
+    stop,
+    wait_for_health,
+)
+
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+THRESHOLDS = {"14": 1.31, "28": 1.22, "112": 1.15}
+
+
+# ---------------------------------------------------------------------------------------------- the gate
+
+
+def test_gate_without_champion_promotes():
+    d = gate({"14": 70.0, "112": 80.0}, None)
+    assert d.promote and "no champion" in d.reasons[0]
+
+
+def test_gate_blocks_lower_mean_and_large_drop_and_passes_better():
+    champion = {"14": 70.0, "28": 75.0, "112": 80.0}
+    worse = gate({"14": 69.0, "28": 74.0, "112": 79.5}, champion, min_improvement=0.0, max_drop=1.0)
+    assert not worse.promote and any("mean" in r for r in worse.reasons)
+    dropped = gate({"14": 78.0, "28": 76.0, "112": 78.5}, champion, min_improvement=0.0, max_drop=1.0)
+    assert not dropped.promote and any("112 px" in r and "max_drop" in r for r in dropped.reasons)
+    better = gate({"14": 72.0, "28": 75.5, "112": 79.5}, champion, min_improvement=0.5, max_drop=1.0)
+    assert better.promote and better.gain == pytest.approx(2.0 / 3, abs=1e-3)
+    assert [row["resolution"] for row in better.comparison] == ["14", "28", "112", "mean"]
+    assert "| 14 | 70.00 | 72.00 | +2.00 | yes |" in better.table_markdown()
+    needs_more = gate({"14": 72.0, "28": 75.5, "112": 79.5}, champion, min_improvement=1.0, max_drop=1.0)
+    assert not needs_more.promote
+
+
+def test_gate_blocks_candidate_missing_a_resolution():
+    d = gate({"112": 90.0}, {"14": 70.0, "112": 80.0})
+    assert not d.promote and any("14 px" in r for r in d.reasons)
+
+
+def test_gate_accuracies_from_evaluate_metrics(tmp_path):
+    params = make_params(tmp_path)
+    metrics = {"lfw": {"linear": {"14": {"acc": 70.0}, "112": {"acc": 80.0}, "mean": {"acc": 75.0}},
+                       "realistic": {"14": {"acc": 60.0}}}}
+    assert gate_accuracies(metrics, params.registry) == {"14": 70.0, "112": 80.0}
+    with pytest.raises(RegistryError, match="lfw/linear"):
+        gate_accuracies({"agedb": {}}, params.registry)
+
+
+# ---------------------------------------------------------------------------------------------- backends
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """``mlflow server`` on 127.0.0.1 with a sqlite store and proxied artifacts, for this session."""
+    root = tmp_path_factory.mktemp("mlflow-server")
+    port = free_port()
+    env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false", MLFLOW_DISABLE_TELEMETRY="true")
+    env.pop("MLFLOW_TRACKING_URI", None)
+    log = open(root / "server.log", "wb")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+         "--backend-store-uri", f"sqlite:///{root}/server.db", "--artifacts-destination", str(root / "artifacts")],
+        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=root,
+    )
+    try:
+        wait_for_health(f"http://127.0.0.1:{port}/health", proc)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        stop(proc)
+        log.close()
+
+
+@pytest.fixture(params=["sqlite", "server"])
+def backend(request, tmp_path, monkeypatch):
+    """Params pointing at a fresh registry (unique model names), for both kinds of tracking store."""
+    if request.param == "sqlite":
+        uri = f"sqlite:///{tmp_path}/mlflow.db"
+    else:
+        uri = request.getfixturevalue("mlflow_server")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    tag = uuid.uuid4().hex[:8]
+    params = make_params(tmp_path, [
+        f"tracking.artifact_location={tmp_path}/mlartifacts",
+        f"registry.student_name=crfr-student-{tag}",
+        f"registry.teacher_name=crfr-teacher-{tag}",
+        "registry.min_improvement=0.0",
+        "registry.max_drop=1.0",
+    ])
+    return params, tmp_path
+
+
+def metrics_for(acc: dict[str, float]) -> dict:
+    """An evaluate ``metrics.json`` entry with these gate accuracies."""
+    return {"lfw": {"linear": {r: {"acc": a, "std": 1.0} for r, a in acc.items()}}}
+
+
+def test_register_gate_promote_and_load_by_alias(backend):
+    from mlflow import MlflowClient
+
+    params, tmp = backend
+    name = params.registry.student_name
+    first = save_random_model(tmp / "m1", seed=1, backbone="waveresnet")
+    v1 = register_model(first, metrics_for({"14": 70.0, "28": 75.0, "112": 80.0}), THRESHOLDS, params)
+    assert str(v1.version) == "1" and CHALLENGER in v1.aliases
+    assert json.loads(v1.tags["accuracies"]) == {"14": 70.0, "28": 75.0, "112": 80.0}
+    d1 = promote(name, v1.version, params)
+    assert d1.promote and d1.outcome == "promoted"
+
+    # A worse model: registered as challenger, but the gate keeps the champion.
+    worse = register_model(save_random_model(tmp / "m2", seed=2, backbone="waveresnet"),
+                           {"14": 69.0, "28": 74.5, "112": 78.0}, THRESHOLDS, params)
+    d2 = promote(name, CHALLENGER, params)
+    assert not d2.promote and d2.outcome == "blocked" and d2.champion_version == "1"
+    client = MlflowClient()
+    assert str(client.get_model_version_by_alias(name, CHAMPION).version) == "1"
+    assert str(client.get_model_version_by_alias(name, CHALLENGER).version) == str(worse.version)
+    assert client.get_model_version(name, worse.version).tags["gate.outcome"] == "blocked"
+
+    # A better one passes.
+    better = register_model(save_random_model(tmp / "m3", seed=3, backbone="waveresnet"),
+                            {"14": 73.0, "28": 75.5, "112": 79.8}, THRESHOLDS, params)
+    d3 = promote(name, better.version, params)
+    assert d3.promote and d3.outcome == "promoted" and d3.gain > 0
+    assert str(client.get_model_version_by_alias(name, CHAMPION).version) == str(better.version)
+    assert str(client.get_model_version_by_alias(name, PREVIOUS).version) == "1"
+
+    # Load the champion back and embed a real face; it is model m3, preprocessing included.
+    require_lfw()
+    embedder = load_embedder(f"models:/{name}@{CHAMPION}", params)
+    face = load_face("Abel_Pacheco", 1)
+    emb = embedder.embed([face, face[::4, ::4]])
+    assert emb.shape == (2, 32)
+    np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-5)
+    from crfr.serving import FaceEmbedder
+
+    local = FaceEmbedder.from_dir(tmp / "m3").embed([face])
+    np.testing.assert_allclose(emb[0], local[0], atol=1e-5)
+    assert embedder.threshold_for(28) == ("28", 1.22) and embedder.threshold_for(250) == ("112", 1.15)
+
+    # The plain MLflow route gives the same embeddings from encoded bytes.
+    import cv2
+    import mlflow.pyfunc
+    import pandas as pd
+
+    jpeg = cv2.imencode(".png", cv2.cvtColor(face, cv2.COLOR_RGB2BGR))[1].tobytes()
+    pyfunc = mlflow.pyfunc.load_model(f"models:/{name}@{CHAMPION}")
+    out = np.asarray(pyfunc.predict(pd.DataFrame({"image": [jpeg]})))
+    np.testing.assert_allclose(out[0], local[0], atol=1e-5)
+    assert pyfunc.metadata.metadata["thresholds"] == THRESHOLDS
+
+
+def test_force_is_recorded(backend):
+    from mlflow import MlflowClient
+
+    params, tmp = backend
+    name = params.registry.student_name
+    model = save_random_model(tmp / "m", seed=4)
+    v1 = register_model(model, {"14": 80.0, "112": 90.0}, THRESHOLDS, params)
+    promote(name, v1.version, params)
+    v2 = register_model(model, {"14": 60.0, "112": 70.0}, THRESHOLDS, params)
+    decision = promote(name, v2.version, params, force=True)
+    assert decision.promote and decision.forced and decision.outcome == "forced"
+    version = MlflowClient().get_model_version(name, v2.version)
+    assert version.tags["gate.outcome"] == "forced" and CHAMPION in version.aliases
+
+
+def test_unknown_names_are_registry_errors(backend):
+    params, tmp = backend
+    name = params.registry.student_name
+    with pytest.raises(RegistryError, match="no registered model named"):
+        promote("no-such-model", "1", params)
+    with pytest.raises(RegistryError, match="no registered model named"):
+        load_embedder("models:/no-such-model@champion", params)
+    register_model(save_random_model(tmp / "m", seed=5), {"14": 80.0}, THRESHOLDS, params)
+    with pytest.raises(RegistryError, match="has no alias 'champion'"):
+        load_embedder(f"models:/{name}@{CHAMPION}", params)  # registered, never promoted
+    with pytest.raises(RegistryError, match="has no version '7'"):
+        promote(name, "7", params)
+    with pytest.raises(RegistryError, match="has no alias 'nope'"):
+        promote(name, "nope", params)
+
+
+# ---------------------------------------------------------------------------------------------- sqlite only
+
+
+def test_register_component_writes_registration(tmp_path, monkeypatch):
+    from components.register import register
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    params = make_params(tmp_path, [f"tracking.artifact_location={tmp_path}/art"])
+    evaluation = tmp_path / "eval"
+    evaluation.mkdir()
+    (evaluation / "metrics.json").write_text(json.dumps({"student": metrics_for({"14": 70.0, "112": 80.0})}))
+    (evaluation / "thresholds.json").write_text(json.dumps(
+        {"dataset": "lfw", "protocol": "linear", "models": {"student": {"14": 1.3, "112": 1.1}}}))
+    model = save_random_model(tmp_path / "model", seed=6, backbone="waveresnet")
+    result = register(str(model), str(evaluation), str(tmp_path / "out"), params)
+    saved = json.loads((tmp_path / "out" / "registration.json").read_text())
+    assert saved == result
+    assert saved["name"] == "crfr-student" and saved["version"] == "1"
+    assert set(saved["aliases"]) == {CHALLENGER, CHAMPION}
+    assert saved["decision"]["outcome"] == "promoted" and saved["thresholds"] == {"14": 1.3, "112": 1.1}
+
+
+def test_cli_promote_exit_codes(tmp_path, monkeypatch, capsys):
+    from crfr.cli import main
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    params = make_params(tmp_path, [f"tracking.artifact_location={tmp_path}/art"])
+    model = save_random_model(tmp_path / "m", seed=7)
+    register_model(model, {"14": 80.0, "112": 90.0}, THRESHOLDS, params)
+    register_model(model, {"14": 70.0, "112": 90.0}, THRESHOLDS, params)
+    common = ["--params", str(params_file(tmp_path)), "--set", f"tracking.artifact_location={tmp_path}/art"]
+    assert main(["promote", "crfr-student", "1", *common]) == 0
+    assert "PROMOTED" in capsys.readouterr().out
+    assert main(["promote", "crfr-student", "2", *common]) == 1  # the gate blocks
+    out = capsys.readouterr().out
+    assert "BLOCKED" in out and "| 14 | 80.00 | 70.00 | -10.00 | NO |" in out
+    assert main(["promote", "crfr-student", "9", *common]) == 2
+    err = capsys.readouterr().err
+    assert "has no version '9'" in err and "Traceback" not in err
+
+
+def test_unreachable_server_fails_fast(tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{free_port()}")
+    params = make_params(tmp_path)
+    start = time.monotonic()
+    with pytest.raises(RegistryError, match="not reachable"):
+        promote("crfr-student", "1", params)
+    with pytest.raises(RegistryError, match="not reachable"):
+        load_embedder("models:/crfr-student@champion", params)
+    assert time.monotonic() - start < 20
