@@ -1,0 +1,61 @@
+"""The crfr command: every subcommand explains itself, and bad input is one clear line, never a traceback."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from crfr.cli import build_parser, main
+
+SUBCOMMANDS = [
+    ["data", "check"], ["data", "prepare"], ["data", "synthesize"], ["train", "teacher"], ["train", "student"],
+    ["evaluate"], ["promote"], ["embed"], ["verify"], ["identify"], ["bench", "ops"], ["bench", "train"],
+    ["bench", "data"], ["pipeline", "compile"], ["pipeline", "submit"], ["pipeline", "local"],
+    ["pipeline", "prefect"], ["report"],
+]
+
+
+def test_top_level_help_lists_every_command(capsys):
+    with pytest.raises(SystemExit) as done:
+        main(["--help"])
+    assert done.value.code == 0
+    out = capsys.readouterr().out
+    for command in ("data", "train", "evaluate", "promote", "embed", "verify", "identify", "bench", "pipeline",
+                    "report"):
+        assert f"    {command}" in out
+
+
+@pytest.mark.parametrize("words", SUBCOMMANDS, ids=" ".join)
+def test_each_subcommand_has_help(words, capsys):
+    with pytest.raises(SystemExit) as done:
+        main([*words, "--help"])
+    assert done.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: crfr " + " ".join(words))
+    assert len(out.splitlines()) > 4  # a description and options, not just a usage line
+
+
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["train", "teacher", "--set", "teacher.lr=-1"], "'teacher.lr': Input should be greater than 0"),
+        (["train", "teacher", "--params", "nope.yaml"], "params file not found: nope.yaml"),
+        (["train", "teacher", "--prepared", "/nonexistent/prepared"], "/nonexistent/prepared"),
+        (["verify", "/nonexistent/a.jpg", "/nonexistent/b.jpg", "--model", "/nonexistent/model"], "/nonexistent"),
+    ],
+)
+def test_bad_input_is_one_clear_line_without_traceback(args, needle, tmp_path):
+    result = subprocess.run([sys.executable, "-m", "crfr.cli", *args], capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    assert needle in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_parser_builds_without_heavy_imports():
+    """`crfr --help` must stay fast: building the parser imports no torch-heavy step module."""
+    code = "import sys; from crfr.cli import build_parser; build_parser(); print('mlflow' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
+    assert build_parser().prog == "crfr"
