@@ -31,8 +31,8 @@ def load_holdout(prepared: Path, params: Params) -> Holdout | None:
     from crfr.data.pairs import load_pair_set
 
     pairs = load_pair_set(prepared / "eval" / first)
-    # Take pairs spread over the set so that both same and different pairs are represented.
-    pick = np.linspace(0, len(pairs.same) - 1, num=min(n, len(pairs.same))).astype(int)
+    # Pairs are stored alternating same/different within each fold (prepare): the first n are balanced.
+    pick = np.arange(min(n, len(pairs.same)))
     return Holdout(np.asarray(pairs.images), pairs.left[pick], pairs.right[pick], pairs.same[pick])
 
 
