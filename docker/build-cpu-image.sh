@@ -117,12 +117,13 @@ PY=.venv/bin/python
 # Debian bookworm's python3 is 3.11.2: below 3.11.3, redis (from the lock) also needs async-timeout,
 # which the lock, resolved on a newer 3.11, does not list. python:3.11-slim-bookworm does not need it.
 EXTRA_WHEELS="pip==25.3 async-timeout==5.0.1"
-want=$(cat requirements.lock <(echo "$EXTRA_WHEELS") | sha256sum | cut -d' ' -f1)
+want=$(cat requirements.lock requirements-nodeps.txt <(echo "$EXTRA_WHEELS") | sha256sum | cut -d' ' -f1)
 if [ "$(cat "$WHEELHOUSE/.lock.sha256" 2>/dev/null)" != "$want" ]; then
   t=$SECONDS
   log "building the wheelhouse $WHEELHOUSE from requirements.lock"
   mkdir -p "$WHEELHOUSE"
   "$PY" -m pip wheel -q -r requirements.lock $EXTRA_WHEELS -w "$WHEELHOUSE" 2>&1 | grep -v '^WARNING: Location' || true
+  "$PY" -m pip wheel -q --no-deps -r requirements-nodeps.txt -w "$WHEELHOUSE" 2>&1 | grep -v '^WARNING: Location' || true
   ls "$WHEELHOUSE"/torch-2.13.0+cpu-*.whl >/dev/null 2>&1 \
     || { echo "the wheelhouse has no CPU torch wheel (set PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu)" >&2; exit 1; }
   echo "$want" >"$WHEELHOUSE/.lock.sha256"
