@@ -19,6 +19,7 @@ fi
 dvc repro dvc.yaml
 end=$(date +%s)
 if [ "$changed" = 1 ]; then
-  crfr report --record-wall-time "$((end - start))"
+  crfr report --record-wall-time "$((end - start))" --readme README.md
+else
+  crfr report --readme README.md
 fi
-crfr report --readme README.md
