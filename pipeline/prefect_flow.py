@@ -1,8 +1,9 @@
 """The same DAG as a Prefect 3 flow: tasks with retries and input-based caching, calling components/.
 
 Run locally: ``python -m pipeline.prefect_flow --params params.yaml --workdir outputs/prefect``.
-Each task's cache key is the step name, the resolved params and a fingerprint (paths, sizes, mtimes) of its
-input folders, and the task re-runs if its output folder is gone. See the README for deploying the flow to a
+Each task's cache key is the step name, the resolved params, its output location and a fingerprint (paths,
+sizes, mtimes) of its input folders; a task whose output folder has gone missing runs again and refreshes
+its cache entry. See the README for deploying the flow to a
 Kubernetes work pool.
 """
 
@@ -36,11 +37,11 @@ def fingerprint(path: str | None) -> str:
 
 
 def input_cache_key(context: TaskRunContext, arguments: dict) -> str:
-    """Step + params + the content of every input folder + whether the output still exists."""
+    """Step + params + output location + the content of every input folder."""
     parts = [context.task.name]
     for name, value in sorted(arguments.items()):
         if name == "out_dir":
-            parts.append(f"out-exists:{os.path.exists(value)}:{value}")
+            parts.append(f"out:{value}")
         elif name.endswith("_dir"):
             parts.append(f"{name}:{fingerprint(value)}")
         elif name.endswith("_dirs"):
@@ -98,6 +99,11 @@ def register_task(model_dir: str, teacher_dir: str, eval_dir: str, out_dir: str,
                     teacher_dir=teacher_dir)
 
 
+def producing(step, out_dir: str):
+    """The task, forced to run (and refresh its cache entry) when its output folder has gone missing."""
+    return step.with_options(refresh_cache=not os.path.exists(out_dir))
+
+
 @flow(name="crfr", log_prints=True)
 def crfr_flow(params_json: str, workdir: str = "outputs/prefect", source: str | None = None) -> dict:
     """prepare -> synthesize -> teacher -> student (+ Table I rows) -> evaluate -> register."""
@@ -105,17 +111,18 @@ def crfr_flow(params_json: str, workdir: str = "outputs/prefect", source: str | 
     work = Path(workdir)
     prepared, probes = str(work / "prepared"), str(work / "probes")
     teacher, student = str(work / "models" / "teacher"), str(work / "models" / "student")
-    prepare_task(source, prepared, params_json)
-    synth = synthesize_task.submit(prepared, probes, params_json)
-    train_teacher_task(prepared, teacher, params_json)
+    producing(prepare_task, prepared)(source, prepared, params_json)
+    synth = producing(synthesize_task, probes).submit(prepared, probes, params_json)
+    producing(train_teacher_task, teacher)(prepared, teacher, params_json)
     models = {"teacher": teacher, "student": student}
-    distill_student_task(prepared, teacher, student, params_json, "default")
+    producing(distill_student_task, student)(prepared, teacher, student, params_json, "default")
     for row in params.ablation_rows:
         models[row] = str(work / "models" / "ablation" / row)
-        distill_student_task(prepared, teacher, models[row], params_json, row)
+        producing(distill_student_task, models[row])(prepared, teacher, models[row], params_json, row)
     synth.result()
     report = str(work / "reports" / "evaluate")
-    evaluate_task(prepared, probes, json.dumps(models), list(models.values()), report, params_json)
+    producing(evaluate_task, report)(prepared, probes, json.dumps(models), list(models.values()), report,
+                                     params_json)
     return register_task(student, teacher, report, str(work / "reports" / "register"), params_json)
 
 

@@ -16,6 +16,8 @@ def prefect_home(tmp_path, monkeypatch):
     monkeypatch.setenv("PREFECT_HOME", str(tmp_path / "prefect-home"))
     monkeypatch.setenv("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     monkeypatch.setenv("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    # INFO lines logged while the temporary server stops at exit would hit pytest's closed capture stream.
+    monkeypatch.setenv("PREFECT_LOGGING_LEVEL", "WARNING")
     monkeypatch.delenv("PREFECT_API_URL", raising=False)
     return tmp_path
 

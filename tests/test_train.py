@@ -98,7 +98,7 @@ def test_each_loss_term_reaches_the_student(prepared, teacher_dir, tmp_path):
 
 
 def test_one_epoch_on_real_faces_lowers_the_loss(prepared, tmp_path):
-    params = tiny_params(tmp_path, "teacher.max_steps_per_epoch=null", "teacher.batch_size=6", "teacher.lr=0.05",
+    params = tiny_params(tmp_path, "teacher.max_steps_per_epoch=null", "teacher.batch_size=6", "teacher.lr=0.01",
                          "runtime.holdout_pairs=0")
     faces = ShardDataset(prepared / "train")
     trainer = Trainer(teacher_spec(params), params, faces, resolve_runtime(params.runtime), tmp_path)
