@@ -80,7 +80,10 @@ def results_section(params: Params) -> str:
         decision = reg.get("decision", {})
         lines.append(f"- Registered: `{reg.get('name')}` version {reg.get('version')}, aliases "
                      f"{reg.get('aliases')}; gate: {'promoted' if decision.get('promote') else 'not promoted'}")
-    lines += ["", table.read_text().strip() if table.is_file() else "_No evaluation table yet: run the pipeline._"]
+    # The table's own headings sit under the README's "## Results": push them two levels down.
+    body = table.read_text().strip() if table.is_file() else "_No evaluation table yet: run the pipeline._"
+    body = "\n".join("##" + line if line.startswith("#") else line for line in body.splitlines())
+    lines += ["", body]
     if PLOT.is_file():
         PUBLISHED_PLOT.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(PLOT, PUBLISHED_PLOT)
