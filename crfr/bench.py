@@ -35,26 +35,43 @@ def _sync_for(device: torch.device) -> Callable[[], None]:
     return torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
 
-def ll_fwd_bwd_ms(impl: str, shape=(64, 64, 56, 56), device: str = "cpu", repeats: int = 5) -> float:
-    """Forward + backward of the Haar LL filter on a feature-map-sized tensor."""
+def ll_fwd_bwd_ms(shape=(64, 64, 56, 56), device: str = "cpu", rounds: int = 7,
+                  channels_last: bool = True) -> dict[str, float]:
+    """Median forward + backward time of the Haar LL filter, fast and reference, on a feature-map-sized tensor.
+
+    The two implementations alternate round by round, so a change in machine load hits both alike. The
+    tensor has the layout training uses on the device (NHWC on CUDA, NCHW on CPU: see train/runtime.py).
+    """
     dev = torch.device(device)
-    f = LowPass2d("haar", "zero", impl).to(dev)
-    x = torch.randn(shape, device=dev, requires_grad=True)
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    x = torch.randn(shape, device=dev).contiguous(memory_format=layout).requires_grad_(True)
+    sync = _sync_for(dev)
+    steps, times = {}, {}
+    for impl in ("fast", "reference"):
+        f = LowPass2d("haar", "zero", impl).to(dev)
 
-    def step():
-        x.grad = None
-        f(x).sum().backward()
+        def step(f=f):
+            x.grad = None
+            f(x).sum().backward()
 
-    return median_ms(step, repeats=repeats, sync=_sync_for(dev))
+        steps[impl], times[impl] = step, []
+        step()
+    for _ in range(rounds):
+        for impl, step in steps.items():
+            times[impl].append(median_ms(step, repeats=1, warmup=0, sync=sync))
+    return {impl: statistics.median(t) for impl, t in times.items()}
 
 
 def train_step_fn(backbone: str, cfg: ModelCfg, batch: int, device: torch.device, classes: int = 1000,
-                  teacher: torch.nn.Module | None = None):
+                  teacher: torch.nn.Module | None = None, channels_last: bool = True):
     """A closure running one SGD step of ArcFace training (+ KD and wavelet similarity with a teacher)."""
-    model = build_backbone(backbone, cfg).to(device).train()
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    model = build_backbone(backbone, cfg).to(device).to(memory_format=layout).train()
+    if teacher is not None:
+        teacher.to(memory_format=layout)
     head = ArcFace(cfg.embedding_size, classes).to(device)
     opt = torch.optim.SGD(list(model.parameters()) + list(head.parameters()), lr=0.01, momentum=0.9)
-    x = torch.randn(batch, 3, 112, 112, device=device)
+    x = torch.randn(batch, 3, 112, 112, device=device).contiguous(memory_format=layout)
     y = torch.randint(0, classes, (batch,), device=device)
     wavesim = WaveletSimilarity().to(device)
     amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
@@ -76,14 +93,15 @@ def train_step_fn(backbone: str, cfg: ModelCfg, batch: int, device: torch.device
     return step, model
 
 
-def forward_flops(model: torch.nn.Module, device: torch.device) -> float:
+def forward_flops(model: torch.nn.Module, device: torch.device, channels_last: bool = False) -> float:
     """FLOPs of one forward pass on one 112x112 face (multiply-add = 2 FLOPs)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     model.eval()
     counter = FlopCounterMode(display=False)
     with counter, torch.no_grad():
-        model(torch.randn(1, 3, 112, 112, device=device))
+        layout = torch.channels_last if channels_last else torch.contiguous_format
+        model(torch.randn(1, 3, 112, 112, device=device).contiguous(memory_format=layout))
     model.train()
     return float(counter.get_total_flops())
 
@@ -114,12 +132,15 @@ def degrade_images_per_s(image: np.ndarray | None = None, count: int = 1000, rep
     return count / (ms / 1000)
 
 
-def run_ops_bench(width: float = 1.0, batch: int = 32, device: str = "cpu", image: np.ndarray | None = None) -> dict:
-    """The numbers of ``crfr bench ops --json``."""
+def run_ops_bench(width: float = 1.0, batch: int = 32, device: str = "cpu", image: np.ndarray | None = None,
+                  channels_last: bool | None = None) -> dict:
+    """The numbers of ``crfr bench ops --json``; layout: training's (NHWC on CUDA, NCHW on CPU) unless given."""
     dev = torch.device(device)
+    if channels_last is None:
+        channels_last = dev.type == "cuda"
     cfg = ModelCfg(depth=18, width=width, embedding_size=512)
-    teacher_step, _ = train_step_fn("iresnet", cfg, batch, dev)
-    student_step, _ = train_step_fn("waveresnet", cfg, batch, dev)
+    teacher_step, _ = train_step_fn("iresnet", cfg, batch, dev, channels_last=channels_last)
+    student_step, _ = train_step_fn("waveresnet", cfg, batch, dev, channels_last=channels_last)
     sync = _sync_for(dev)
     # Interleave the two models so that a change in machine load hits both alike.
     teacher_ms, student_ms = [], []
@@ -127,11 +148,12 @@ def run_ops_bench(width: float = 1.0, batch: int = 32, device: str = "cpu", imag
     for _ in range(3):
         teacher_ms.append(median_ms(teacher_step, repeats=1, warmup=0, sync=sync))
         student_ms.append(median_ms(student_step, repeats=1, warmup=0, sync=sync))
-    fast = ll_fwd_bwd_ms("fast", device=device)
-    reference = ll_fwd_bwd_ms("reference", device=device)
+    ll = ll_fwd_bwd_ms(device=device, channels_last=channels_last)
+    fast, reference = ll["fast"], ll["reference"]
     return {
         "device": str(dev),
         "threads": torch.get_num_threads(),
+        "layout": "channels_last" if channels_last else "nchw",
         "ll_shape": [64, 64, 56, 56],
         "ll_fast_fwd_bwd_ms": round(fast, 2),
         "ll_pytorch_wavelets_fwd_bwd_ms": round(reference, 2),
@@ -154,12 +176,14 @@ def run_train_bench(params: Params, steps: int = 3) -> dict:
     cfg = params.model
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
-    teacher_step, teacher_model = train_step_fn("iresnet", cfg, params.teacher.batch_size, dev)
+    cl = rt.channels_last
+    teacher_step, teacher_model = train_step_fn("iresnet", cfg, params.teacher.batch_size, dev, channels_last=cl)
     teacher_ms = median_ms(teacher_step, repeats=steps, warmup=1, sync=sync)
     frozen = build_backbone("iresnet", cfg).to(dev).eval()
-    student_step, student_model = train_step_fn("waveresnet", cfg, params.student.batch_size, dev, teacher=frozen)
+    student_step, student_model = train_step_fn("waveresnet", cfg, params.student.batch_size, dev, teacher=frozen,
+                                                channels_last=cl)
     student_ms = median_ms(student_step, repeats=steps, warmup=1, sync=sync)
-    fwd = forward_flops(teacher_model, dev)
+    fwd = forward_flops(teacher_model, dev, cl)
     peak = matmul_flops_per_s(dev)
     teacher_ips = params.teacher.batch_size / (teacher_ms / 1000)
     student_ips = params.student.batch_size / (student_ms / 1000)
@@ -171,6 +195,7 @@ def run_train_bench(params: Params, steps: int = 3) -> dict:
         "teacher_batch": params.teacher.batch_size,
         "student_batch": params.student.batch_size,
         "amp": "bf16" if dev.type == "cuda" else "none",
+        "layout": "channels_last" if cl else "nchw",
         "forward_gflops_per_image": round(fwd / 1e9, 3),
         "matmul_tflops_measured": round(peak / 1e12, 3),
         "teacher_images_per_s": round(teacher_ips, 2),

@@ -19,6 +19,8 @@ def register(sub) -> None:
     ops.add_argument("--width", type=float, default=1.0, help="iresnet18 width multiplier (default: %(default)s)")
     ops.add_argument("--batch", type=int, default=32, help="batch size of the step ratio (default: %(default)s)")
     ops.add_argument("--device", default="cpu", help="cpu or cuda (default: %(default)s)")
+    ops.add_argument("--layout", choices=("auto", "nchw", "channels_last"), default="auto",
+                     help="tensor layout (default: training's: channels_last on CUDA, nchw on CPU)")
     ops.add_argument("--json", action="store_true", help="print one JSON object")
     ops.set_defaults(func=_ops)
 
@@ -70,7 +72,8 @@ def _lfw_face():
 def _ops(args: argparse.Namespace) -> int:
     from crfr.bench import run_ops_bench
 
-    return _print(run_ops_bench(args.width, args.batch, args.device, image=_lfw_face()), args.json)
+    return _print(run_ops_bench(args.width, args.batch, args.device, image=_lfw_face(), channels_last={"auto": None, "nchw": False, "channels_last": True}[args.layout]),
+                  args.json)
 
 
 def _train(args: argparse.Namespace) -> int:

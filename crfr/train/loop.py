@@ -350,6 +350,8 @@ class Trainer:
         h = self.holdout
         backbone = self.net.backbone
         backbone.eval()
+        # embed_images feeds NCHW batches; never mix layouts between a model and its input (see runtime.py).
+        backbone.to(memory_format=torch.contiguous_format)
         device = str(self.rt.device)
         gallery = embed_images(backbone, h.images[h.right], batch_size=128, device=device, progress=False)
         out = {}
@@ -358,6 +360,8 @@ class Trainer:
             emb = embed_images(backbone, probes, batch_size=128, device=device, progress=False)
             result = verify(emb, gallery, h.same, nfolds=min(10, max(2, len(h.same) // 20)))
             out[f"holdout_acc_{size}"] = result.accuracy
+        if self.rt.channels_last:
+            backbone.to(memory_format=torch.channels_last)
         backbone.train()
         return out
 

@@ -81,6 +81,8 @@ def resolve_runtime(cfg: RuntimeCfg) -> Runtime:
     return Runtime(
         device=device,
         amp_dtype=amp,
+        # CUDA only. On CPU NHWC trains the demo net ~1.5x faster, but torch 2.13's CPU kernels crash
+        # (segfault / heap corruption) in conv backward for some shapes (tests/test_train.py at width 0.125).
         channels_last=cfg.channels_last and want == "cuda",
         rank=rank,
         world_size=world_size,
