@@ -54,3 +54,13 @@ def test_repro_status_and_minimal_rerun(lfw_root, tmp_path, monkeypatch):
     second = dvc(repo, "repro")
     assert ran(second) == {"distill_student", "evaluate", "register"}
     assert "up to date" in dvc(repo, "status")
+
+    # Table I rows: one distill stage per named row, all of them in the evaluation table.
+    params["ablation_rows"] = ["resnet", "kd"]
+    params_file.write_text(yaml.safe_dump(params, sort_keys=False))
+    third = dvc(repo, "repro")
+    assert ran(third) == {"distill_row@resnet", "distill_row@kd", "evaluate", "register"}
+    table = (repo / "reports" / "evaluate" / "table.md").read_text()
+    for row in ("teacher", "student", "resnet", "kd"):
+        assert f"| {row} |" in table
+    assert "up to date" in dvc(repo, "status")
