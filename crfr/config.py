@@ -393,7 +393,7 @@ def parse_overrides(items: list[str] | None) -> dict:
     return tree
 
 
-def _describe(error: ValidationError, tree: dict) -> str:
+def _describe(error: ValidationError) -> str:
     lines = []
     for err in error.errors():
         loc = ".".join(str(p) for p in err["loc"])
@@ -462,7 +462,7 @@ def load_params(path: str | os.PathLike | None = None, overrides: list[str] | di
     try:
         return Params.model_validate(tree)
     except ValidationError as exc:
-        raise ConfigError(f"{file}: {_describe(exc, tree)}") from None
+        raise ConfigError(f"{file}: {_describe(exc)}") from None
 
 
 def params_from_json(text: str) -> Params:
@@ -470,7 +470,7 @@ def params_from_json(text: str) -> Params:
     try:
         return Params.model_validate_json(text)
     except ValidationError as exc:
-        raise ConfigError(f"params JSON: {_describe(exc, {})}") from None
+        raise ConfigError(f"params JSON: {_describe(exc)}") from None
 
 
 # The top-level keys a params.yaml may hold (the sections of Params plus the profile table).
