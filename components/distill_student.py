@@ -11,7 +11,8 @@ import argparse
 import json
 import sys
 
-from crfr.cli import add_params_args, run_guarded
+from components.train_teacher import add_arguments as add_training_arguments
+from crfr.cli import step_main
 from crfr.config import Params, load_params
 from crfr.train.loop import TrainSpec
 from crfr.train.run import run_training
@@ -53,25 +54,21 @@ def distill_student(prepared_dir: str, teacher_dir: str | None, out_dir: str, pa
     return run_training(spec, params, prepared_dir, out_dir, report_dir, resume)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m components.distill_student", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_params_args(parser)
-    parser.add_argument("--prepared", required=True, help="prepared data folder or s3:// URI")
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_training_arguments(parser)  # --params, --set, --prepared, --out, --report, --resume
     parser.add_argument("--teacher", default=None, help="teacher model folder or s3:// URI")
-    parser.add_argument("--out", required=True, help="model folder or s3:// URI to write")
     parser.add_argument("--row", default="default", help="Table I row from params ablation (default: student)")
-    parser.add_argument("--report", default=None, help="metrics/plots folder (default: inside --out)")
-    parser.add_argument("--resume", action="store_true", help="continue from the last epoch checkpoint")
-    args = parser.parse_args(argv)
 
-    def run() -> int:
-        params = load_params(args.params, args.overrides)
-        summary = distill_student(args.prepared, args.teacher, args.out, params, args.row, args.report, args.resume)
-        print(json.dumps(summary, indent=2))
-        return 0
 
-    return run_guarded(run)
+def run(args: argparse.Namespace) -> int:
+    params = load_params(args.params, args.overrides)
+    summary = distill_student(args.prepared, args.teacher, args.out, params, args.row, args.report, args.resume)
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return step_main("distill_student", __doc__, add_arguments, run, argv)
 
 
 if __name__ == "__main__":

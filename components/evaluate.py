@@ -492,13 +492,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from crfr.cli import run_guarded
+    from crfr.cli import step_main
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    parser = argparse.ArgumentParser(prog="python -m components.evaluate", description=__doc__.splitlines()[0])
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-    return run_guarded(lambda: run(args))
+    return step_main("evaluate", __doc__, add_arguments, run, argv)
 
 
 if __name__ == "__main__":

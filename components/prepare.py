@@ -35,7 +35,7 @@ import numpy as np
 from tqdm import tqdm
 
 from crfr import storage
-from crfr.cli import add_params_args, run_guarded
+from crfr.cli import add_params_args
 from crfr.config import DataCfg, EvalSetCfg, Params, load_params
 from crfr.data.align import Aligner
 from crfr.data.binset import read_bin
@@ -633,10 +633,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m components.prepare", description=__doc__.splitlines()[0])
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-    return run_guarded(lambda: run(args))
+    from crfr.cli import step_main
+
+    return step_main("prepare", __doc__, add_arguments, run, argv)
 
 
 if __name__ == "__main__":

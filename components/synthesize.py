@@ -29,7 +29,7 @@ import numpy as np
 from tqdm import tqdm
 
 from crfr import storage
-from crfr.cli import add_params_args, run_guarded
+from crfr.cli import add_params_args
 from crfr.config import Params, load_params
 from crfr.data.pairs import PairSet, load_pair_set
 from crfr.data.shards import ShardDataset, ShardWriter, write_json
@@ -182,10 +182,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m components.synthesize", description=__doc__.splitlines()[0])
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-    return run_guarded(lambda: run(args))
+    from crfr.cli import step_main
+
+    return step_main("synthesize", __doc__, add_arguments, run, argv)
 
 
 if __name__ == "__main__":

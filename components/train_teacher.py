@@ -10,7 +10,7 @@ import argparse
 import json
 import sys
 
-from crfr.cli import add_params_args, run_guarded
+from crfr.cli import add_params_args, step_main
 from crfr.config import Params, load_params
 from crfr.train.loop import TrainSpec
 from crfr.train.run import run_training
@@ -37,22 +37,22 @@ def train_teacher(prepared_dir: str, out_dir: str, params: Params, report_dir: s
     return run_training(teacher_spec(params), params, prepared_dir, out_dir, report_dir, resume)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m components.train_teacher", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_params_args(parser)
     parser.add_argument("--prepared", required=True, help="prepared data folder or s3:// URI")
     parser.add_argument("--out", required=True, help="model folder or s3:// URI to write")
     parser.add_argument("--report", default=None, help="metrics/plots folder (default: inside --out)")
     parser.add_argument("--resume", action="store_true", help="continue from the last epoch checkpoint")
-    args = parser.parse_args(argv)
 
-    def run() -> int:
-        params = load_params(args.params, args.overrides)
-        print(json.dumps(train_teacher(args.prepared, args.out, params, args.report, args.resume), indent=2))
-        return 0
 
-    return run_guarded(run)
+def run(args: argparse.Namespace) -> int:
+    params = load_params(args.params, args.overrides)
+    print(json.dumps(train_teacher(args.prepared, args.out, params, args.report, args.resume), indent=2))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return step_main("train_teacher", __doc__, add_arguments, run, argv)
 
 
 if __name__ == "__main__":

@@ -58,6 +58,32 @@ def run_guarded(func: Callable[[], int | None]) -> int:
         return 130
 
 
+def step_main(
+    step: str,
+    doc: str,
+    add_arguments: Callable[[argparse.ArgumentParser], None],
+    run: Callable[[argparse.Namespace], int | None],
+    argv: Sequence[str] | None = None,
+) -> int:
+    """The CLI of one pipeline step, ``python -m components.<step>``: parse, run, report errors in one line.
+
+    Args:
+        step: module name under ``components``.
+        doc: the step module's docstring (its ``--help``).
+        add_arguments: adds the step's arguments (also used by the matching ``crfr`` subcommand).
+        run: does the work with the parsed arguments; returns the exit code.
+        argv: arguments (default: ``sys.argv[1:]``).
+    """
+    import logging
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    parser = argparse.ArgumentParser(prog=f"python -m components.{step}", description=doc,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    return run_guarded(lambda: run(args))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="crfr",

@@ -16,6 +16,10 @@ def register(sub) -> None:
     rep.add_argument("--readme", type=Path, default=None, help="README to update between the results markers")
     rep.add_argument("--record-wall-time", type=float, default=None, metavar="SECONDS",
                      help="store the wall time of the pipeline run that just finished")
+    rep.add_argument("--publish", type=Path, default=None, metavar="DIR",
+                     help="copy the last run's table, plot and epoch curves to DIR (e.g. docs/results/long) with "
+                          "a record of its params; the README section lists every run published under docs/results")
+    rep.add_argument("--title", default=None, help="heading of the published run (default: DIR's name)")
     rep.set_defaults(func=_report)
 
 
@@ -26,6 +30,9 @@ def _report(args: argparse.Namespace) -> int:
     params = load_params(args.params, args.overrides)
     if args.record_wall_time is not None:
         report.record_wall_time(args.record_wall_time, params)
+    if args.publish is not None:
+        report.publish(args.publish, params, args.title or args.publish.name)
+        print(f"published the last run's results to {args.publish}")
     if args.readme is not None:
         changed = report.update_readme(args.readme, params)
         print(f"{args.readme}: results section {'updated' if changed else 'unchanged'}")

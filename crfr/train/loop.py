@@ -376,6 +376,8 @@ class Trainer:
             self.history.append(metrics)
             self.epoch += 1
             self.save_checkpoint()
+            if self.rt.is_main:
+                tqdm.write(epoch_line(self.spec.name, self.epoch, cfg.epochs, metrics))
             on_epoch(metrics, self.epoch)
         return self.history
 
@@ -395,6 +397,17 @@ class Trainer:
             out_dir / HEAD_FILE,
         )
         (out_dir / "history.json").write_text(json.dumps(self.history, indent=2))
+
+
+def epoch_line(name: str, epoch: int, epochs: int, metrics: dict) -> str:
+    """One line per finished epoch, kept in the log after the progress bar moves on."""
+    parts = [f"{name} epoch {epoch}/{epochs} done:", f"loss {metrics.get('loss_total', float('nan')):.3f}"]
+    holdout = sorted((int(k.rsplit("_", 1)[1]), v) for k, v in metrics.items() if k.startswith("holdout_acc_"))
+    if holdout:
+        parts.append("holdout accuracy " + ", ".join(f"{v:.1f}% at {size} px" for size, v in holdout))
+    if metrics.get("images_per_s"):
+        parts.append(f"{metrics['images_per_s']:.1f} images/s")
+    return " ".join(parts[:2]) + "".join(", " + p for p in parts[2:])
 
 
 def write_history_csv(path: Path, rows: list[dict]) -> None:
