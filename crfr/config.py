@@ -224,6 +224,11 @@ class AblationRow(Section):
     lr_data: Literal["bicubic", "degraded"]
     kd: bool
     wavesim: bool
+    schedule: Literal["student", "teacher"] = Field(
+        default="student",
+        description="whose epochs, lr, milestones and warmup the row trains with; a row learning from scratch "
+                    "needs the teacher's when the student's are a short fine-tuning",
+    )
 
 
 class RuntimeCfg(Section):
@@ -342,7 +347,11 @@ class Params(Section):
             return self.student
         if row not in self.ablation:
             raise ConfigError(f"ablation row {row!r} is not defined; defined rows: {sorted(self.ablation)}")
-        return self.student.model_copy(update=self.ablation[row].model_dump())
+        spec = self.ablation[row]
+        update = spec.model_dump(exclude={"schedule"})
+        if spec.schedule == "teacher":
+            update |= self.teacher.model_dump(include=set(OptimCfg.model_fields))
+        return self.student.model_copy(update=update)
 
     def flat(self) -> dict[str, Any]:
         """Dotted-key view for MLflow params (no secrets live in params, by design)."""

@@ -76,6 +76,18 @@ def test_ablation_rows_and_json_round_trip():
     assert isinstance(p, Params) and p.flat()["model.depth"] == 18
 
 
+def test_rows_learning_from_scratch_take_the_teacher_schedule():
+    p = load_params("params.yaml", ["teacher.epochs=7", "teacher.lr=0.2", "student.epochs=3"])
+    scratch, distilled = p.student_for_row("resnet"), p.student_for_row("kd")
+    assert p.ablation["resnet"].schedule == "teacher" and not p.ablation["resnet"].kd
+    assert (scratch.epochs, scratch.lr, scratch.warmup_epochs, scratch.milestones) == (
+        7, 0.2, p.teacher.warmup_epochs, p.teacher.milestones)
+    assert scratch.backbone == "iresnet" and scratch.lr_data == "bicubic"  # the row's own switches stay
+    assert (distilled.epochs, distilled.lr) == (3, p.student.lr)
+    with pytest.raises(ConfigError, match="schedule"):
+        load_params("params.yaml", ["ablation.kd.schedule=mentor"])
+
+
 def test_wavesim_without_kd_is_rejected():
     with pytest.raises(ConfigError, match="wavesim: true needs kd: true"):
         load_params("params.yaml", ["student.kd=false"])
