@@ -92,7 +92,7 @@ def _demote_headings(markdown: str, levels: int) -> str:
     return "\n".join("#" * levels + line if line.startswith("#") else line for line in markdown.splitlines())
 
 
-def publish(dest: Path, params: Params, title: str) -> dict:
+def publish(dest: Path, params: Params, title: str, note: str | None = None) -> dict:
     """Copy the last run's results from reports/ to ``dest`` with a record of what ran, for the README.
 
     Raises:
@@ -107,6 +107,7 @@ def publish(dest: Path, params: Params, title: str) -> dict:
     record = {
         "title": title,
         "description": describe_run(params),
+        **({"note": note} if note else {}),
         **{k: v for k, v in _read_json(RUN_RECORD).items() if k != "profile"},
         "profile": params.profile,
     }
@@ -121,7 +122,8 @@ def published_runs(root: Path = RESULTS_DIR) -> list[Path]:
 
 def published_section(folder: Path) -> str:
     record = _read_json(folder / PUBLISHED_RECORD)
-    lines = [f"### {record.get('title', folder.name)}", "", record.get("description", ""), "",
+    description = " ".join(filter(None, [record.get("description", ""), record.get("note")]))
+    lines = [f"### {record.get('title', folder.name)}", "", description, "",
              f"- Hardware: {record.get('hardware', 'not recorded')}",
              f"- Wall time of the whole pipeline: {_wall_time(record if 'wall_time_s' in record else {})}",
              f"- Files: [`{folder.as_posix()}/`]({folder.as_posix()}/)", ""]

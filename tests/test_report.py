@@ -59,7 +59,7 @@ def test_readme_section_is_rebuilt_from_reports_and_nothing_else(workdir):
 def test_published_runs_follow_the_main_one(workdir):
     params = load_params(REPO / "params.yaml", ["profile=long", "ablation_rows=[resnet, kd]"])
     _fake_run(workdir, acc="77.50", wall_s=2460.0)
-    record = report.publish(workdir / "docs/results/long", params, "Longer training")
+    record = report.publish(workdir / "docs/results/long", params, "Longer training", note="Ran in a worktree.")
     assert record["profile"] == "long" and record["wall_time_s"] == 2460.0
     assert "Table I rows resnet, kd" in record["description"]
     assert (workdir / "docs/results/long/teacher_epochs.csv").read_text().startswith("epoch,")
@@ -71,7 +71,7 @@ def test_published_runs_follow_the_main_one(workdir):
     section = (workdir / "README.md").read_text().split(report.START)[1]
     assert section.index("| teacher | 70.00 |") < section.index("### Longer training") < section.index(
         "| teacher | 77.50 |")
-    assert "41.0 min" in section and "##### linear probes, lfw" in section
+    assert "41.0 min" in section and "##### linear probes, lfw" in section and "Ran in a worktree." in section
     assert "docs/results/long/accuracy_vs_resolution.png" in section
 
 

@@ -20,6 +20,7 @@ def register(sub) -> None:
                      help="copy the last run's table, plot and epoch curves to DIR (e.g. docs/results/long) with "
                           "a record of its params; the README section lists every run published under docs/results")
     rep.add_argument("--title", default=None, help="heading of the published run (default: DIR's name)")
+    rep.add_argument("--note", default=None, help="a sentence on how the published run was made, shown under its title")
     rep.set_defaults(func=_report)
 
 
@@ -31,7 +32,7 @@ def _report(args: argparse.Namespace) -> int:
     if args.record_wall_time is not None:
         report.record_wall_time(args.record_wall_time, params)
     if args.publish is not None:
-        report.publish(args.publish, params, args.title or args.publish.name)
+        report.publish(args.publish, params, args.title or args.publish.name, args.note)
         print(f"published the last run's results to {args.publish}")
     if args.readme is not None:
         changed = report.update_readme(args.readme, params)
