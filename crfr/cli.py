@@ -56,6 +56,10 @@ def run_guarded(func: Callable[[], int | None]) -> int:
     except KeyboardInterrupt:
         print("crfr: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # `crfr ... | head`: the reader left; as the Python docs advise, stop writing without a traceback.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
 
 
 def step_main(

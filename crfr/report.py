@@ -125,7 +125,7 @@ def published_section(folder: Path) -> str:
     description = " ".join(filter(None, [record.get("description", ""), record.get("note")]))
     lines = [f"### {record.get('title', folder.name)}", "", description, "",
              f"- Hardware: {record.get('hardware', 'not recorded')}",
-             f"- Wall time of the whole pipeline: {_wall_time(record if 'wall_time_s' in record else {})}",
+             f"- Wall time of the run: {_wall_time(record if 'wall_time_s' in record else {})}",
              f"- Files: [`{folder.as_posix()}/`]({folder.as_posix()}/)", ""]
     table = folder / "table.md"
     if table.is_file():
@@ -147,7 +147,8 @@ def results_section(params: Params) -> str:
         describe_run(params),
         "",
         f"- Hardware: {run.get('hardware', hardware())}",
-        f"- Wall time of the whole pipeline (`scripts/main.sh`): {_wall_time(run)}",
+        f"- Wall time of the pipeline (`dvc repro` in `scripts/main.sh`, environment setup not included): "
+        f"{_wall_time(run)}",
     ]
     if teacher.get("images_per_s") and student.get("images_per_s"):
         lines.append(f"- Training speed: teacher {teacher['images_per_s']:.1f} images/s, student "

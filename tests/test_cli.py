@@ -59,3 +59,17 @@ def test_parser_builds_without_heavy_imports():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
     assert build_parser().prog == "crfr"
+
+
+def test_a_reader_closing_the_pipe_ends_quietly():
+    """`crfr ... | head`: no traceback when head stops reading."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from crfr.cli import run_guarded; "
+            "sys.exit(run_guarded(lambda: [print('x' * 1000) for _ in range(10000)]))")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout.read(10) == b"x" * 10
+    proc.stdout.close()
+    err = proc.stderr.read()
+    assert proc.wait(timeout=60) == 141 and b"Traceback" not in err, err.decode()
