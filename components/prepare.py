@@ -35,7 +35,7 @@ import numpy as np
 from tqdm import tqdm
 
 from crfr import storage
-from crfr.cli import add_params_args
+from crfr.cli import add_params_args, step_main
 from crfr.config import DataCfg, EvalSetCfg, Params, load_params
 from crfr.data.align import Aligner
 from crfr.data.binset import read_bin
@@ -633,8 +633,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from crfr.cli import step_main
-
     return step_main("prepare", __doc__, add_arguments, run, argv)
 
 

@@ -29,7 +29,7 @@ import numpy as np
 from tqdm import tqdm
 
 from crfr import storage
-from crfr.cli import add_params_args
+from crfr.cli import add_params_args, step_main
 from crfr.config import Params, load_params
 from crfr.data.pairs import PairSet, load_pair_set
 from crfr.data.shards import ShardDataset, ShardWriter, write_json
@@ -182,8 +182,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from crfr.cli import step_main
-
     return step_main("synthesize", __doc__, add_arguments, run, argv)
 
 

@@ -401,13 +401,13 @@ class Trainer:
 
 def epoch_line(name: str, epoch: int, epochs: int, metrics: dict) -> str:
     """One line per finished epoch, kept in the log after the progress bar moves on."""
-    parts = [f"{name} epoch {epoch}/{epochs} done:", f"loss {metrics.get('loss_total', float('nan')):.3f}"]
+    parts = [f"{name} epoch {epoch}/{epochs} done: loss {metrics.get('loss_total', float('nan')):.3f}"]
     holdout = sorted((int(k.rsplit("_", 1)[1]), v) for k, v in metrics.items() if k.startswith("holdout_acc_"))
     if holdout:
         parts.append("holdout accuracy " + ", ".join(f"{v:.1f}% at {size} px" for size, v in holdout))
     if metrics.get("images_per_s"):
         parts.append(f"{metrics['images_per_s']:.1f} images/s")
-    return " ".join(parts[:2]) + "".join(", " + p for p in parts[2:])
+    return ", ".join(parts)
 
 
 def write_history_csv(path: Path, rows: list[dict]) -> None:
