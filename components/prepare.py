@@ -15,7 +15,13 @@ aligned), ``csv`` (``path1,path2,same``). ``max_pairs`` keeps a balanced subset:
 round-robin over (fold, same/different), so a smoke run still has both labels in every fold.
 
 Unreadable images are skipped and counted; above ``data.max_bad_fraction`` of a split the step fails naming
-them. A pairs line naming a missing image always fails, naming the line and the path.
+them. A pairs line naming a missing image always fails, naming the line and the path. A training image whose
+bytes are identical to an evaluation image (same sha256, as ``manifest.csv`` records) is left out of training,
+counted in ``report.json`` (``train.identical_to_eval``) and reported in a warning: a copy filed under another
+name would otherwise leak an evaluation face into training.
+
+Only the default data is ever downloaded: with no source given, ``data.root`` at its default and
+``data.download`` true. A source or a configured root that does not exist is an error naming it.
 """
 
 from __future__ import annotations
@@ -80,6 +86,16 @@ class BadImages:
         return {"seen": self.seen, "unreadable": len(self.bad), "unreadable_files": self.bad[:100]}
 
 
+def _relative(path: str, base: Path | None) -> str:
+    """``path`` relative to ``base`` with '/' separators, or as given when it lies elsewhere (or no base)."""
+    if base is None:
+        return path
+    try:
+        return Path(path).relative_to(base).as_posix()
+    except ValueError:
+        return path  # outside the root (a csv image_root elsewhere): keep it as given
+
+
 class Manifest:
     """``manifest.csv``: one row per stored image (path, identity, split, sha256 of the source bytes).
 
@@ -91,17 +107,33 @@ class Manifest:
         self.file = open(path, "w", newline="", encoding="utf-8")
         self.writer = csv.writer(self.file)
         self.writer.writerow(["path", "identity", "split", "sha256"])
+        self.eval_images: dict[str, str] = {}  # sha256 -> first evaluation path holding those bytes
+
+    def eval_copy(self, sha256: str) -> str | None:
+        """The evaluation image with exactly these bytes, if one was written (eval sets are written first)."""
+        return self.eval_images.get(sha256) if sha256 else None
 
     def add(self, path: str, identity: str, split: str, sha256: str, base: Path | None = None) -> None:
-        if base is not None:
-            try:
-                path = Path(path).relative_to(base).as_posix()
-            except ValueError:
-                pass  # outside the root (a csv image_root elsewhere): keep it as given
+        path = _relative(path, base)
+        if split.startswith("eval:") and sha256:
+            self.eval_images.setdefault(sha256, str(path))
         self.writer.writerow([path, identity, split, sha256])
 
     def close(self) -> None:
         self.file.close()
+
+
+@dataclass
+class EvalCopies:
+    """Training images byte-identical to an evaluation image: left out of training and reported."""
+
+    files: list[dict] = field(default_factory=list)
+
+    def add(self, train_path: str, eval_path: str, sha256: str) -> None:
+        self.files.append({"train": train_path, "eval": eval_path, "sha256": sha256})
+
+    def as_dict(self) -> dict:
+        return {"removed_from_train": len(self.files), "files": self.files[:100]}
 
 
 def _histogram(counts: Iterable[int]) -> dict:
@@ -225,8 +257,22 @@ def load_aligned(
 # ------------------------------------------------------------------------------------------- sources
 
 
+def downloads_default_lfw(source: str | None, cfg: DataCfg) -> bool:
+    """Whether a missing LFW root may be downloaded: only the default data, asked for by leaving it default.
+
+    A source given to prepare, or a ``data.root`` (or ``CRFR_LFW_ROOT``) the user chose, names data the user
+    has; fetching something else from the internet in its place would hide their mistake.
+    """
+    return not source and cfg.root == DataCfg.model_fields["root"].default and cfg.download
+
+
 def resolve_lfw_root(source: str | None, cfg: DataCfg, report: dict, progress: bool) -> tuple[Path, str]:
-    """A local LFW root and image folder name: the given path, a mirrored s3:// prefix, or a fresh download."""
+    """A local LFW root and image folder name: the given path, a mirrored s3:// prefix, or a fresh download.
+
+    Raises:
+        DataError: the source or configured root does not exist (or is not a folder) and is not the default
+            data that :func:`downloads_default_lfw` allows fetching.
+    """
     from crfr.data.download import fetch_lfw
 
     root = source or cfg.root
@@ -235,8 +281,14 @@ def resolve_lfw_root(source: str | None, cfg: DataCfg, report: dict, progress: b
     path = Path(root).expanduser()
     if path.is_dir():
         return path, cfg.images_subdir
-    if not cfg.download:
-        raise DataError(f"LFW root {path} does not exist (set data.root or CRFR_LFW_ROOT, or data.download: true)")
+    state = "is not a folder" if path.exists() else "does not exist"
+    if source:
+        raise DataError(f"LFW root source {path} {state} (the --source given to prepare; nothing is downloaded "
+                        "in place of an explicit source)")
+    if not downloads_default_lfw(source, cfg) or path.exists():
+        why = ("data.download is false" if cfg.download else
+               f"only the default data.root ({DataCfg.model_fields['root'].default}) is downloaded when missing")
+        raise DataError(f"LFW root {path} {state} (data.root or CRFR_LFW_ROOT; {why})")
     target = Path(cfg.download_dir) / "lfw"
     print(f"crfr: LFW root {path} not found; downloading LFW into {target}", file=sys.stderr)
     got_root, subdir = fetch_lfw(target, cfg.download_dir, cfg.images_subdir, progress=progress)
@@ -418,9 +470,13 @@ def lfw_train(
     owners = [name for name in split.identities for _ in split.images[name]]
     aligner = Aligner(cfg)
     bad = BadImages("training images")
+    copies = EvalCopies()
     faces: dict[str, list[tuple[np.ndarray, str, str]]] = {n: [] for n in split.identities}
     for i, face, sha in load_aligned(items, aligner, bad, workers, "train", progress, pool):
-        if face is not None:
+        twin = manifest.eval_copy(sha)
+        if twin is not None:
+            copies.add(_relative(items[i][0], folder.root), twin, sha)
+        elif face is not None:
             faces[owners[i]].append((face, items[i][0], sha))
     bad.check(cfg.max_bad_fraction)
     writer = ShardWriter(out / "train", cfg.shard_size, cfg.image_size)
@@ -454,10 +510,12 @@ def lfw_train(
         "shards": len(index["shards"]),
         "images_per_identity": _histogram(counts.tolist()),
         "identities_available": len(people),
-        "dropped": {**split.dropped, "identities_below_min_after_unreadable": below_min},
+        "dropped": {**split.dropped, "identities_below_min_after_unreadable": below_min,
+                    "images_identical_to_eval": len(copies.files)},
         "bad_images": bad.as_dict(),
         "align": aligner.stats.as_dict(),
         "identity_overlap_with_eval": 0,
+        "identical_to_eval": copies.as_dict(),
     }
 
 
@@ -474,6 +532,7 @@ def recordio_train(rec_uri: str, params: Params, out: Path, manifest: Manifest, 
             idx_path = None  # the index is optional: the file is read sequentially
     aligner = Aligner(cfg)
     bad = BadImages(f"{rec_path}")
+    copies = EvalCopies()
     writer = ShardWriter(out / "train", cfg.shard_size, cfg.image_size)
     raw_labels: list[int] = []
     with InsightfaceRec(rec_path, idx_path) as rec:
@@ -486,7 +545,10 @@ def recordio_train(rec_uri: str, params: Params, out: Path, manifest: Manifest, 
             bad.seen += len(chunk)
             good = []
             for (key, label, _), (sha, img, err) in zip(chunk, results):
-                if img is None:
+                twin = manifest.eval_copy(sha)
+                if twin is not None:
+                    copies.add(f"{rec_path.name}#{key}", twin, sha)
+                elif img is None:
                     bad.add(f"{rec_path.name}#{key}", err)
                 else:
                     good.append((key, label, sha, img))
@@ -523,10 +585,11 @@ def recordio_train(rec_uri: str, params: Params, out: Path, manifest: Manifest, 
         "shards": len(index["shards"]),
         "images_per_identity": _histogram(counts.tolist()),
         "header": {"has_header": info.has_header, "num_images": info.num_images, **info.extra},
-        "dropped": {},
+        "dropped": {"images_identical_to_eval": len(copies.files)},
         "bad_images": bad.as_dict(),
         "align": aligner.stats.as_dict(),
         "identity_overlap_with_eval": "not checked (RecordIO labels are numbers, not names)",
+        "identical_to_eval": copies.as_dict(),
     }
 
 
@@ -597,6 +660,7 @@ def prepare(source: str | None, out_dir: str, params: Params, progress: bool = T
                 else:
                     report["train"] = recordio_train(str(rec_source), params, stage, manifest, workers, progress, pool)
                 timings["train"] = round(time.perf_counter() - t, 2)
+                _warn_eval_copies(report["train"]["identical_to_eval"])
             finally:
                 manifest.close()
             timings["total"] = round(time.perf_counter() - t0, 2)
@@ -609,10 +673,20 @@ def prepare(source: str | None, out_dir: str, params: Params, progress: bool = T
     return report
 
 
+def _warn_eval_copies(copies: dict) -> None:
+    n = copies["removed_from_train"]
+    if n:
+        listed = "; ".join(f"{c['train']} = {c['eval']}" for c in copies["files"][:5]) + ("; ..." if n > 5 else "")
+        print(f"crfr: warning: {n} training image(s) byte-identical to evaluation images (same sha256) were "
+              f"removed from train: {listed}", file=sys.stderr)
+
+
 def summary_line(report: dict) -> str:
     train = report["train"]
     evals = ", ".join(f"{n}: {e['pairs']} pairs / {e['images']} images" for n, e in report["eval"].items())
-    return (f"train: {train['identities']} identities, {train['images']} images; eval {evals}; "
+    copies = train.get("identical_to_eval", {}).get("removed_from_train", 0)
+    removed = f" ({copies} identical to eval images removed)" if copies else ""
+    return (f"train: {train['identities']} identities, {train['images']} images{removed}; eval {evals}; "
             f"{report['timings_s']['total']} s")
 
 

@@ -8,14 +8,16 @@ elsewhere cannot run code when loaded.
 from __future__ import annotations
 
 import os
-import tempfile
+import pickle
+import re
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from crfr import storage
 from crfr.config import ModelCfg
-from crfr.errors import DataError
+from crfr.errors import DataError, UnsafeFileError
 from crfr.models import IResNet, build_backbone
 
 FORMAT = "crfr-model/1"
@@ -23,17 +25,55 @@ MODEL_FILE = "model.pt"
 
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
-    """``torch.save`` to a temp file beside ``path``, then rename: a killed writer leaves the old file intact."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    """``torch.save`` to a temp file beside ``path``, then rename: a killed writer leaves the old file intact.
+
+    A failed write leaves no temp file; a full disk or read-only folder is a StorageError naming ``path``.
+    """
+    with storage.output_file(path) as tmp:
+        try:
+            with open(tmp, "wb") as f:  # a Python file: torch's own writer would lose the errno of a full disk
+                torch.save(obj, f)
+        except RuntimeError as exc:
+            cause = exc.__cause__ or exc.__context__
+            if not isinstance(cause, OSError):
+                raise
+            raise cause from None
+
+
+def _refused_global(exc: BaseException) -> str | None:
+    """The global that ``torch.load(weights_only=True)`` refused, from its message (``posix.system``...)."""
+    found = re.search(r"GLOBAL ([\w.]+)", str(exc))
+    return found.group(1) if found else None
+
+
+def safe_torch_load(path: str | os.PathLike, what: str, map_location: Any = "cpu") -> Any:
+    """``torch.load(weights_only=True)``: tensors and plain containers only, so the file cannot run code.
+
+    Args:
+        path: the file.
+        what: what it should be ("checkpoint", "crfr model", "teacher head"), for the message.
+        map_location: as for ``torch.load``.
+
+    Raises:
+        UnsafeFileError: the file references a global (named in the message) that weights-only loading
+            refuses: it was not written by this crfr, or was tampered with. Nothing in it was run.
+        DataError: missing, truncated or not a torch file.
+    """
     try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except FileNotFoundError:
+        raise DataError(f"{what} not found: {path}") from None
+    except pickle.UnpicklingError as exc:  # weights_only refuses anything but tensors and plain data
+        name = _refused_global(exc)
+        if name is None:
+            detail = str(exc).split("WeightsUnpickler error:")[-1].split("Check the documentation")[0]
+            raise DataError(f"{path}: not a readable {what} ({' '.join(detail.split())[:200]})") from None
+        raise UnsafeFileError(
+            f"{path}: refused to load this {what}: it references {name}, which could run code when loaded "
+            "(not written by this crfr, or tampered with); nothing in it was run"
+        ) from None
+    except Exception as exc:  # torch raises several types for corrupt or foreign files
+        raise DataError(f"{path}: not a readable {what} ({exc.__class__.__name__}: {exc})") from None
 
 
 def save_model(
@@ -78,10 +118,7 @@ def load_model(path: str | os.PathLike, device: str = "cpu") -> tuple[IResNet, d
         file = file / MODEL_FILE
     if not file.is_file():
         raise DataError(f"model file not found: {file}")
-    try:
-        payload = torch.load(file, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises several types for corrupt or foreign files
-        raise DataError(f"{file}: not a readable crfr model ({exc.__class__.__name__}: {exc})") from None
+    payload = safe_torch_load(file, "crfr model")
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise DataError(f"{file}: not a crfr model (expected format {FORMAT!r})")
     model = build_backbone(payload["backbone"], ModelCfg(**payload["model_cfg"]), payload["input_size"])

@@ -1,55 +1,63 @@
-"""Data loader benchmark: can the prepared shards feed training fast enough? (``crfr bench data --json``)
+"""Input pipeline benchmark: can the CPUs feed the student's training? (``crfr bench data --json``)
 
-Iterates a ``torch.utils.data.DataLoader`` over :class:`crfr.data.shards.ShardDataset` with the training
-loader's settings (``runtime.num_workers``, the teacher's batch size, shuffled) and the HR training transform:
-a random horizontal flip per image, then :func:`crfr.data.transforms.to_tensor` on the batch.
+Runs the student's own input pipeline, as the trainer builds it (:class:`crfr.train.data.FaceTrainingSet`
+keyed by :class:`crfr.train.data.EpochSampler`, the student's batch size, ``drop_last``, persistent workers):
+read the prepared shards (memory-mapped uint8: nothing to decode; a RecordIO source is decoded once, by the
+prepare step, never during training), flip, degrade (``student.lr_data``, the Fig. 2 model), collate the HR
+and LR uint8 batches. Normalisation happens on the device and is not part of it.
+
+Each worker count runs ``epochs`` epochs (the first includes worker start-up and page-cache warm-up; the best
+one counts). A loader worker is one process on one core, and with 0 workers the main process is that core,
+so images/s per core is the rate divided by ``max(1, workers)``; ``cores_per_gpu`` is how many such cores
+one GPU's training rate needs. With 0 workers the main process runs with one torch thread: with more, OpenMP
+threads spin-wait after each collate and slowed cv2 and numpy in the same process 5-10x on 2 cores.
 """
 
 from __future__ import annotations
 
+import math
+import os
 import resource
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
 from crfr.config import Params
 from crfr.data.shards import ShardDataset, ShardWriter
-from crfr.data.transforms import to_tensor
+from crfr.train.data import EpochSampler, FaceTrainingSet
 
 SYNTHETIC_IMAGES = 4096
+# The paper profile (iresnet50, batch 128, bf16) trains at about this rate on one current GPU.
+PAPER_IMAGES_PER_S_PER_GPU = 3000.0
 
 
-class _Flipped(Dataset):
-    """HR training view: each image mirrored with probability 1/2, drawn from (seed, index)."""
+def _smooth_images(count: int, size: int) -> np.ndarray:
+    """Face-like smooth content: JPEG and blur cost depend on it, and random pixels are unrepresentative."""
+    import cv2
 
-    def __init__(self, faces: ShardDataset, seed: int) -> None:
-        self.faces, self.seed = faces, seed
-
-    def __len__(self) -> int:
-        return len(self.faces)
-
-    def __getitem__(self, i: int):
-        img, label = self.faces[i]
-        if np.random.default_rng((self.seed, i)).random() < 0.5:
-            img = np.ascontiguousarray(img[:, ::-1])
-        return torch.from_numpy(img), label
+    yy, xx = np.mgrid[0:size, 0:size]
+    out = np.empty((count, size, size, 3), np.uint8)
+    for k in range(count):
+        img = np.stack([(xx * 2 + 7 * k) % 256, (yy * 2 + 3 * k) % 256, (xx + yy + 11 * k) % 256], -1)
+        out[k] = cv2.GaussianBlur(img.astype(np.uint8), (0, 0), 3)
+    return out
 
 
-def _collate(batch):
-    images = torch.stack([b[0] for b in batch])
-    return to_tensor(images), torch.tensor([b[1] for b in batch])
+def _synthetic(folder: Path, n: int, size: int, shard_size: int, base: np.ndarray | None = None) -> Path:
+    import cv2
 
-
-def _synthetic(folder: Path, n: int, size: int, shard_size: int) -> Path:
-    rng = np.random.default_rng(0)
+    if base is None or not len(base):
+        base = _smooth_images(64, size)
+    base = [b if b.shape[:2] == (size, size) else cv2.resize(b, (size, size), interpolation=cv2.INTER_AREA)
+            for b in base]
     writer = ShardWriter(folder, shard_size, size)
-    base = rng.integers(0, 256, (64, size, size, 3), dtype=np.uint8)
     for i in range(n):
-        writer.add(base[i % 64], i % 100)
+        writer.add(base[i % len(base)], i % 100)
     writer.close([str(c) for c in range(100)])
     return folder
 
@@ -61,52 +69,81 @@ def _peak_rss_mb() -> float:
     return round((own + children) / 1024, 1)
 
 
+def _epoch_rates(faces: ShardDataset, params: Params, workers: int, batch: int, epochs: int) -> list[float]:
+    """images/s of each epoch of the student's loader with ``workers`` loader processes."""
+    dataset = FaceTrainingSet(faces, params.student.lr_data, params.degrade, params.seed)
+    sampler = EpochSampler(len(dataset), params.seed)
+    loader = DataLoader(dataset, batch_size=batch, sampler=sampler, num_workers=workers, drop_last=True,
+                        pin_memory=torch.cuda.is_available(), persistent_workers=workers > 0)
+    rates = []
+    for epoch in range(epochs):
+        dataset.set_epoch(epoch)
+        sampler.set_epoch(epoch)
+        start, seen = time.perf_counter(), 0
+        for hr, _lr, _labels in loader:
+            seen += hr.shape[0]
+        rates.append(seen / (time.perf_counter() - start))
+    return rates
+
+
 def run_data_bench(params: Params, shards_dir: str | Path | None = None, epochs: int = 2,
-                   batch_size: int | None = None) -> dict:
-    """Measure loader throughput.
+                   batch_size: int | None = None, workers: Sequence[int] = (0, 1, 2),
+                   target_images_per_s: float = PAPER_IMAGES_PER_S_PER_GPU,
+                   base_images: np.ndarray | None = None) -> dict:
+    """Measure the student's input pipeline with each loader worker count.
 
     Args:
-        params: ``runtime.num_workers`` and ``runtime.threads``, ``teacher.batch_size``, ``data.image_size``,
-            ``data.shard_size``.
+        params: ``student`` (``lr_data``, ``batch_size``), ``degrade``, ``seed``, ``data.image_size``,
+            ``data.shard_size``, ``runtime.threads`` (the main process's torch threads when workers load).
         shards_dir: a prepared ``train/`` folder; None writes a synthetic one of 4,096 images in a temp folder.
-        epochs: passes over the data (the first also warms the page cache).
-        batch_size: overrides ``teacher.batch_size``.
+        epochs: epochs per worker count (the first also starts the workers and warms the page cache).
+        batch_size: overrides ``student.batch_size``.
+        workers: loader worker counts to measure.
+        target_images_per_s: one GPU's training rate to feed (default: the paper profile's).
+        base_images: uint8 (K, H, W, 3) faces the synthetic shards repeat (e.g. real LFW faces); None: smooth
+            synthetic images.
 
     Returns:
-        ``loader_images_per_s`` (best epoch), ``peak_rss_mb``, and the settings used.
+        ``by_workers`` (images/s, first epoch, per core, for each count), the best ``images_per_s_per_core``,
+        ``cores_per_gpu`` for ``target_images_per_s``, ``loader_images_per_s`` (best rate), ``peak_rss_mb``
+        and the settings used.
     """
     tmp = None
     if shards_dir is None:
         tmp = tempfile.TemporaryDirectory(prefix="crfr-bench-data-")
         shards_dir = _synthetic(Path(tmp.name) / "train", SYNTHETIC_IMAGES, params.data.image_size,
-                                params.data.shard_size)
+                                params.data.shard_size, base_images)
     threads = torch.get_num_threads()
-    if params.runtime.threads:  # as training does: the main process's torch threads
-        torch.set_num_threads(params.runtime.threads)
+    main_threads = params.runtime.threads or threads  # as training sets them (runtime.threads)
     try:
         faces = ShardDataset(shards_dir)
-        workers = params.runtime.num_workers
-        batch = batch_size or params.teacher.batch_size
-        loader = DataLoader(
-            _Flipped(faces, params.seed), batch_size=batch, shuffle=True, num_workers=workers,
-            collate_fn=_collate, drop_last=False, persistent_workers=workers > 0,
-            generator=torch.Generator().manual_seed(params.seed),
-        )
-        rates = []
-        for _ in range(max(1, epochs)):
-            start, seen = time.perf_counter(), 0
-            for images, _labels in loader:
-                seen += images.shape[0]
-            rates.append(seen / (time.perf_counter() - start))
+        batch = batch_size or params.student.batch_size
+        by_workers = {}
+        for count in workers:
+            torch.set_num_threads(1 if count == 0 else main_threads)
+            rates = _epoch_rates(faces, params, count, batch, max(1, epochs))
+            by_workers[str(count)] = {
+                "images_per_s": round(max(rates), 1),
+                "images_per_s_first_epoch": round(rates[0], 1),
+                "images_per_s_per_core": round(max(rates) / max(1, count), 1),
+            }
+        per_core = max(v["images_per_s_per_core"] for v in by_workers.values())
         return {
-            "loader_images_per_s": round(max(rates), 1),
-            "loader_images_per_s_first_epoch": round(rates[0], 1),
+            "pipeline": f"shards -> flip -> {params.student.lr_data} LR view -> collate (HR + LR uint8)",
+            "decode": "none: shards are raw uint8 (RecordIO JPEGs are decoded once, by the prepare step)",
+            "by_workers": by_workers,
+            "images_per_s_per_core": per_core,
+            "target_images_per_s_per_gpu": target_images_per_s,
+            "cores_per_gpu": math.ceil(target_images_per_s / per_core) if per_core > 0 else None,
+            "loader_images_per_s": max(v["images_per_s"] for v in by_workers.values()),
             "peak_rss_mb": _peak_rss_mb(),
             "images": len(faces),
             "batch_size": batch,
-            "num_workers": workers,
-            "torch_threads": torch.get_num_threads(),
-            "epochs": len(rates),
+            "lr_data": params.student.lr_data,
+            "antialias": params.degrade.antialias,
+            "torch_threads": main_threads,
+            "cpu_count": os.cpu_count(),
+            "epochs": max(1, epochs),
             "source": "synthetic" if tmp is not None else str(shards_dir),
         }
     finally:

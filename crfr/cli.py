@@ -7,15 +7,16 @@ only bugs show a traceback.
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import os
 import sys
 from collections.abc import Callable, Sequence
 
 from crfr import __version__
-from crfr.errors import CrfrError
+from crfr.errors import CrfrError, StorageError
 
-# Each module adds its subcommands; a module that is not written yet is simply absent.
+# Each module adds its subcommands.
 COMMAND_MODULES = (
     "crfr.commands.run",  # crfr report
     "crfr.commands.data",
@@ -24,6 +25,9 @@ COMMAND_MODULES = (
     "crfr.commands.models",
     "crfr.commands.pipeline",
     "crfr.commands.bench",
+    "crfr.commands.export",  # crfr export onnx
+    "crfr.commands.gallery",
+    "crfr.commands.serve",
 )
 
 OFFLINE_DEFAULTS = {
@@ -46,6 +50,17 @@ def add_params_args(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def positive_int(text: str) -> int:
+    """argparse ``type`` for counts such as ``--top-k``: an integer >= 1, refused by argparse otherwise."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
 def run_guarded(func: Callable[[], int | None]) -> int:
     """Run a command, turning ``CrfrError`` into ``crfr: error: ...`` and its exit code."""
     try:
@@ -60,6 +75,14 @@ def run_guarded(func: Callable[[], int | None]) -> int:
         # `crfr ... | head`: the reader left; as the Python docs advise, stop writing without a traceback.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141
+    except OSError as exc:
+        # Last resort for a full disk or read-only path met where no writer named its output: still one line.
+        writing = exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS)
+        fault = StorageError.from_os_error(exc, action="write" if writing else "access")
+        if fault is None:
+            raise
+        print(f"crfr: error: {fault}", file=sys.stderr)
+        return fault.exit_code
 
 
 def step_main(
@@ -99,13 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"crfr {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMAND_MODULES:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as exc:
-            if exc.name != name:
-                raise
-            continue
-        module.register(sub)
+        importlib.import_module(name).register(sub)
     return parser
 
 

@@ -6,7 +6,10 @@
 from the command line with ``--set section.key=value`` (parsed as YAML).
 
 Validation is strict: an unknown key, a wrong type or an out-of-range value raises :class:`ConfigError`
-naming the dotted key and what is allowed.
+naming the dotted key, what is allowed and where the value came from (the file, a profile in it, a ``--set``
+argument or an environment variable). Integers and booleans are strict (YAML 1.1 reads ``yes`` as True, and
+a lax integer would take True as 1), numbers must be finite, and every profile of the file is validated on
+load, not only the selected one, so that a typo in a profile nobody runs today is found today.
 """
 
 from __future__ import annotations
@@ -14,25 +17,44 @@ from __future__ import annotations
 import copy
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel, BeforeValidator, ConfigDict, Field, Strict, ValidationError, field_validator,
+    model_validator,
+)
 
 from crfr.errors import ConfigError
 
 DEFAULT_PARAMS = Path("params.yaml")
 LFW_ROOT_ENV = "CRFR_LFW_ROOT"
 TRACKING_URI_ENV = "MLFLOW_TRACKING_URI"
+ENV_KEYS = {LFW_ROOT_ENV: "data.root", TRACKING_URI_ENV: "tracking.uri"}
+MAX_EPOCHS = 1000
+MAX_SEED = 2**32 - 1  # numpy's legacy seeding and most tools take 32-bit seeds
+
+
+def _not_bool(value: Any) -> Any:
+    # Lax float parsing stays on because PyYAML reads 1e-3 (no dot) as a string; only booleans are refused.
+    if isinstance(value, bool):
+        raise ValueError(f"Input should be a valid number, not the boolean {value} (YAML reads yes/no/on/off as "
+                         "booleans)")
+    return value
+
+
+Int = Annotated[int, Strict()]
+Float = Annotated[float, BeforeValidator(_not_bool)]
+Bool = Annotated[bool, Strict()]
 
 
 class Section(BaseModel):
-    """Base of every config section: unknown keys are errors, assignments are re-validated."""
+    """Base of every config section: unknown keys are errors, assignments are re-validated, numbers are finite."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False, allow_inf_nan=False)
 
 
-Range = tuple[float, float]
+Range = tuple[Float, Float]
 
 
 def _check_range(name: str, value: tuple[float, float]) -> None:
@@ -49,10 +71,10 @@ class EvalSetCfg(Section):
         default=None, description="Folder, .bin or .csv (local path or s3:// URI); null means data.root"
     )
     image_root: str | None = Field(default=None, description="csv only: root the pair paths are relative to")
-    folds: list[int] | None = Field(
+    folds: list[Int] | None = Field(
         default=None, description="lfw only: View 2 folds (1-10) to evaluate; null means all"
     )
-    max_pairs: int | None = Field(default=None, ge=2, description="evaluate only the first N pairs (smoke runs)")
+    max_pairs: Int | None = Field(default=None, ge=2, description="evaluate only the first N pairs (smoke runs)")
 
 
 class DataCfg(Section):
@@ -62,7 +84,7 @@ class DataCfg(Section):
         default="../shared/data/lfw",
         description=f"LFW-style root (images + pairs.txt); the {LFW_ROOT_ENV} environment variable overrides",
     )
-    download: bool = Field(default=True, description="download LFW from the public mirror when root is missing")
+    download: Bool = Field(default=True, description="download LFW from the public mirror when root is missing")
     download_dir: str = "data/downloads"
     images_subdir: str = Field(default="lfw-deepfunneled", description="image folder inside root")
     train: Literal["lfw", "recordio"] = "lfw"
@@ -71,18 +93,18 @@ class DataCfg(Section):
         default_factory=lambda: [EvalSetCfg(name="lfw", kind="lfw", folds=[9, 10])], min_length=1
     )
     align: Literal["mtcnn", "center-crop", "none"] = "center-crop"
-    crop_box: tuple[int, int, int, int] = Field(
+    crop_box: tuple[Int, Int, Int, Int] = Field(
         default=(64, 186, 70, 180), description="center-crop: (top, bottom, left, right) in source pixels"
     )
-    image_size: int = Field(default=112, ge=32, le=512)
-    min_images_per_identity: int = Field(default=4, ge=1)
-    max_images_per_identity: int = Field(default=30, ge=1)
-    max_identities: int | None = Field(default=None, ge=2, description="keep only the first N identities")
-    max_bad_fraction: float = Field(
+    image_size: Int = Field(default=112, ge=32, le=512)
+    min_images_per_identity: Int = Field(default=4, ge=1)
+    max_images_per_identity: Int = Field(default=30, ge=1)
+    max_identities: Int | None = Field(default=None, ge=2, description="keep only the first N identities")
+    max_bad_fraction: Float = Field(
         default=0.01, ge=0.0, le=1.0, description="unreadable images skipped (and counted) below this fraction"
     )
-    shard_size: int = Field(default=4096, ge=1)
-    num_workers: int = Field(default=0, ge=0)
+    shard_size: Int = Field(default=4096, ge=1)
+    num_workers: Int = Field(default=0, ge=0)
 
     @model_validator(mode="after")
     def _check(self) -> "DataCfg":
@@ -99,20 +121,24 @@ class DataCfg(Section):
 class DegradeCfg(Section):
     """The degradation model of Fig. 2: corruptions, then bicubic down to a random size, then up."""
 
-    p_blur: float = Field(default=0.5, ge=0.0, le=1.0)
-    p_noise: float = Field(default=0.5, ge=0.0, le=1.0)
-    p_jpeg: float = Field(default=0.5, ge=0.0, le=1.0)
-    motion_blur_fraction: float = Field(default=0.5, ge=0.0, le=1.0, description="share of blurs that are motion blur")
+    p_blur: Float = Field(default=0.5, ge=0.0, le=1.0)
+    p_noise: Float = Field(default=0.5, ge=0.0, le=1.0)
+    p_jpeg: Float = Field(default=0.5, ge=0.0, le=1.0)
+    motion_blur_fraction: Float = Field(default=0.5, ge=0.0, le=1.0, description="share of blurs that are motion blur")
     gaussian_sigma: Range = (0.5, 2.5)
-    motion_kernel: tuple[int, int] = (3, 11)
+    motion_kernel: tuple[Int, Int] = (3, 11)
     noise_sigma: Range = Field(default=(2.0, 15.0), description="Gaussian noise std in 0-255 units")
-    p_poisson: float = Field(default=0.0, ge=0.0, le=1.0, description="share of noise draws that are Poisson")
-    jpeg_quality: tuple[int, int] = (30, 90)
-    sizes: list[int] = Field(default_factory=lambda: [12, 63], min_length=1)
+    p_poisson: Float = Field(default=0.0, ge=0.0, le=1.0, description="share of noise draws that are Poisson")
+    jpeg_quality: tuple[Int, Int] = (30, 90)
+    sizes: list[Int] = Field(default_factory=lambda: [12, 63], min_length=1)
     size_mode: Literal["range", "set"] = Field(
         default="range", description="range: uniform integer in [sizes[0], sizes[1]]; set: pick from sizes"
     )
-    out_size: int = Field(default=112, ge=8)
+    out_size: Int = Field(default=112, ge=8)
+    antialias: Bool = Field(
+        default=False, description="Gaussian pre-blur before every downscale (training, realistic and linear "
+                                   "probes); false: plain resize, as in the paper"
+    )
 
     @model_validator(mode="after")
     def _check(self) -> "DegradeCfg":
@@ -137,9 +163,9 @@ class ModelCfg(Section):
     """Backbone shape, shared by teacher and student so the student can start from the teacher."""
 
     depth: Literal[18, 34, 50, 100] = 18
-    width: float = Field(default=0.25, gt=0.0, le=4.0, description="channel multiplier of 64-128-256-512")
-    embedding_size: int = Field(default=128, ge=8)
-    dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
+    width: Float = Field(default=0.25, gt=0.0, le=4.0, description="channel multiplier of 64-128-256-512")
+    embedding_size: Int = Field(default=128, ge=8)
+    dropout: Float = Field(default=0.0, ge=0.0, lt=1.0)
     wavelet: str = Field(default="haar", description="any discrete wavelet known to PyWavelets")
     wave_mode: Literal["zero", "symmetric", "reflect", "periodization"] = "zero"
     ll_impl: Literal["fast", "reference"] = Field(
@@ -159,12 +185,12 @@ class ModelCfg(Section):
 class LossCfg(Section):
     """ArcFace, logit distillation (Eq. 2) and wavelet similarity (Eq. 3) weights."""
 
-    arcface_s: float = Field(default=64.0, gt=0.0)
-    arcface_m: float = Field(default=0.5, ge=0.0, lt=1.5)
-    temperature: float = Field(default=4.0, gt=0.0)
-    lambda1: float = Field(default=1.0, ge=0.0)
-    lambda2: float = Field(default=0.05, ge=0.0)
-    wavesim_stages: list[int] = Field(default_factory=lambda: [1, 2], min_length=1)
+    arcface_s: Float = Field(default=64.0, gt=0.0)
+    arcface_m: Float = Field(default=0.5, ge=0.0, lt=1.5)
+    temperature: Float = Field(default=4.0, gt=0.0)
+    lambda1: Float = Field(default=1.0, ge=0.0)
+    lambda2: Float = Field(default=0.05, ge=0.0)
+    wavesim_stages: list[Int] = Field(default_factory=lambda: [1, 2], min_length=1)
 
     @model_validator(mode="after")
     def _check(self) -> "LossCfg":
@@ -176,15 +202,15 @@ class LossCfg(Section):
 class OptimCfg(Section):
     """SGD with step decay, as in the paper."""
 
-    epochs: int = Field(default=5, ge=1)
-    batch_size: int = Field(default=64, ge=1)
-    lr: float = Field(default=0.1, gt=0.0)
-    momentum: float = Field(default=0.9, ge=0.0, lt=1.0)
-    weight_decay: float = Field(default=5e-4, ge=0.0)
-    milestones: list[int] = Field(default_factory=lambda: [3, 4], description="epochs at which lr is multiplied by gamma")
-    gamma: float = Field(default=0.1, gt=0.0, le=1.0)
-    warmup_epochs: float = Field(default=0.0, ge=0.0)
-    max_steps_per_epoch: int | None = Field(default=None, ge=1, description="cap for smoke runs")
+    epochs: Int = Field(default=5, ge=1, le=MAX_EPOCHS)
+    batch_size: Int = Field(default=64, ge=1, le=65536)
+    lr: Float = Field(default=0.1, gt=0.0)
+    momentum: Float = Field(default=0.9, ge=0.0, lt=1.0)
+    weight_decay: Float = Field(default=5e-4, ge=0.0)
+    milestones: list[Int] = Field(default_factory=lambda: [3, 4], description="epochs at which lr is multiplied by gamma")
+    gamma: Float = Field(default=0.1, gt=0.0, le=1.0)
+    warmup_epochs: Float = Field(default=0.0, ge=0.0, le=MAX_EPOCHS)
+    max_steps_per_epoch: Int | None = Field(default=None, ge=1, description="cap for smoke runs")
 
     @model_validator(mode="after")
     def _check(self) -> "OptimCfg":
@@ -206,9 +232,9 @@ class StudentCfg(OptimCfg):
     lr_data: Literal["bicubic", "degraded"] = Field(
         default="degraded", description="bicubic: plain multi-scale downsampling; degraded: the Fig. 2 model"
     )
-    kd: bool = True
-    wavesim: bool = True
-    init_from_teacher: bool = True
+    kd: Bool = True
+    wavesim: Bool = True
+    init_from_teacher: Bool = True
 
     @model_validator(mode="after")
     def _check_wavesim(self) -> "StudentCfg":
@@ -222,8 +248,8 @@ class AblationRow(Section):
 
     backbone: Literal["iresnet", "waveresnet"]
     lr_data: Literal["bicubic", "degraded"]
-    kd: bool
-    wavesim: bool
+    kd: Bool
+    wavesim: Bool
     schedule: Literal["student", "teacher"] = Field(
         default="student",
         description="whose epochs, lr, milestones and warmup the row trains with; a row learning from scratch "
@@ -236,13 +262,13 @@ class RuntimeCfg(Section):
 
     device: Literal["auto", "cpu", "cuda"] = "auto"
     amp: Literal["none", "bf16", "fp16"] = Field(default="bf16", description="mixed precision on CUDA only")
-    channels_last: bool = True
-    cudnn_benchmark: bool = True
-    deterministic: bool = False
-    threads: int | None = Field(default=None, ge=1, description="torch CPU threads; null: all cores")
-    num_workers: int = Field(default=0, ge=0)
-    log_every: int = Field(default=10, ge=1)
-    holdout_pairs: int = Field(default=300, ge=0, description="pairs checked at 14 and 112 px after each epoch")
+    channels_last: Bool = True
+    cudnn_benchmark: Bool = True
+    deterministic: Bool = False
+    threads: Int | None = Field(default=None, ge=1, description="torch CPU threads; null: all cores")
+    num_workers: Int = Field(default=0, ge=0)
+    log_every: Int = Field(default=10, ge=1)
+    holdout_pairs: Int = Field(default=300, ge=0, description="pairs checked at 14 and 112 px after each epoch")
     checkpoint_uri: str | None = Field(
         default=None, description="also mirror each epoch's checkpoint here (s3:// on a cluster: a retried pod resumes)"
     )
@@ -251,15 +277,15 @@ class RuntimeCfg(Section):
 class EvaluateCfg(Section):
     """The verification protocol."""
 
-    resolutions: list[int] = Field(default_factory=lambda: [14, 28, 56, 112], min_length=1)
+    resolutions: list[Int] = Field(default_factory=lambda: [14, 28, 56, 112], min_length=1)
     protocols: list[Literal["linear", "realistic"]] = Field(default_factory=lambda: ["linear", "realistic"])
     probe_side: Literal["probe", "both"] = Field(
         default="probe", description="probe: only the first image of each pair is made LR (cross-resolution)"
     )
-    nfolds: int = Field(default=10, ge=2)
-    batch_size: int = Field(default=128, ge=1)
-    realistic_seed: int = 1234
-    far_targets: list[float] = Field(default_factory=lambda: [1e-2, 1e-3])
+    nfolds: Int = Field(default=10, ge=2)
+    batch_size: Int = Field(default=128, ge=1, le=65536)
+    realistic_seed: Int = Field(default=1234, ge=0, le=MAX_SEED)
+    far_targets: list[Annotated[Float, Field(gt=0.0, lt=1.0)]] = Field(default_factory=lambda: [1e-2, 1e-3])
 
 
 class RegisterCfg(Section):
@@ -269,8 +295,8 @@ class RegisterCfg(Section):
     teacher_name: str = "crfr-teacher"
     gate_dataset: str = Field(default="lfw", description="eval set the gate compares on")
     gate_protocol: Literal["linear", "realistic"] = "linear"
-    min_improvement: float = Field(default=0.0, description="average accuracy gain (points) needed to promote")
-    max_drop: float = Field(default=1.0, ge=0.0, description="largest per-resolution loss (points) tolerated")
+    min_improvement: Float = Field(default=0.0, description="average accuracy gain (points) needed to promote")
+    max_drop: Float = Field(default=1.0, ge=0.0, description="largest per-resolution loss (points) tolerated")
 
 
 class TrackingCfg(Section):
@@ -280,6 +306,16 @@ class TrackingCfg(Section):
     artifact_location: str | None = Field(default="runs/mlartifacts", description="local folder or s3:// URI")
     experiment: str = "crfr"
 
+    @field_validator("uri")
+    @classmethod
+    def _password_stays_in_process(cls, uri: str) -> str:
+        # Params are written to config.json, MLflow params and pipeline specs, so they keep only user:***@;
+        # the password moves to MLflow's credential variables, which the steps this process starts inherit.
+        from crfr import redact, tracking
+
+        tracking.take_credentials(uri)
+        return redact.redact_uri(uri)
+
 
 class StorageCfg(Section):
     """Object storage; credentials always come from the standard AWS environment or config files."""
@@ -287,6 +323,18 @@ class StorageCfg(Section):
     endpoint_url: str | None = Field(default=None, description="S3-compatible endpoint; AWS_ENDPOINT_URL overrides")
     region: str | None = None
     cache_dir: str = Field(default="~/.cache/crfr", description="local copies of s3:// inputs, keyed by ETag")
+
+    @field_validator("endpoint_url")
+    @classmethod
+    def _no_credentials_in_endpoint(cls, url: str | None) -> str | None:
+        from crfr import redact
+
+        bare, _, secret = redact.split_userinfo(url or "")
+        if url and bare != url:
+            redact.remember(secret)
+            raise ValueError(f"{redact.redact_uri(url)} carries credentials, which S3 clients do not read from the "
+                             "endpoint URL; set AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (or AWS_PROFILE) instead")
+        return url
 
 
 class KubeflowCfg(Section):
@@ -296,7 +344,7 @@ class KubeflowCfg(Section):
     gpu_image: str = "crfr:0.1.0-cuda"
     data_uri: str = Field(default="s3://crfr/data/lfw", description="raw dataset location the prepare step reads")
     accelerator_type: str = "nvidia.com/gpu"
-    gpus: int = Field(default=1, ge=0)
+    gpus: Int = Field(default=1, ge=0)
     gpu_node_selector: dict[str, str] = Field(default_factory=lambda: {"nvidia.com/gpu.present": "true"})
     gpu_tolerations: list[dict[str, str]] = Field(
         default_factory=lambda: [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
@@ -305,17 +353,54 @@ class KubeflowCfg(Section):
     memory_request: str = "8G"
     gpu_cpu_request: str = "8"
     gpu_memory_request: str = "32G"
-    retries: int = Field(default=2, ge=0)
-    caching: bool = True
+    retries: Int = Field(default=2, ge=0)
+    caching: Bool = True
     s3_secret: str = Field(default="crfr-s3", description="Secret with AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY")
     settings_configmap: str = Field(default="crfr-settings", description="ConfigMap with MLFLOW_TRACKING_URI etc.")
+
+
+class GalleryCfg(Section):
+    """1:N search over an enrolled gallery (``crfr gallery``): the FAISS index and the open-set threshold."""
+
+    exact_max: Int = Field(
+        default=50_000, ge=1, description="galleries up to this many faces are searched exactly; larger ones approximately"
+    )
+    approximate: Literal["ivf", "hnsw"] = Field(default="ivf", description="the approximate index beyond exact_max")
+    ivf_nlist: Int | None = Field(default=None, ge=1, description="IVF cells; null: sqrt(faces)")
+    ivf_nprobe: Int = Field(default=64, ge=1, description="IVF cells visited per query (recall against speed)")
+    hnsw_m: Int = Field(default=32, ge=4, le=256)
+    hnsw_ef_search: Int = Field(default=128, ge=1)
+    recall_k: Int = Field(default=10, ge=1, description="recall@k of an approximate index against exact search")
+    recall_queries: Int = Field(default=1000, ge=1, description="gallery faces used as queries for that recall")
+    top_k: Int = Field(default=5, ge=1, description="identities answered per probe")
+    calibration_probes: Int = Field(
+        default=500, ge=0,
+        description="gallery faces probed leave-one-out, per resolution, to calibrate the open-set threshold; 0: "
+                    "use the model's verification thresholds",
+    )
+    min_calibration_pairs: Int = Field(
+        default=10, ge=1, description="genuine and impostor scores each needed to calibrate; else the model's threshold"
+    )
+    batch_size: Int = Field(default=64, ge=1, description="faces per forward pass while enrolling")
+
+
+class ServeCfg(Section):
+    """``crfr serve``: the HTTP service for embed, verify and identify."""
+
+    host: str = "127.0.0.1"
+    port: Int = Field(default=8080, ge=1, le=65535)
+    gallery: str | None = Field(default=None, description="gallery folder or s3:// URI for POST /identify")
+    max_image_bytes: Int = Field(default=8 * 1024 * 1024, ge=1024, description="largest accepted upload per image")
+    max_image_pixels: Int = Field(
+        default=40_000_000, ge=1024, description="largest accepted width x height (refuses decompression bombs)"
+    )
 
 
 class Params(Section):
     """All of params.yaml, after the profile is applied."""
 
     profile: str = "demo"
-    seed: int = 0
+    seed: Int = Field(default=0, ge=0, le=MAX_SEED)
     run_dir: str = Field(default="runs", description="local working folder for outputs that are not DVC outs")
     data: DataCfg = Field(default_factory=DataCfg)
     degrade: DegradeCfg = Field(default_factory=DegradeCfg)
@@ -333,12 +418,24 @@ class Params(Section):
     tracking: TrackingCfg = Field(default_factory=TrackingCfg)
     storage: StorageCfg = Field(default_factory=StorageCfg)
     kubeflow: KubeflowCfg = Field(default_factory=KubeflowCfg)
+    gallery: GalleryCfg = Field(default_factory=GalleryCfg)
+    serve: ServeCfg = Field(default_factory=ServeCfg)
 
     @model_validator(mode="after")
     def _rows_defined(self) -> "Params":
         unknown = [r for r in self.ablation_rows if r not in self.ablation]
         if unknown:
             raise ValueError(f"ablation_rows names undefined rows {unknown}; defined: {sorted(self.ablation)}")
+        return self
+
+    @model_validator(mode="after")
+    def _reference_ll_in_fp32(self) -> "Params":
+        if self.model.ll_impl == "reference" and self.runtime.amp != "none":
+            raise ValueError(
+                f"model.ll_impl: reference needs runtime.amp: none (got {self.runtime.amp}): pytorch_wavelets' "
+                "DWT fails in the backward pass of bf16/fp16 autocast (its float32 filters meet half-precision "
+                "gradients); use model.ll_impl: fast (the same LL band) or set runtime.amp: none"
+            )
         return self
 
     def student_for_row(self, row: str) -> StudentCfg:
@@ -380,41 +477,102 @@ def deep_merge(base: dict, over: dict) -> dict:
     return merged
 
 
-def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+def _set_dotted(tree: dict, dotted: str, value: Any, item: str) -> None:
     node = tree
     parts = dotted.split(".")
     for part in parts[:-1]:
         nxt = node.setdefault(part, {})
         if not isinstance(nxt, dict):
-            raise ConfigError(f"override {dotted}: {part!r} is not a section")
+            raise ConfigError(f"--set {item!r}: {part!r} is not a section (another --set gave it a value)")
         node = nxt
+    if isinstance(node.get(parts[-1]), dict) and not isinstance(value, dict):
+        raise ConfigError(f"--set {item!r}: {dotted!r} is a section that another --set already fills")
     node[parts[-1]] = value
 
 
+def _yaml_problem(exc: yaml.YAMLError, line: bool = True) -> str:
+    """PyYAML's multi-line message reduced to one line: what went wrong and where."""
+    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    mark = getattr(exc, "problem_mark", None)
+    if mark is None:
+        return problem
+    where = f"line {mark.line + 1}, column {mark.column + 1}" if line else f"column {mark.column + 1}"
+    return f"{problem} ({where})"
+
+
 def parse_overrides(items: list[str] | None) -> dict:
-    """``["teacher.epochs=1", "data.align=none"]`` -> nested dict, values parsed as YAML."""
+    """``["teacher.epochs=1", "data.align=none"]`` -> nested dict, values parsed as YAML.
+
+    Raises:
+        ConfigError: an argument is not ``dotted.key=value`` or its value is not YAML; names the argument.
+    """
     tree: dict = {}
     for item in items or []:
         if "=" not in item:
-            raise ConfigError(f"override {item!r} must look like section.key=value")
+            raise ConfigError(f"--set {item!r}: must look like section.key=value")
         key, raw = item.split("=", 1)
-        _set_dotted(tree, key.strip(), yaml.safe_load(raw) if raw else None)
+        key = key.strip()
+        if not key or not all(part.strip() for part in key.split(".")):
+            raise ConfigError(f"--set {item!r}: the key must be dotted names, e.g. teacher.epochs=1")
+        try:
+            value = yaml.safe_load(raw) if raw else None
+        except yaml.YAMLError as exc:
+            problem = _yaml_problem(exc, line=False)
+            raise ConfigError(f"--set {item!r}: the value is not valid YAML: {problem}") from None
+        _set_dotted(tree, key, value, item)
     return tree
 
 
-def _describe(error: ValidationError) -> str:
+Sources = list[tuple[tuple, str]]
+
+
+def _leaf_keys(tree: Any, prefix: tuple = ()) -> list[tuple]:
+    """Key paths of every non-mapping value in a nested mapping."""
+    if isinstance(tree, dict) and tree:
+        return [k for key, value in tree.items() for k in _leaf_keys(value, prefix + (key,))]
+    return [prefix] if prefix else []
+
+
+def _override_sources(items: list[str] | dict | None) -> Sources:
+    if isinstance(items, dict):
+        return [(k, "override " + ".".join(map(str, k))) for k in _leaf_keys(items)]
+    sources: Sources = []
+    for item in reversed(items or []):  # a later --set of the same key wins
+        key = item.split("=", 1)[0].strip()
+        sources.append((tuple(key.split(".")), f"--set {item}"))
+    return sources
+
+
+def _source_of(loc: tuple, sources: Sources, fallback: str) -> str:
+    """Who set the value at ``loc``: a source whose key holds it, else one whose key it holds, else ``fallback``."""
+    for key, label in sources:
+        if loc[: len(key)] == key:
+            return label
+    if loc:  # a section-level check (e.g. wavesim needs kd) fails because of a key set inside it
+        for key, label in sources:
+            if key[: len(loc)] == loc:
+                return label
+    return fallback
+
+
+def _describe(error: ValidationError, sources: Sources, fallback: str, header: str = "invalid params") -> str:
     lines = []
     for err in error.errors():
         loc = ".".join(str(p) for p in err["loc"])
+        where = _source_of(tuple(err["loc"]), sources, fallback)
         if err["type"] == "extra_forbidden":
             parent = _model_at(Params, err["loc"][:-1])
             allowed = ", ".join(sorted(parent.model_fields)) if parent else "see params.yaml"
-            lines.append(f"unknown key '{loc}'; allowed keys here: {allowed}")
+            lines.append(f"{where}: unknown key '{loc}'; allowed keys here: {allowed}")
         elif err["type"] == "value_error":
-            lines.append(f"'{loc}': {err['msg'].removeprefix('Value error, ')}")
+            lines.append(f"{where}: '{loc}': {err['msg'].removeprefix('Value error, ')}")
         else:
-            lines.append(f"'{loc}': {err['msg']} (got {err.get('input')!r})")
-    return "invalid params:\n  " + "\n  ".join(lines)
+            got = err.get("input")
+            hint = " (YAML reads yes/no/on/off/true/false as booleans)" if isinstance(got, bool) else ""
+            lines.append(f"{where}: '{loc}': {err['msg']} (got {got!r}){hint}")
+    if len(lines) == 1:
+        return f"{header}: {lines[0]}"
+    return f"{header}:\n  " + "\n  ".join(lines)
 
 
 def _model_at(model: type[BaseModel], loc: tuple) -> type[BaseModel] | None:
@@ -428,19 +586,63 @@ def _model_at(model: type[BaseModel], loc: tuple) -> type[BaseModel] | None:
     return model
 
 
-def resolve_tree(raw: dict, overrides: dict | None = None) -> dict:
+def _profiles(raw: dict, where: str) -> dict[str, dict]:
+    profiles = raw.get("profiles", {}) or {}
+    if not isinstance(profiles, dict):
+        raise ConfigError(f"{where}: 'profiles' must be a mapping of profile name -> settings")
+    for name, body in profiles.items():
+        if body is not None and not isinstance(body, dict):
+            raise ConfigError(f"{where}: 'profiles.{name}' must be a mapping of settings, got {body!r}")
+    return {str(name): body or {} for name, body in profiles.items()}
+
+
+def resolve_tree(raw: dict, overrides: dict | None = None, where: str = "params") -> dict:
     """Apply the selected profile and overrides to the raw YAML mapping."""
     if not isinstance(raw, dict):
-        raise ConfigError("params must be a YAML mapping at the top level")
+        raise ConfigError(f"{where}: params must be a YAML mapping at the top level")
+    profiles = _profiles(raw, where)
     raw = copy.deepcopy(raw)
+    raw.pop("profiles", None)
     overrides = overrides or {}
-    profiles = raw.pop("profiles", {}) or {}
     profile = overrides.get("profile", raw.get("profile", "demo"))
+    if not isinstance(profile, str):
+        raise ConfigError(f"{where}: 'profile' must be a profile name, got {profile!r}")
     if profile != "demo" or profile in profiles:
         if profile not in profiles:
             raise ConfigError(f"profile {profile!r} is not defined; allowed: {sorted(profiles) or ['demo']}")
-        raw = deep_merge(raw, profiles[profile] or {})
+        raw = deep_merge(raw, profiles[profile])
     return deep_merge(raw, overrides)
+
+
+def _check_other_profiles(raw: dict, active: str, where: str) -> None:
+    """Every profile of the file, merged over the file's defaults, must validate (without --set or env)."""
+    profiles = _profiles(raw, where)
+    base = {k: v for k, v in raw.items() if k != "profiles"}
+    for name, body in profiles.items():
+        if name == active:
+            continue
+        tree = deep_merge(base, body)
+        tree["profile"] = name
+        try:
+            Params.model_validate(tree)
+        except ValidationError as exc:
+            sources = [(k, f"{where}, profiles.{name}") for k in _leaf_keys(body)]
+            header = f"invalid params in profile {name!r} (not selected, but every profile is checked on load)"
+            raise ConfigError(_describe(exc, sources, f"{where} (defaults, under profile {name!r})", header)) from None
+
+
+def _read_params_file(file: Path) -> dict:
+    if file.is_dir():
+        raise ConfigError(f"params file {file} is a folder, not a YAML file (give --params the file itself)")
+    try:
+        text = file.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"params file {file} could not be read: {exc}") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{file}: not valid YAML: {_yaml_problem(exc)}") from None
+    return raw if raw is not None else {}
 
 
 def load_params(path: str | os.PathLike | None = None, overrides: list[str] | dict | None = None) -> Params:
@@ -448,30 +650,36 @@ def load_params(path: str | os.PathLike | None = None, overrides: list[str] | di
 
     Args:
         path: a params.yaml; None means ./params.yaml, and the built-in defaults if that does not exist.
-        overrides: ``section.key=value`` strings or a nested dict, applied last.
+        overrides: ``section.key=value`` strings (``--set`` arguments) or a nested dict, applied last.
 
     Raises:
-        ConfigError: the file is unreadable or any value is invalid; the message names the key.
+        ConfigError: the file is unreadable, or any value of the selected profile, any other profile of the
+            file, or an override is invalid; the message names the key and where its value came from.
     """
     raw: dict = {}
     file = Path(path) if path is not None else DEFAULT_PARAMS
     if file.exists():
-        try:
-            raw = yaml.safe_load(file.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{file}: not valid YAML: {exc}") from None
+        raw = _read_params_file(file)
     elif path is not None:
         raise ConfigError(f"params file not found: {file}")
+    where = str(file) if file.exists() else "built-in defaults"
     over = overrides if isinstance(overrides, dict) else parse_overrides(overrides)
-    tree = resolve_tree(raw, over)
-    if os.environ.get(LFW_ROOT_ENV):
-        tree.setdefault("data", {})["root"] = os.environ[LFW_ROOT_ENV]
-    if os.environ.get(TRACKING_URI_ENV):
-        tree.setdefault("tracking", {})["uri"] = os.environ[TRACKING_URI_ENV]
+    tree = resolve_tree(raw, over, where)
+    profile = tree.get("profile", "demo")
+    sources = _override_sources(overrides)
+    for env, dotted in ENV_KEYS.items():
+        if os.environ.get(env):
+            section, key = dotted.split(".")
+            tree.setdefault(section, {})[key] = os.environ[env]
+            sources.insert(0, ((section, key), f"${env}"))
+    if isinstance(profile, str) and isinstance(raw.get("profiles"), dict) and profile in raw["profiles"]:
+        sources += [(k, f"{where}, profiles.{profile}") for k in _leaf_keys(raw["profiles"][profile] or {})]
     try:
-        return Params.model_validate(tree)
+        params = Params.model_validate(tree)
     except ValidationError as exc:
-        raise ConfigError(f"{file}: {_describe(exc)}") from None
+        raise ConfigError(_describe(exc, sources, where)) from None
+    _check_other_profiles(raw, params.profile, where)
+    return params
 
 
 def params_from_json(text: str) -> Params:
@@ -479,7 +687,7 @@ def params_from_json(text: str) -> Params:
     try:
         return Params.model_validate_json(text)
     except ValidationError as exc:
-        raise ConfigError(f"params JSON: {_describe(exc)}") from None
+        raise ConfigError(_describe(exc, [], "params JSON")) from None
 
 
 # The top-level keys a params.yaml may hold (the sections of Params plus the profile table).

@@ -163,28 +163,50 @@ def gate_accuracies(eval_metrics: dict, cfg: RegisterCfg) -> dict[str, float]:
 def check_reachable(uri: str, timeout: float = 5.0) -> None:
     """Fail fast (instead of MLflow's minutes of retries) when an HTTP tracking server does not answer.
 
+    The probe authenticates as MLflow does: an ``Authorization`` header built from ``MLFLOW_TRACKING_USERNAME``
+    / ``MLFLOW_TRACKING_PASSWORD`` (or ``MLFLOW_TRACKING_TOKEN``); a ``user:password@`` still in ``uri`` is
+    moved there first, and the URL it requests carries no credentials.
+
     Raises:
-        RegistryError: nothing answers at ``uri``.
+        RegistryError: nothing answers at ``uri``, ``uri`` is not a valid URL, or the server refuses the
+            credentials (HTTP 401).
     """
     if not uri.startswith(("http://", "https://")):
         return
+    uri = tracking.take_credentials(uri)
+    headers = tracking.auth_headers()
+    request = urllib.request.Request(uri.rstrip("/") + "/health", headers=headers)
     try:
-        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout):
+        with urllib.request.urlopen(request, timeout=timeout):
             return
-    except urllib.error.HTTPError:
-        return  # something answered (an auth proxy, an old server without /health): MLflow says the rest
+    except urllib.error.HTTPError as exc:
+        exc.close()
+        if exc.code == 401:
+            fix = ("check MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD (or the user:password of the "
+                   "tracking URI)" if headers else "give a user and password in MLFLOW_TRACKING_USERNAME / "
+                   "MLFLOW_TRACKING_PASSWORD (or as user:password@ in the tracking URI)")
+            raise RegistryError(f"MLflow tracking server {uri} refused the credentials (HTTP 401): {fix}") from None
+        return  # something answered (an old server without /health, a proxy that forbids it): MLflow says the rest
     except (urllib.error.URLError, OSError) as exc:
         reason = getattr(exc, "reason", exc)
         raise RegistryError(f"MLflow tracking server {tracking.redact_uri(uri)} is not reachable ({reason}); "
                             "start it or point MLFLOW_TRACKING_URI / tracking.uri at a running one") from None
+    except ValueError as exc:  # http.client.InvalidURL, e.g. a port that is not a number
+        raise RegistryError(f"MLflow tracking URI {tracking.redact_uri(uri)} is not a valid URL ({exc}); "
+                            "check MLFLOW_TRACKING_URI / tracking.uri") from None
 
 
-def connect(params: Params):
-    """Check the server, point MLflow at it and return an ``MlflowClient``."""
+def connect(params: Params, create: bool = True):
+    """Check the server, point MLflow at it and return an ``MlflowClient``.
+
+    Args:
+        create: False for read-only use: a local sqlite store that does not exist is then an error, not a new
+            empty store (:func:`crfr.tracking.check_sqlite_store`).
+    """
     from mlflow import MlflowClient
 
     check_reachable(tracking.tracking_uri(params.tracking))
-    tracking.setup(params.tracking)
+    tracking.setup(params.tracking, create=create)
     return MlflowClient()
 
 
@@ -356,7 +378,7 @@ def promote(name: str, version: str | int, params: Params, force: bool = False) 
     """
     import mlflow
 
-    client = connect(params)
+    client = connect(params, create=False)
     candidate = get_version(client, name, version)
     version = str(candidate.version)
     with mlflow_errors(f"promoting {name} version {version}"):
@@ -450,7 +472,7 @@ def load_embedder(uri: str, params: Params):
         return FaceEmbedder.from_dir(uri, align=align_settings(params))
     import mlflow.pyfunc
 
-    client = connect(params)
+    client = connect(params, create=False)
     if uri.startswith("models:/"):
         name, ref = _parse_models_uri(uri)
         if ref is None:

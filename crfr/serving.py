@@ -160,6 +160,16 @@ class FaceEmbedder:
     def embedding_size(self) -> int:
         return int(self.info.get("model_cfg", {}).get("embedding_size", 0)) or int(self.model.embedding_size)
 
+    @property
+    def fingerprint(self) -> str:
+        """What fixes the embeddings (weights, architecture, preprocessing), hashed: equal means comparable.
+
+        Galleries record it, so that faces enrolled with one model are never searched with another's probes.
+        """
+        if getattr(self, "_fingerprint", None) is None:
+            self._fingerprint = model_fingerprint(self.model, self.info, self.align)
+        return self._fingerprint
+
     def prepare(self, images: Sequence[np.ndarray]) -> np.ndarray:
         return np.stack([prepare_face(img, self.align, self.input_size) for img in images])
 
@@ -177,6 +187,20 @@ class FaceEmbedder:
             return None, DEFAULT_THRESHOLD
         key = resolution_key(self.thresholds, size)
         return key, self.thresholds[key]
+
+
+def model_fingerprint(model, info: dict, align: dict) -> str:
+    """sha256 (hex) of a network's weights, architecture, input size and preprocessing settings."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    shape = {"backbone": info.get("backbone"), "model_cfg": info.get("model_cfg"),
+             "input_size": int(info.get("input_size", 112)), "align": align}
+    digest.update(json.dumps(shape, sort_keys=True, default=list).encode())
+    for key, tensor in sorted(model.state_dict().items()):
+        digest.update(key.encode())
+        digest.update(tensor.detach().to("cpu").contiguous().numpy().tobytes())
+    return digest.hexdigest()
 
 
 def _default_device() -> str:

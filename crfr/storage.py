@@ -16,12 +16,15 @@ the URI and what to check, with credential values redacted.
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import glob
 import json
 import os
 import re
 import shutil
 import tempfile
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Literal
@@ -44,7 +47,7 @@ from s3transfer.subscribers import BaseSubscriber
 from tqdm import tqdm
 
 from crfr.config import StorageCfg
-from crfr.errors import StorageError
+from crfr.errors import StorageError, storage_faults
 
 MiB = 1024 * 1024
 # Module-level so that tests (and unusual deployments) can lower them; read at every transfer.
@@ -421,6 +424,81 @@ def local_input(uri: str | os.PathLike, kind: Literal["file", "dir", "auto"] = "
 
 # ------------------------------------------------------------------------------------------- outputs
 
+STAGING_LOCK = ".crfr-staging.lock"
+# A staging folder without a lock file is from before locks existed, or from a writer killed in the instant
+# between creating it and locking it: only then does its age decide.
+STALE_UNLOCKED_S = 3600
+
+
+def _try_lock(lock: Path) -> int | None:
+    """An fd holding an exclusive lock on ``lock``, or None when another process holds it."""
+    try:
+        fd = os.open(lock, os.O_RDWR)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        return None
+    return fd
+
+
+def remove_stale_staging(parent: Path, prefix: str) -> list[Path]:
+    """Delete the staging folders ``parent/<prefix>*`` whose writer is gone; returns what was removed.
+
+    A writer holds a lock on ``<staging>/.crfr-staging.lock`` (``flock``, released by the kernel however the
+    process ends, also across containers sharing the volume) for as long as it works, so a folder whose lock
+    can be taken belongs to nobody. Folders another process is filling are never touched.
+    """
+    removed: list[Path] = []
+    try:
+        candidates = [p for p in parent.iterdir() if p.name.startswith(prefix) and p.is_dir() and not p.is_symlink()]
+    except OSError:
+        return removed
+    for folder in candidates:
+        lock = folder / STAGING_LOCK
+        fd = _try_lock(lock)
+        try:
+            if fd is not None:
+                # The writer writes its pid once it holds the lock: an empty file is one not locked yet.
+                claimed = os.pread(fd, 64, 0)
+                stale = bool(claimed) or time.time() - lock.stat().st_mtime > STALE_UNLOCKED_S
+            elif lock.exists():
+                continue  # locked: a live writer
+            else:
+                stale = time.time() - folder.stat().st_mtime > STALE_UNLOCKED_S
+            if stale:
+                shutil.rmtree(folder, ignore_errors=True)
+                removed.append(folder)
+        except OSError:
+            continue  # vanished meanwhile (its writer published or cleaned it): nothing to do
+        finally:
+            if fd is not None:
+                os.close(fd)
+    return removed
+
+
+@contextlib.contextmanager
+def _staging(parent: Path, prefix: str) -> Iterator[Path]:
+    """A new locked folder ``parent/<prefix><pid>-<random>``, after removing stale ones of earlier runs.
+
+    The caller moves the folder away (publish) or the folder is deleted when the block ends.
+    """
+    remove_stale_staging(parent, prefix)
+    folder = Path(tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}-", dir=parent))
+    lock = folder / STAGING_LOCK
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        yield folder
+    finally:
+        lock.unlink(missing_ok=True)  # never published with the output
+        if folder.exists():
+            shutil.rmtree(folder, ignore_errors=True)
+        os.close(fd)
+
 
 def _publish_local(staging: Path, target: Path) -> None:
     """Move a finished ``staging`` to ``target``; an old target is deleted only once the new one is in place."""
@@ -441,23 +519,65 @@ def _publish_local(staging: Path, target: Path) -> None:
             old.unlink()
 
 
+def _remove_leftover_old(target: Path) -> None:
+    """Previous versions of ``target`` that a killed publisher did not finish deleting.
+
+    Only while ``target`` exists: without it, an ``.old`` copy may be the one a failing publisher restores.
+    """
+    if not target.exists():
+        return
+    with contextlib.suppress(OSError):
+        for p in target.parent.glob(f".{glob.escape(target.name)}.old-*"):
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
+
+
+def check_writable(uri: str | os.PathLike) -> None:
+    """Fail now, not after hours of work, if the output ``uri`` cannot be written.
+
+    A local target needs its parent folder to accept new entries (outputs are staged beside it and renamed);
+    the folder is created if missing. An ``s3://`` target is checked when it is written.
+
+    Raises:
+        StorageError: the parent cannot be created or written (read-only, full, forbidden); names the path.
+    """
+    if is_s3(uri):
+        return
+    target = Path(uri)
+    with storage_faults(target):
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=f".{target.name}.probe-", dir=target.parent)
+        try:
+            os.write(fd, b"crfr")  # some full or quota-limited file systems accept the name but not the bytes
+        finally:
+            os.close(fd)
+            os.unlink(probe)
+    if target.is_dir() and not os.access(target, os.W_OK | os.X_OK):
+        raise StorageError(f"cannot write {target}: permission denied")
+
+
 @contextlib.contextmanager
 def output_dir(uri: str | os.PathLike) -> Iterator[Path]:
     """Stage an output folder; publish it to ``uri`` only if the ``with`` body succeeds.
 
-    A local target is swapped in by rename (the staging folder is its sibling, on the same filesystem).
-    An ``s3://`` target is uploaded, then objects under the prefix that the new output does not contain are
-    deleted. S3 has no atomic rename: if the upload itself fails midway, the prefix can hold a mix, which the
-    next successful run overwrites. If the body raises, nothing at all is written to the target.
+    A local target is swapped in by rename (the staging folder ``.<name>.staging-<pid>-<random>`` is its
+    sibling, on the same filesystem). Staging folders left by killed runs are deleted when the next one starts
+    (see :func:`remove_stale_staging`). An ``s3://`` target is uploaded, then objects under the prefix that
+    the new output does not contain are deleted. S3 has no atomic rename: if the upload itself fails midway,
+    the prefix can hold a mix, which the next successful run overwrites. If the body raises, nothing at all
+    is written to the target. A full disk or read-only location, in the body or when publishing, is a
+    StorageError naming the target.
 
     Yields:
         An empty local folder to write the output into.
     """
     if is_s3(uri):
         uri = str(uri)
-        staging = Path(tempfile.mkdtemp(prefix="out-", dir=_tmp_dir()))
-        try:
+        with storage_faults(cache_dir()), _staging(_tmp_dir(), "out-") as staging:
             yield staging
+            (staging / STAGING_LOCK).unlink(missing_ok=True)
             bucket, key = split_s3(uri)
             files = _files(staging)
             _put_many(uri, [(p, *_join(bucket, key, p.relative_to(staging).as_posix())) for p in files])
@@ -467,25 +587,22 @@ def output_dir(uri: str | os.PathLike) -> Iterator[Path]:
                 for i in range(0, len(stale), 1000):
                     client().delete_objects(
                         Bucket=bucket, Delete={"Objects": [{"Key": k} for k in stale[i:i + 1000]], "Quiet": True})
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
         return
     target = Path(uri)
-    try:
+    with storage_faults(target):
         target.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.staging-", dir=target.parent))
-    except OSError as exc:
-        raise StorageError(f"cannot create output {target}: {exc.strerror}") from None
-    try:
-        yield staging
-        os.chmod(staging, 0o777 & ~_UMASK)  # mkdtemp makes it private; the output should not be
-        try:
+        _remove_leftover_old(target)
+        with _staging(target.parent, f".{target.name}.staging-") as staging:
+            try:
+                yield staging
+            except StorageError as exc:
+                # A writer in the body named its file inside the staging folder: name the output instead.
+                if exc.os_error is None or not str(exc.path).startswith(f"{staging}{os.sep}"):
+                    raise
+                raise StorageError.from_os_error(exc.os_error, target) from None
+            (staging / STAGING_LOCK).unlink(missing_ok=True)
+            os.chmod(staging, 0o777 & ~_UMASK)  # mkdtemp makes it private; the output should not be
             _publish_local(staging, target)
-        except OSError as exc:
-            raise StorageError(f"cannot write output {target}: {exc.strerror}") from None
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
 
 
 @contextlib.contextmanager
@@ -493,6 +610,7 @@ def output_file(uri: str | os.PathLike) -> Iterator[Path]:
     """Stage one output file; publish it to ``uri`` only if the ``with`` body succeeds.
 
     The yielded temp path ends with the target's name, so writers that go by the suffix (``np.save``) work.
+    It is deleted whatever happens; a full disk or read-only location is a StorageError naming ``uri``.
 
     Yields:
         A local file path (created empty) to write the output to.
@@ -500,25 +618,21 @@ def output_file(uri: str | os.PathLike) -> Iterator[Path]:
     s3 = is_s3(uri)
     parent = _tmp_dir() if s3 else Path(uri).parent
     name = split_s3(str(uri))[1].rsplit("/", 1)[-1] if s3 else Path(uri).name
-    try:
+    with storage_faults(uri):
         parent.mkdir(parents=True, exist_ok=True)
         fd, tmp_name = tempfile.mkstemp(dir=parent, prefix=".tmp-", suffix=f"-{name}")
         os.close(fd)
-    except OSError as exc:
-        raise StorageError(f"cannot create output {uri}: {exc.strerror}") from None
     tmp = Path(tmp_name)
     try:
-        yield tmp
-        if not tmp.is_file():
-            raise StorageError(f"output {uri}: the writer did not leave a file at {tmp}")
-        if s3:
-            _put_many(str(uri), [(tmp, *split_s3(str(uri)))])
-        else:
-            os.chmod(tmp, 0o666 & ~_UMASK)
-            try:
+        with storage_faults(uri):
+            yield tmp
+            if not tmp.is_file():
+                raise StorageError(f"output {uri}: the writer did not leave a file at {tmp}")
+            if s3:
+                _put_many(str(uri), [(tmp, *split_s3(str(uri)))])
+            else:
+                os.chmod(tmp, 0o666 & ~_UMASK)
                 os.replace(tmp, uri)
-            except OSError as exc:
-                raise StorageError(f"cannot write output {uri}: {exc.strerror}") from None
     finally:
         tmp.unlink(missing_ok=True)
 

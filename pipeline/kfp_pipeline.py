@@ -11,6 +11,7 @@ locally with ``kfp.local`` (:func:`run_local`) or submit to a cluster (``pipelin
 
 # No `from __future__ import annotations`: kfp reads the step bodies' annotations as real types.
 from pathlib import Path
+from typing import List
 
 from kfp import compiler, dsl
 from kfp.dsl import Artifact, Dataset, Input, Markdown, Metrics, Model, Output
@@ -67,6 +68,7 @@ def distill_student_op(params_json: str, row: str, prepared: Input[Dataset], tea
     report = os.path.join(os.path.dirname(student.path), "student-report")
     summary = distill_student(prepared.path, teacher.path, student.path, params_from_json(params_json),
                               row=row, report_dir=report)
+    student.metadata["row"] = row  # how the evaluate step names a Table I row it collects
     for key, value in summary["final"].items():
         if isinstance(value, (int, float)):
             metrics.log_metric(f"{row}_{key}", float(value))
@@ -75,8 +77,8 @@ def distill_student_op(params_json: str, row: str, prepared: Input[Dataset], tea
 
 def evaluate_op(params_json: str, prepared: Input[Dataset], probes: Input[Dataset], teacher: Input[Model],
                 student: Input[Model], report: Output[Artifact], metrics: Output[Metrics],
-                table: Output[Markdown]):
-    """Verification accuracy at every resolution and protocol: Table I, thresholds, plots."""
+                table: Output[Markdown], rows: Input[List[Model]] = None):
+    """Verification accuracy of the teacher, the student and every Table I row: Table I, thresholds, plots."""
     import json
     from pathlib import Path
 
@@ -84,14 +86,14 @@ def evaluate_op(params_json: str, prepared: Input[Dataset], probes: Input[Datase
     from crfr.config import params_from_json
 
     params = params_from_json(params_json)
-    summary = evaluate(prepared.path, probes.path, {"teacher": teacher.path, "student": student.path},
-                       report.path, params)
+    by_row = {m.metadata["row"]: m.path for m in rows or []}
+    order = {row: i for i, row in enumerate(params.ablation_rows)}  # the table's row order, as DVC's
+    models = {"teacher": teacher.path, "student": student.path,
+              **{row: by_row[row] for row in sorted(by_row, key=lambda r: order.get(r, len(order)))}}
+    summary = evaluate(prepared.path, probes.path, models, report.path, params)
     Path(table.path).write_text((Path(report.path) / "table.md").read_text())
-    for model_name, by_set in summary["metrics"].items():
-        for set_name, by_protocol in by_set.items():
-            for protocol, by_res in by_protocol.items():
-                for res, cell in by_res.items():
-                    metrics.log_metric(f"{model_name}_{set_name}_{protocol}_{res}", float(cell["acc"]))
+    for cell in summary["evaluation"].cells():
+        metrics.log_metric(f"{cell.model}_{cell.dataset}_{cell.protocol}_{cell.resolution}", float(cell.values["acc"]))
     print(json.dumps(summary["tables"], default=str)[:4000])
 
 
@@ -167,12 +169,15 @@ def build_pipeline(params: Params, cluster: bool = True):
                          "train teacher")
         student = common(student_c(params_json=params_json, row="default", prepared=prep.outputs["prepared"],
                                    teacher=teacher.outputs["teacher"]), True, "distill student")
-        for row in params.ablation_rows:
-            common(student_c(params_json=params_json, row=row, prepared=prep.outputs["prepared"],
-                             teacher=teacher.outputs["teacher"]), True, f"Table I row: {row}")
+        rows = {}
+        if params.ablation_rows:  # kfp refuses a loop over no items
+            with dsl.ParallelFor(list(params.ablation_rows)) as row:
+                ablation = common(student_c(params_json=params_json, row=row, prepared=prep.outputs["prepared"],
+                                            teacher=teacher.outputs["teacher"]), True, "Table I row")
+            rows["rows"] = dsl.Collected(ablation.outputs["student"])
         ev = common(evaluate_c(params_json=params_json, prepared=prep.outputs["prepared"],
                                probes=synth.outputs["probes"], teacher=teacher.outputs["teacher"],
-                               student=student.outputs["student"]), True, "evaluate")
+                               student=student.outputs["student"], **rows), True, "evaluate")
         reg = common(register_c(params_json=params_json, student=student.outputs["student"],
                                 teacher=teacher.outputs["teacher"], report=ev.outputs["report"]), False,
                      "register and gate")

@@ -9,12 +9,13 @@ import cv2
 import numpy as np
 import pytest
 
+from crfr.cli import OFFLINE_DEFAULTS
+
 REPO = Path(__file__).resolve().parents[1]
 LFW_ROOT = Path(os.environ.get("CRFR_LFW_ROOT", REPO.parent / "shared" / "data" / "lfw"))
 
-os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-os.environ.setdefault("DVC_NO_ANALYTICS", "1")
-os.environ.setdefault("DO_NOT_TRACK", "1")
+for _key, _value in OFFLINE_DEFAULTS.items():  # the crfr command's own offline settings, for every test
+    os.environ.setdefault(_key, _value)
 
 try:  # the moto S3 server fixture, if the storage tests' helper module is present
     from tests.s3fixture import s3_server  # noqa: F401

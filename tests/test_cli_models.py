@@ -74,9 +74,14 @@ def test_corrupt_image_and_missing_model_are_clear_errors(model_dir, tmp_path, c
 
 
 def test_unknown_alias_is_a_clear_error(model_dir, tmp_path, monkeypatch, capsys):
+    from crfr.config import load_params
+    from crfr.tracking import setup
+
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
     good = str(image_path("Abel_Pacheco", 1))
     params = str(params_file(tmp_path))
+    # An existing, empty store (verify refuses one that does not exist: tests/test_params_and_inputs.py).
+    setup(load_params(params, [f"tracking.artifact_location={tmp_path}/art"]).tracking)
     code = main(["verify", good, good, "--model", "models:/crfr-student@champion", "--params", params,
                  "--set", f"tracking.artifact_location={tmp_path}/art"])
     err = capsys.readouterr().err

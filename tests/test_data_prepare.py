@@ -60,11 +60,11 @@ def make_lfw_subset(
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory, lfw_root):
-    """prepare + synthesize (with 2 LR training variants) on 10 training identities and 40 eval pairs."""
+    """prepare + synthesize on 10 training identities and 40 eval pairs."""
     out = tmp_path_factory.mktemp("tiny")
     p = params("data.max_identities=10", TINY_EVAL)
     report = prepare(str(lfw_root), str(out / "prepared"), p, progress=False)
-    index = synthesize(str(out / "prepared"), str(out / "probes"), p, train_variants=2, progress=False)
+    index = synthesize(str(out / "prepared"), str(out / "probes"), p, progress=False)
     return out, p, report, index
 
 
@@ -145,15 +145,6 @@ def test_probes_follow_the_protocols(tiny):
             img = np.asarray(ps.images[row])
             assert np.array_equal(lin[row], cv2.resize(img, (size, size), interpolation=cv2.INTER_LINEAR))
             assert np.array_equal(real[row], degrader.apply_lr(img, index=row, size=size)[0])
-
-
-def test_train_lr_variants(tiny):
-    out, *_ = tiny
-    train = ShardDataset(out / "prepared" / "train")
-    lr = ShardDataset(out / "probes" / "train_lr")
-    assert len(lr) == 2 * len(train) and lr.labels.tolist() == np.repeat(train.labels, 2).tolist()
-    assert lr.classes == train.classes and lr.image_size == 112
-    assert not np.array_equal(lr[0][0], lr[1][0])  # two different degradations of image 0
 
 
 def test_cli_prepare_and_synthesize(tmp_path, lfw_root, capsys):

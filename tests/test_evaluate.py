@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 from pathlib import Path
 
 import cv2
@@ -14,7 +13,6 @@ import pytest
 from crfr.degrade import Degrader
 from tests.facedata import interleaved_pairs, params_file, require_lfw, save_random_model, write_eval_set
 
-os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 SETS = ("lfw", "lfw_b")
 RESOLUTIONS = [14, 28, 112]
 PROTOCOLS = ["linear", "realistic"]

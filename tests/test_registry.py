@@ -193,8 +193,11 @@ def test_force_is_recorded(backend):
 
 
 def test_unknown_names_are_registry_errors(backend):
+    from crfr.tracking import setup
+
     params, tmp = backend
     name = params.registry.student_name
+    setup(params.tracking)  # an existing, empty store: read-only commands refuse one that does not exist
     with pytest.raises(RegistryError, match="no registered model named"):
         promote("no-such-model", "1", params)
     with pytest.raises(RegistryError, match="no registered model named"):

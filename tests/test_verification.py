@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import os
 
 import numpy as np
 import pytest
@@ -12,7 +11,6 @@ import torch
 from crfr.verification import THRESHOLDS, embed_images, verify
 from tests.facedata import interleaved_pairs, pair_arrays, random_model
 
-os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 
 # ------------------------------------------------------------------------ independent implementation

@@ -63,3 +63,46 @@ def test_wavedown_matches_strided_conv_size(wavelet):
 def test_bad_mode_is_rejected():
     with pytest.raises(ValueError, match="mode"):
         LowPass2d("haar", "wrap")
+
+
+def test_reference_filters_stay_out_of_the_state_dict():
+    from crfr.config import ModelCfg
+    from crfr.models import build_backbone
+
+    assert LowPass2d("db2", "zero", "reference").state_dict() == {}
+    cfg = ModelCfg(depth=18, width=0.125, embedding_size=32, ll_impl="reference")
+    teacher = build_backbone("iresnet", cfg).eval()
+    student = build_backbone("waveresnet", cfg).eval()
+    student.load_state_dict(teacher.state_dict(), strict=True)  # a student starts from its teacher
+    fast = build_backbone("waveresnet", cfg.model_copy(update={"ll_impl": "fast"})).eval()
+    fast.load_state_dict(student.state_dict(), strict=True)
+    x = torch.randn(2, 3, 112, 112)
+    with torch.no_grad():
+        torch.testing.assert_close(student(x), fast(x), atol=1e-4, rtol=1e-4)
+    # Still buffers: they follow .to() / .double() with the module.
+    assert {b.dtype for n, b in student.double().named_buffers() if "_reference" in n} == {torch.float64}
+
+
+def test_state_dicts_saved_with_reference_filters_still_load():
+    f = LowPass2d("haar", "zero", "reference")
+    legacy = {f"_reference.{name}": buf.clone() for name, buf in f._reference.named_buffers()}
+    assert set(legacy) == {"_reference.h0_col", "_reference.h1_col", "_reference.h0_row", "_reference.h1_row"}
+    f.load_state_dict(legacy, strict=True)
+
+
+def test_reference_fails_under_autocast_so_params_refuse_it_with_amp():
+    """pytorch_wavelets' float32 filters meet bf16 activations: the reason for the refusal below."""
+    from crfr.config import load_params
+    from crfr.errors import ConfigError
+
+    f = LowPass2d("haar", "zero", "reference")
+    x = torch.randn(1, 2, 8, 8, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = f(torch.nn.functional.conv2d(x, torch.randn(2, 2, 1, 1))).float().sum()
+    with pytest.raises(RuntimeError, match="type"):
+        loss.backward()  # as training does: backward outside the autocast region
+    with pytest.raises(ConfigError, match=r"model\.ll_impl: reference needs runtime\.amp: none \(got bf16\)"):
+        load_params("params.yaml", ["model.ll_impl=reference"])
+    with pytest.raises(ConfigError, match="got fp16"):
+        load_params("params.yaml", ["model.ll_impl=reference", "runtime.amp=fp16"])
+    assert load_params("params.yaml", ["model.ll_impl=reference", "runtime.amp=none"]).model.ll_impl == "reference"

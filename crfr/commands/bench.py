@@ -1,4 +1,4 @@
-"""``crfr bench ops|train|data``: speed numbers as JSON."""
+"""``crfr bench ops|train|data|serve|gallery``: speed numbers as JSON."""
 
 from __future__ import annotations
 
@@ -32,14 +32,49 @@ def register(sub) -> None:
     train.add_argument("--json", action="store_true", help="print one JSON object")
     train.set_defaults(func=_train)
 
-    data = kinds.add_parser("data", help="prepared-data loader throughput and peak RAM",
-                            description="Iterates the training loader over prepared shards with the configured "
-                                        "workers; prints images/s and peak RSS.")
+    data = kinds.add_parser("data", help="student input pipeline images/s per core, cores a GPU needs",
+                            description="Runs the student's input pipeline (shards, flip, degradation, collate) "
+                                        "with each worker count; prints images/s, images/s per core and how "
+                                        "many cores feed one GPU.")
     add_params_args(data)
     data.add_argument("--prepared", default=None,
-                      help="prepared data folder (its train/ shards); default: 4,096 synthetic images")
+                      help="prepared data folder (its train/ shards); default: 4,096 images repeating real LFW "
+                           "faces when LFW is configured, smooth synthetic ones otherwise")
+    data.add_argument("--workers", default="0,1,2",
+                      help="comma-separated loader worker counts (default: %(default)s)")
+    data.add_argument("--target", type=float, default=None,
+                      help="one GPU's training images/s to feed (default: 3000, iresnet50 in the paper profile)")
     data.add_argument("--json", action="store_true", help="print one JSON object")
     data.set_defaults(func=_data)
+
+    serve = kinds.add_parser("serve", help="embedding images/s with torch and onnxruntime; HTTP load test",
+                             description="Embeds a batch of real LFW faces with torch and with onnxruntime (CPU, "
+                                         "the same threads), then load-tests POST /verify of crfr serve's app on "
+                                         "127.0.0.1 (bounded by --requests and --max-seconds): p50/p99 latency "
+                                         "and throughput.")
+    add_params_args(serve)
+    serve.add_argument("--model", default=None, metavar="URI",
+                       help="model dir or MLflow URI (default: the configured student with random weights)")
+    serve.add_argument("--images", type=int, default=64, help="faces in the batch (default: %(default)s)")
+    serve.add_argument("--requests", type=int, default=200, help="HTTP requests (default: %(default)s)")
+    serve.add_argument("--concurrency", type=int, default=4, help="client threads (default: %(default)s)")
+    serve.add_argument("--max-seconds", type=float, default=60.0,
+                       help="stop the load test after this long (default: %(default)s)")
+    serve.add_argument("--json", action="store_true", help="print one JSON object")
+    serve.set_defaults(func=_serve)
+
+    gallery = kinds.add_parser("gallery", help="FAISS search latency at 10k, 100k and 1M synthetic faces",
+                               description="Exact and approximate (gallery.approximate) index build time, "
+                                           "single-query p50/p99 latency, batch queries/s and recall@k at each "
+                                           "size, on synthetic clustered unit vectors.")
+    add_params_args(gallery)
+    gallery.add_argument("--sizes", default="10000,100000,1000000", help="gallery sizes (default: %(default)s)")
+    gallery.add_argument("--dim", type=int, default=None, help="embedding size (default: model.embedding_size)")
+    gallery.add_argument("--queries", type=int, default=200, help="queries per size (default: %(default)s)")
+    gallery.add_argument("--max-seconds", type=float, default=60.0,
+                         help="cap of each timing loop (default: %(default)s)")
+    gallery.add_argument("--json", action="store_true", help="print one JSON object")
+    gallery.set_defaults(func=_gallery)
 
 
 def _print(result: dict, as_json: bool) -> int:
@@ -52,8 +87,10 @@ def _print(result: dict, as_json: bool) -> int:
     return 0
 
 
-def _lfw_face():
-    """A real aligned face when LFW is configured, for a representative degradation cost."""
+def _lfw_faces(count: int = 1) -> list:
+    """Real aligned faces when LFW is configured, for a representative degradation cost."""
+    import itertools
+
     import cv2
 
     from crfr.config import load_params
@@ -62,11 +99,20 @@ def _lfw_face():
         root = load_params().data.root
         from pathlib import Path
 
-        path = next((Path(root) / "lfw-deepfunneled").glob("*/*_0001.jpg"))
+        paths = list(itertools.islice((Path(root) / "lfw-deepfunneled").glob("*/*_0001.jpg"), count))
     except Exception:  # no params or no LFW here: the synthetic image will do
-        return None
-    bgr = cv2.imread(str(path))
-    return None if bgr is None else cv2.cvtColor(cv2.resize(bgr[64:186, 70:180], (112, 112)), cv2.COLOR_BGR2RGB)
+        return []
+    faces = []
+    for path in paths:
+        bgr = cv2.imread(str(path))
+        if bgr is not None:
+            faces.append(cv2.cvtColor(cv2.resize(bgr[64:186, 70:180], (112, 112)), cv2.COLOR_BGR2RGB))
+    return faces
+
+
+def _lfw_face():
+    faces = _lfw_faces(1)
+    return faces[0] if faces else None
 
 
 def _ops(args: argparse.Namespace) -> int:
@@ -89,5 +135,59 @@ def _data(args: argparse.Namespace) -> int:
 
     from pathlib import Path
 
+    from crfr.bench_data import PAPER_IMAGES_PER_S_PER_GPU
+    from crfr.errors import ConfigError
+
+    try:
+        workers = [int(w) for w in args.workers.split(",") if w.strip()]
+    except ValueError:
+        workers = []
+    if not workers or min(workers) < 0:
+        raise ConfigError(f"--workers must be comma-separated counts >= 0, got {args.workers!r}")
     shards = Path(args.prepared) / "train" if args.prepared else None
-    return _print(run_data_bench(load_params(args.params, args.overrides), shards), args.json)
+    base = None
+    if shards is None:
+        import numpy as np
+
+        faces = _lfw_faces(64)
+        base = np.stack(faces) if faces else None
+    result = run_data_bench(load_params(args.params, args.overrides), shards, workers=workers,
+                            target_images_per_s=args.target or PAPER_IMAGES_PER_S_PER_GPU, base_images=base)
+    return _print(result, args.json)
+
+
+def _counts(text: str, flag: str) -> list[int]:
+    from crfr.errors import ConfigError
+
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        values = []
+    if not values or min(values) < 1:
+        raise ConfigError(f"{flag} must be comma-separated counts >= 1, got {text!r}")
+    return values
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from crfr.bench_serve import run_serve_bench
+    from crfr.config import load_params
+
+    for flag, value in (("--images", args.images), ("--requests", args.requests),
+                        ("--concurrency", args.concurrency)):
+        _counts(str(value), flag)
+    params = load_params(args.params, args.overrides)
+    return _print(run_serve_bench(params, args.model, args.images, args.requests, args.concurrency,
+                                  args.max_seconds), args.json)
+
+
+def _gallery(args: argparse.Namespace) -> int:
+    from crfr.bench_gallery import run_gallery_bench
+    from crfr.config import load_params
+
+    params = load_params(args.params, args.overrides)
+    sizes = _counts(args.sizes, "--sizes")
+    dim = args.dim or params.model.embedding_size
+    _counts(str(dim), "--dim")
+    _counts(str(args.queries), "--queries")
+    return _print(run_gallery_bench(params.gallery, sizes, dim, args.queries, max_seconds=args.max_seconds),
+                  args.json)

@@ -165,7 +165,7 @@ def cmd_identify(args) -> int:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from crfr.cli import add_params_args
+    from crfr.cli import add_params_args, positive_int
 
     p = subparsers.add_parser("promote", help="move a registered model's champion alias through the gate",
                               description="Compare MODEL VERSION with the current champion (accuracy per "
@@ -198,7 +198,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("probe", metavar="PROBE")
     p.add_argument("--gallery", required=True, metavar="DIR",
                    help="folder of images (identity = file name) or of identity subfolders")
-    p.add_argument("--top-k", type=int, default=5)
+    p.add_argument("--top-k", type=positive_int, default=5, metavar="K",
+                   help="how many identities to list (default %(default)s)")
     _model_arg(p)
     add_params_args(p)
     p.set_defaults(func=cmd_identify)

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from crfr import storage
 from crfr.errors import DataError
 
 _LATIN1 = {"latin1", "latin-1", "iso-8859-1", "iso8859-1", "l1"}
@@ -110,7 +111,11 @@ def read_bin(path: str | Path) -> BinSet:
     path = Path(path)
     if not path.is_file():
         raise DataError(f"verification set {path} does not exist")
-    obj = safe_loads(path.read_bytes(), str(path))
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise DataError(f"verification set {path} could not be read: {exc.strerror or exc}") from None
+    obj = safe_loads(data, str(path))
     if not isinstance(obj, (tuple, list)) or len(obj) != 2:
         raise DataError(f"{path}: expected a pickled (images, issame) pair, got {type(obj).__name__}")
     images, issame = obj
@@ -133,15 +138,14 @@ def read_bin(path: str | Path) -> BinSet:
 def write_bin(path: str | Path, images: list[bytes], issame: list[bool] | np.ndarray) -> None:
     """Write a ``.bin`` readable by insightface and by :func:`read_bin` (protocol 4: bytes need no global).
 
-    The file is written under a temporary name and renamed, so a reader never sees half of it.
+    The file is written under a temporary name and renamed (:func:`crfr.storage.output_file`), so a reader
+    never sees half of it and a failed write (a full disk: StorageError naming ``path``) leaves nothing.
     """
     path = Path(path)
     issame = [bool(x) for x in issame]
     if len(images) != 2 * len(issame):
         raise ValueError(f"{len(images)} images for {len(issame)} pairs: need exactly 2 per pair")
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
+    with storage.output_file(path) as tmp, open(tmp, "wb") as f:
         pickle.dump(([bytes(b) for b in images], issame), f, protocol=4)
         f.flush()
         os.fsync(f.fileno())
-    os.replace(tmp, path)

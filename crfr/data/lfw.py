@@ -99,6 +99,17 @@ def _int(token: str, path: Path, lineno: int, what: str) -> int:
     return value
 
 
+def _name(token: str, path: Path, lineno: int) -> str:
+    """A person name from a pairs file: a plain folder name, since it is joined onto the image folder."""
+    # A name such as /some/dir/Evil or ../x would make prepare read files outside the LFW image folder.
+    if "/" in token or "\\" in token or ".." in token or any(ord(c) < 32 or ord(c) == 127 for c in token):
+        raise DataError(
+            f"{path}, line {lineno}: person name {token!r} must be a plain folder name (no '/', '\\', '..' "
+            "or control characters)"
+        )
+    return token
+
+
 def parse_pairs(path: str | Path) -> list[Pair]:
     """Parse a View 2 (``pairs.txt``) or View 1 (``pairsDevTrain.txt``) file.
 
@@ -106,7 +117,9 @@ def parse_pairs(path: str | Path) -> list[Pair]:
         The pairs in file order, with 1-based fold numbers (View 1 files are fold 1).
 
     Raises:
-        DataError: missing file, a bad header, a malformed line or too few lines; the message names the line.
+        DataError: missing file, a bad header, a malformed line, a person name that is not a plain folder name
+            (``/``, ``\\``, ``..``: it would point outside the image folder) or too few lines; the message names
+            the line.
     """
     path = Path(path)
     if not path.is_file():
@@ -140,14 +153,14 @@ def parse_pairs(path: str | Path) -> list[Pair]:
         if same:
             if len(tokens) != 3:
                 raise DataError(f"{path}, line {lineno}: a same-person line needs 'Name i j', got {line!r}")
-            name = tokens[0]
+            name = _name(tokens[0], path, lineno)
             left = ImageRef(name, _int(tokens[1], path, lineno, "image number"))
             right = ImageRef(name, _int(tokens[2], path, lineno, "image number"))
         else:
             if len(tokens) != 4:
                 raise DataError(f"{path}, line {lineno}: a different-person line needs 'NameA i NameB j', got {line!r}")
-            left = ImageRef(tokens[0], _int(tokens[1], path, lineno, "image number"))
-            right = ImageRef(tokens[2], _int(tokens[3], path, lineno, "image number"))
+            left = ImageRef(_name(tokens[0], path, lineno), _int(tokens[1], path, lineno, "image number"))
+            right = ImageRef(_name(tokens[2], path, lineno), _int(tokens[3], path, lineno, "image number"))
         pairs.append(Pair(left, right, same, fold, lineno))
     return pairs
 

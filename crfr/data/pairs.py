@@ -7,14 +7,14 @@ LR in cross-resolution evaluation), ``right`` the gallery image.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from crfr.data.shards import write_json
-from crfr.errors import DataError
+from crfr import storage
+from crfr.data.shards import save_npy, write_json
+from crfr.errors import DataError, storage_faults
 
 IMAGES = "images.npy"
 PAIRS = "pairs.npz"
@@ -65,7 +65,8 @@ def write_pair_set(
 ) -> PairSet:
     """Write ``images.npy``, ``pairs.npz`` and ``meta.json`` (each atomically, meta last) and return the set."""
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
+    with storage_faults(directory):
+        directory.mkdir(parents=True, exist_ok=True)
     ps = PairSet(
         name=name,
         images=np.ascontiguousarray(images, dtype=np.uint8),
@@ -77,14 +78,9 @@ def write_pair_set(
         source=source,
     )
     ps.validate(str(directory))
-    tmp = directory / (IMAGES + ".tmp")
-    with open(tmp, "wb") as f:
-        np.save(f, ps.images, allow_pickle=False)
-    os.replace(tmp, directory / IMAGES)
-    tmp = directory / (PAIRS + ".tmp")
-    with open(tmp, "wb") as f:
+    save_npy(directory / IMAGES, ps.images)
+    with storage.output_file(directory / PAIRS) as tmp, open(tmp, "wb") as f:
         np.savez(f, left=ps.left, right=ps.right, same=ps.same, fold=ps.fold)
-    os.replace(tmp, directory / PAIRS)
     ps.meta = {
         "name": name,
         "kind": kind,

@@ -7,10 +7,10 @@ contiguous folds. ``same`` accepts 1/0, true/false, yes/no (any case).
 from __future__ import annotations
 
 import csv
-import os
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
+from crfr import storage
 from crfr.errors import DataError
 
 COLUMNS = ("path1", "path2", "same")
@@ -90,14 +90,12 @@ def write_pairs_csv(path: str | Path, pairs: list[tuple[str, str, bool] | tuple[
     """Write ``(path1, path2, same[, fold])`` rows (fold column when any row has one), atomically."""
     path = Path(path)
     with_fold = any(len(p) > 3 for p in pairs)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", newline="", encoding="utf-8") as f:
+    with storage.output_file(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f)
         writer.writerow([*COLUMNS, "fold"] if with_fold else list(COLUMNS))
         for p in pairs:
             row = [p[0], p[1], int(bool(p[2]))]
             writer.writerow([*row, p[3] if len(p) > 3 else ""] if with_fold else row)
-    os.replace(tmp, path)
 
 
 def check_images_exist(pairs: list[CsvPair], image_root: str | Path, source: str | Path) -> None:

@@ -17,15 +17,18 @@ mxnet itself does not import with NumPy >= 1.24, so the format is implemented he
 
 from __future__ import annotations
 
+import contextlib
 import os
 import struct
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from crfr.errors import DataError
+from crfr import storage
+from crfr.errors import DataError, storage_faults
 
 MAGIC = 0xCED7230A
 _MAGIC_BYTES = struct.pack("<I", MAGIC)
@@ -79,8 +82,9 @@ def _pad(n: int) -> int:
 class RecordWriter:
     """Appends records to a ``.rec`` and, when given keys, their offsets to a ``.idx``.
 
-    Both files are written under temporary names and renamed on ``close()``, so a killed writer leaves nothing
-    that looks complete.
+    Both files are written under temporary names beside their targets and renamed on ``close()``, so a killed
+    writer leaves nothing that looks complete; any failure (``abort()``, an error in ``close()``) deletes the
+    temporary files. A full disk or read-only folder is a StorageError naming the ``.rec``.
 
     Args:
         rec_path: the ``.rec`` to create.
@@ -90,8 +94,10 @@ class RecordWriter:
     def __init__(self, rec_path: str | Path, idx_path: str | Path | None = None) -> None:
         self.rec_path = Path(rec_path)
         self.idx_path = Path(idx_path) if idx_path is not None else None
-        self._tmp = self.rec_path.with_name(self.rec_path.name + ".tmp")
-        self._file = open(self._tmp, "wb")
+        with storage_faults(self.rec_path):
+            fd, tmp = tempfile.mkstemp(prefix=f".{self.rec_path.name}.", suffix=".tmp", dir=self.rec_path.parent)
+        self._tmp = Path(tmp)
+        self._file = os.fdopen(fd, "wb")
         self._index: list[tuple[int, int]] = []
         self._closed = False
 
@@ -104,10 +110,11 @@ class RecordWriter:
         words = np.frombuffer(payload[: len(payload) - len(payload) % 4], dtype="<u4")
         cuts = np.flatnonzero(words == MAGIC) * 4  # aligned magic words: the record must be split there
         start = 0
-        for cut in cuts.tolist():
-            self._part(payload[start:cut], 1 if start == 0 else 2)
-            start = cut + 4
-        self._part(payload[start:], 0 if start == 0 else 3)
+        with storage_faults(self.rec_path):
+            for cut in cuts.tolist():
+                self._part(payload[start:cut], 1 if start == 0 else 2)
+                start = cut + 4
+            self._part(payload[start:], 0 if start == 0 else 3)
         if key is not None:
             self._index.append((key, offset))
         return offset
@@ -118,23 +125,29 @@ class RecordWriter:
         self._file.write(_MAGIC_BYTES + struct.pack("<I", (cflag << 29) | len(data)) + data + b"\0" * _pad(len(data)))
 
     def close(self) -> None:
+        """Publish the ``.idx`` (first) and the ``.rec``; on any failure neither temporary file remains."""
         if self._closed:
             return
+        try:
+            with storage_faults(self.rec_path):
+                self._file.flush()
+                os.fsync(self._file.fileno())
+                self._file.close()
+                if self.idx_path is not None:
+                    with storage.output_file(self.idx_path) as tmp_idx:
+                        tmp_idx.write_text("".join(f"{k}\t{o}\n" for k, o in self._index))
+                os.replace(self._tmp, self.rec_path)
+        except BaseException:
+            self.abort()
+            raise
         self._closed = True
-        self._file.flush()
-        os.fsync(self._file.fileno())
-        self._file.close()
-        if self.idx_path is not None:
-            tmp_idx = self.idx_path.with_name(self.idx_path.name + ".tmp")
-            tmp_idx.write_text("".join(f"{k}\t{o}\n" for k, o in self._index))
-            os.replace(tmp_idx, self.idx_path)
-        os.replace(self._tmp, self.rec_path)
 
     def abort(self) -> None:
         """Drop everything written so far."""
         if not self._closed:
             self._closed = True
-            self._file.close()
+            with contextlib.suppress(OSError):  # a full disk can fail the final flush too
+                self._file.close()
             self._tmp.unlink(missing_ok=True)
 
     def __enter__(self) -> "RecordWriter":

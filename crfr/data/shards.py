@@ -7,40 +7,47 @@ Layout (docs/formats.md)::
     shard-00000.npy    uint8 (n, S, S, 3) RGB
     labels.npy         int64 (N,), in shard order
 
-Each file is written under a temporary name and renamed; ``index.json`` comes last, so a folder without it is
-incomplete. Reading is a memory-map per shard plus one copy of the requested image: no decoding, so the
-reader is never the bottleneck of training.
+Each file is written under a temporary name and renamed (a failed write leaves nothing); ``index.json`` comes
+last, so a folder without it is incomplete. Reading is a memory-map per shard plus one copy of the requested
+image: no decoding, so the reader is never the bottleneck of training.
 """
 
 from __future__ import annotations
 
 import bisect
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 
-from crfr.errors import DataError
+from crfr import storage
+from crfr.errors import DataError, storage_faults
 
 FORMAT = "crfr-shards/1"
 INDEX = "index.json"
 LABELS = "labels.npy"
 
 
-def _save_npy(path: Path, array: np.ndarray) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        np.save(f, array, allow_pickle=False)
-    os.replace(tmp, path)
+class _WriteOnly:
+    """A file seen only through ``write``: numpy then writes in chunks with it, and a full disk raises ENOSPC.
+
+    (Given a real file, numpy's ``tofile`` reports a short write as an OSError without errno.)
+    """
+
+    def __init__(self, file) -> None:
+        self.write = file.write
+
+
+def save_npy(path: str | Path, array: np.ndarray) -> None:
+    """Write one ``.npy`` (never pickled) through :func:`crfr.storage.output_file`: all of it or nothing."""
+    with storage.output_file(path) as tmp, open(tmp, "wb") as f:
+        np.save(_WriteOnly(f), array, allow_pickle=False)
 
 
 def write_json(path: str | Path, obj) -> None:
-    """Write JSON under a temporary name, then rename."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1) + "\n")
-    os.replace(tmp, path)
+    """Write JSON through :func:`crfr.storage.output_file`: all of it or nothing, a full disk named."""
+    with storage.output_file(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=1) + "\n")
 
 
 class ShardWriter:
@@ -56,7 +63,8 @@ class ShardWriter:
         if shard_size < 1:
             raise ValueError("shard_size must be >= 1")
         self.out_dir = Path(out_dir)
-        self.out_dir.mkdir(parents=True, exist_ok=True)
+        with storage_faults(self.out_dir):
+            self.out_dir.mkdir(parents=True, exist_ok=True)
         self.shard_size = shard_size
         self.image_size = image_size
         self._buf: np.ndarray | None = None
@@ -92,7 +100,7 @@ class ShardWriter:
         if not self._fill:
             return
         name = f"shard-{len(self._shards):05d}.npy"
-        _save_npy(self.out_dir / name, self._buf[: self._fill])
+        save_npy(self.out_dir / name, self._buf[: self._fill])
         self._shards.append({"file": name, "count": self._fill})
         self._fill = 0
 
@@ -116,7 +124,7 @@ class ShardWriter:
         num_classes = len(classes) if classes is not None else (int(final.max()) + 1 if len(final) else 0)
         if len(final) and (final.min() < 0 or final.max() >= num_classes):
             raise ValueError(f"labels must lie in [0, {num_classes}), got [{final.min()}, {final.max()}]")
-        _save_npy(self.out_dir / LABELS, final)
+        save_npy(self.out_dir / LABELS, final)
         index = {
             "format": FORMAT,
             "num_images": int(len(final)),

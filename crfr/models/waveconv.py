@@ -9,7 +9,10 @@ implementations:
 * ``fast`` (default): Haar on even sizes is ``2 * avg_pool2d(x, 2)`` exactly; everything else is one padding
   step (PyWavelets' extension mode) and a fixed depthwise strided convolution with the outer product of the
   wavelet's decomposition low-pass filter.
-* ``reference``: pytorch_wavelets' ``DWTForward``, which computes all four bands and keeps LL.
+* ``reference``: pytorch_wavelets' ``DWTForward``, which computes all four bands and keeps LL. Its filters are
+  constants, kept out of the state dict as the fast path's are, so a student of either implementation loads
+  a teacher's weights with ``strict=True``. Its backward fails under bf16/fp16 autocast (crfr.config refuses
+  ``ll_impl: reference`` unless ``runtime.amp: none``).
 """
 
 from __future__ import annotations
@@ -85,6 +88,14 @@ class LowPass2d(nn.Module):
             from pytorch_wavelets import DWTForward
 
             self._reference = DWTForward(J=1, wave=wavelet, mode=mode)
+            for name, buf in list(self._reference.named_buffers(recurse=False)):
+                self._reference.register_buffer(name, buf, persistent=False)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        # Models saved before the filters became non-persistent carry them: they are constants, drop them.
+        for key in [k for k in state_dict if k.startswith(f"{prefix}_reference.")]:
+            del state_dict[key]
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def extra_repr(self) -> str:
         return f"wavelet={self.wavelet}, mode={self.mode}, impl={self.impl}"
@@ -96,6 +107,10 @@ class LowPass2d(nn.Module):
         h, w = x.shape[-2:]
         if self._haar and h % 2 == 0 and w % 2 == 0:
             # For Haar on even sizes the LL band is exactly twice the 2x2 mean (no padding involved).
+            if torch.onnx.is_in_onnx_export():
+                # ONNX AveragePool has no divisor: both torch exporters drop divisor_override without a word,
+                # which halved the LL band of the exported graph. 2 x mean is the same value, exactly.
+                return 2 * F.avg_pool2d(x, 2)
             return F.avg_pool2d(x, 2, divisor_override=2)
         x = self._extend(x, h, dim=-2)
         x = self._extend(x, w, dim=-1)

@@ -2,7 +2,9 @@
 
 Every random choice (order, flip, degradation) is a pure function of (seed, epoch, index), never of a
 global RNG, so a resumed run, a run with more loader workers or a DDP rank sees exactly the data it would
-have seen otherwise.
+have seen otherwise. The epoch travels with each index: ``EpochSampler`` runs in the main process and yields
+``(epoch, index)`` keys, so loader workers (persistent ones keep the dataset copy they were started with)
+never depend on state set after they started.
 """
 
 from __future__ import annotations
@@ -23,6 +25,9 @@ EPOCH_STRIDE = 1 << 32
 class FaceTrainingSet(Dataset):
     """Wraps an indexable of ``(uint8 HxWx3, label)``; yields uint8 arrays, normalised later on the device.
 
+    Items are keyed by ``(epoch, index)`` (what ``EpochSampler`` yields); a plain ``index`` means
+    ``(self.epoch, index)``, for direct use in one process.
+
     Args:
         faces: e.g. ``crfr.data.shards.ShardDataset``.
         lr_data: None for HR only (teacher); ``bicubic`` or ``degraded`` to add the student's LR view.
@@ -36,28 +41,31 @@ class FaceTrainingSet(Dataset):
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
+        """The epoch of plain integer keys; loader workers never see it (keys from the sampler carry theirs)."""
         self.epoch = epoch
 
     def __len__(self) -> int:
         return len(self.faces)
 
-    def __getitem__(self, index: int):
+    def __getitem__(self, key: int | tuple[int, int]):
+        epoch, index = (int(key[0]), int(key[1])) if isinstance(key, tuple) else (self.epoch, int(key))
         img, label = self.faces[index]
         img = np.asarray(img)
-        rng = np.random.default_rng((self.seed, self.epoch, index))
+        rng = np.random.default_rng((self.seed, epoch, index))
         if rng.random() < 0.5:
             img = img[:, ::-1]
         img = np.ascontiguousarray(img)
         if self.degrader is None:
             return torch.from_numpy(img), int(label)
-        low = self.degrader(img, self.epoch * EPOCH_STRIDE + index)
+        low = self.degrader(img, epoch * EPOCH_STRIDE + index)
         return torch.from_numpy(img), torch.from_numpy(low), int(label)
 
 
-class EpochSampler(Sampler[int]):
+class EpochSampler(Sampler[tuple[int, int]]):
     """A fresh permutation per epoch from (seed, epoch); each DDP rank takes every world_size-th index.
 
-    Every rank gets the same number of samples (the tail is dropped), so collective ops never wait forever.
+    Yields ``(epoch, index)`` keys for ``FaceTrainingSet``. Every rank gets the same number of samples (the
+    tail is dropped), so collective ops never wait forever.
     """
 
     def __init__(self, size: int, seed: int, rank: int = 0, world_size: int = 1) -> None:
@@ -70,8 +78,9 @@ class EpochSampler(Sampler[int]):
     def __len__(self) -> int:
         return self.size // self.world_size
 
-    def __iter__(self) -> Iterator[int]:
+    def __iter__(self) -> Iterator[tuple[int, int]]:
         gen = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
         order = torch.randperm(self.size, generator=gen)
         per_rank = len(self)
-        return iter(order[self.rank : per_rank * self.world_size : self.world_size].tolist())
+        mine = order[self.rank : per_rank * self.world_size : self.world_size].tolist()
+        return iter([(self.epoch, index) for index in mine])

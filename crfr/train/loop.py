@@ -26,9 +26,9 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from crfr.artifacts import atomic_torch_save, load_model, save_model
+from crfr.artifacts import atomic_torch_save, load_model, safe_torch_load, save_model
 from crfr.config import OptimCfg, Params
-from crfr.errors import DataError, TrainingError
+from crfr.errors import DataError, StorageError, TrainingError
 from crfr.losses import ArcFace, LossTerms, WaveletSimilarity, arcface_loss, distillation_loss
 from crfr.models import build_backbone
 from crfr.train.data import EpochSampler, FaceTrainingSet
@@ -89,7 +89,15 @@ def lr_factor(step: int, steps_per_epoch: int, cfg: OptimCfg) -> float:
 
 
 def _rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    """Every RNG's state as tensors and plain Python data, so the checkpoint loads with ``weights_only=True``."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+        "python": {"version": version, "internal": list(internal), "gauss_next": gauss_next},
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -97,10 +105,24 @@ def _rng_state() -> dict:
 
 def _set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
+    py = state["python"]
+    random.setstate((py["version"], tuple(py["internal"]), py["gauss_next"]))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _plain(value):
+    """``value`` with numpy scalars and arrays turned into Python numbers and lists (weights_only-loadable)."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, (np.generic, np.ndarray)):
+        return value.tolist()
+    return value
 
 
 def load_teacher(teacher_dir: str, device: torch.device) -> tuple[nn.Module, ArcFace]:
@@ -109,7 +131,7 @@ def load_teacher(teacher_dir: str, device: torch.device) -> tuple[nn.Module, Arc
     head_file = Path(teacher_dir) / HEAD_FILE
     if not head_file.is_file():
         raise DataError(f"teacher head not found: {head_file} (was the teacher trained by crfr?)")
-    head_state = torch.load(head_file, map_location="cpu", weights_only=True)
+    head_state = safe_torch_load(head_file, "teacher head")
     head = ArcFace(head_state["embedding_size"], head_state["num_classes"], head_state["s"], head_state["m"])
     head.load_state_dict(head_state["state_dict"])
     head.to(device).eval()
@@ -193,14 +215,16 @@ class Trainer:
         self.mlflow_run_id: str | None = None
         self.history: list[dict] = []
         self.step_rows: list[dict] = []
-        # Set by the caller: a checkpoint only resumes a run with the same settings.
+        # Set by the caller: a checkpoint only resumes a run with the same settings and the same prepared data.
         self.fingerprint: str | None = None
+        self.data_fingerprint: str | None = None
 
     # ----------------------------------------------------------------------------------------- state
     def state_dict(self) -> dict:
         return {
             "spec_name": self.spec.name,
             "fingerprint": self.fingerprint,
+            "data_fingerprint": self.data_fingerprint,
             "net": self.net.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
@@ -209,8 +233,8 @@ class Trainer:
             "epoch": self.epoch,
             "step": self.step,
             "mlflow_run_id": self.mlflow_run_id,
-            "history": self.history,
-            "step_rows": self.step_rows,
+            "history": _plain(self.history),
+            "step_rows": _plain(self.step_rows),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -244,25 +268,61 @@ class Trainer:
     def try_resume(self) -> bool:
         """Continue from the last checkpoint in ``work_dir`` (or its remote mirror), if any.
 
-        Returns whether one was found.
+        The file is loaded weights-only: a checkpoint holds tensors and plain data, nothing that runs code,
+        whoever wrote it. One that would (or is corrupt) is refused and moved out of the way, so the next
+        ``--resume`` does not trip over it again: a downloaded copy is deleted (the remote object stays for
+        inspection), a local one is renamed to ``checkpoint.pt.refused``.
+
+        Returns:
+            Whether one was found.
+
+        Raises:
+            DataError: the checkpoint was refused (``UnsafeFileError``: it would run code) or is unreadable.
+            TrainingError: it belongs to another step, other settings or other prepared data.
         """
+        downloaded = False
         if not self.checkpoint_path.is_file() and self.remote_checkpoint:
             from crfr import storage
 
             if storage.exists(self.remote_checkpoint):
                 storage.download(self.remote_checkpoint, self.checkpoint_path)
+                downloaded = True
         if not self.checkpoint_path.is_file():
             return False
-        # The checkpoint holds optimiser and RNG state (numpy arrays, tuples), which weights_only refuses;
-        # it is our own file in our own work dir, not a download.
-        state = torch.load(self.checkpoint_path, map_location=self.rt.device, weights_only=False)
+        try:
+            # On the CPU: RNG states must stay CPU tensors; load_state_dict moves the rest to the model's device.
+            state = safe_torch_load(self.checkpoint_path, "checkpoint", map_location="cpu")
+        except DataError as exc:
+            raise type(exc)(f"{exc}. {self._set_aside(downloaded)}") from None
+        if not isinstance(state, dict) or not {"net", "optimizer", "rng", "epoch"} <= set(state):
+            raise DataError(f"{self.checkpoint_path}: not a crfr checkpoint. {self._set_aside(downloaded)}")
         if state.get("spec_name") != self.spec.name:
             raise TrainingError(f"{self.checkpoint_path} belongs to {state.get('spec_name')!r}, not {self.spec.name!r}")
         if self.fingerprint and state.get("fingerprint") != self.fingerprint:
             raise TrainingError(f"{self.checkpoint_path}: the checkpoint was made with other settings; "
                                 "rerun without --resume to start over")
+        if self.data_fingerprint and state.get("data_fingerprint") != self.data_fingerprint:
+            raise TrainingError(
+                f"{self.checkpoint_path}: the checkpoint was trained on other prepared data "
+                f"(data fingerprint {state.get('data_fingerprint')}, this run's {self.data_fingerprint}); "
+                "pass the prepared data it was made with, or rerun without --resume to start over"
+            )
         self.load_state_dict(state)
         return True
+
+    def _set_aside(self, downloaded: bool) -> str:
+        """Move a refused checkpoint out of ``work_dir``; says what was done, for the error message."""
+        path = self.checkpoint_path
+        try:
+            if downloaded:
+                path.unlink()
+                return f"The downloaded copy was deleted; the original is still at {self.remote_checkpoint}"
+            aside = path.with_name(path.name + ".refused")
+            os.replace(path, aside)
+            return f"It was renamed to {aside}; delete it, or rerun without --resume to start over"
+        except OSError as exc:
+            fault = StorageError.from_os_error(exc, path, action="remove")
+            return f"It could not be moved aside ({fault or exc}): delete it by hand"
 
     # ------------------------------------------------------------------------------------------ step
     def loss_terms(self, batch) -> tuple[LossTerms, int]:

@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import json
 from pathlib import Path
 
 import numpy as np
 
-from crfr import storage, tracking
+from crfr import redact, storage, tracking
 from crfr.config import Params
-from crfr.train.loop import Holdout, Trainer, TrainSpec, write_history_csv
+from crfr.train.loop import CHECKPOINT_FILE, Holdout, Trainer, TrainSpec, write_history_csv
 from crfr.train.runtime import resolve_runtime, shutdown
 
 
@@ -20,6 +21,35 @@ def spec_hash(spec: TrainSpec, params: Params) -> str:
     relevant["spec"] = {k: (v.model_dump(mode="json") if hasattr(v, "model_dump") else v)
                         for k, v in vars(spec).items() if k != "teacher_dir"}
     return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def prepared_fingerprint(prepared: Path) -> str:
+    """Digest of the prepared training data: a checkpoint of dataset A never resumes on dataset B.
+
+    Covers ``train/index.json`` (classes, shard sizes, image size, alignment; not the machine-specific source
+    path), ``train/labels.npy`` and the training rows of ``manifest.csv`` (each image's path relative to its
+    source and the sha256 of its bytes), all written by prepare. Without a manifest (shards made by other
+    means), the first image of every shard stands in for the image bytes. Reads kilobytes, not the shards.
+    """
+    from crfr.data.shards import INDEX, LABELS, ShardDataset
+
+    train = prepared / "train"
+    digest = hashlib.sha256()
+    index = json.loads((train / INDEX).read_text())
+    index.pop("source", None)
+    digest.update(json.dumps(index, sort_keys=True).encode())
+    digest.update((train / LABELS).read_bytes())
+    manifest = prepared / "manifest.csv"
+    if manifest.is_file():
+        with open(manifest, newline="", encoding="utf-8") as f:
+            for row in csv.reader(f):
+                if len(row) >= 4 and row[2] == "train":
+                    digest.update("\t".join(row).encode() + b"\n")
+    else:
+        faces = ShardDataset(train)
+        for k in range(len(faces.index["shards"])):
+            digest.update(np.ascontiguousarray(faces.shard(k)[0]).tobytes())
+    return digest.hexdigest()[:16]
 
 
 def load_holdout(prepared: Path, params: Params) -> Holdout | None:
@@ -64,9 +94,14 @@ def run_training(
     runtime = resolve_runtime(params.runtime)
     faces = ShardDataset(prepared / "train")
     work_dir = Path(params.run_dir) / "checkpoints" / spec.name
+    if runtime.is_main:  # before any training: a read-only or full target fails now, not hours later
+        for target in (work_dir / CHECKPOINT_FILE, out_dir, report_dir):
+            if target is not None:
+                storage.check_writable(target)
     fingerprint = spec_hash(spec, params)
     trainer = Trainer(spec, params, faces, runtime, work_dir, holdout=load_holdout(prepared, params))
     trainer.fingerprint = fingerprint
+    trainer.data_fingerprint = prepared_fingerprint(prepared)
     resumed = False
     if resume:
         resumed = trainer.try_resume()
@@ -74,35 +109,37 @@ def run_training(
         trainer.checkpoint_path.unlink()  # a fresh run must never pick up a stale checkpoint later
 
     log, log_epoch, finish = _mlflow_hooks(trainer, spec, params, runtime.is_main, resumed)
+    # Publishing is part of the run: a model that could not be written is a FAILED run, never FINISHED.
     try:
         history = trainer.fit(on_log=log, on_epoch=log_epoch)
+        summary = {
+            "name": spec.name,
+            "backbone": spec.backbone,
+            "epochs": trainer.epoch,
+            "steps": trainer.step,
+            "resumed": resumed,
+            "mlflow_run_id": trainer.mlflow_run_id,
+            "final": history[-1] if history else {},
+            "images_per_s": float(np.mean([h["images_per_s"] for h in history])) if history else 0.0,
+        }
+        if runtime.is_main:
+            # Params hold no password (config.TrackingCfg), but any setting may name a URI or a secret value.
+            config = redact.redact_tree(params.model_dump(mode="json"))
+            meta = {"name": spec.name, "num_classes": trainer.num_classes, "mlflow_run_id": trainer.mlflow_run_id,
+                    "spec": {k: v for k, v in vars(spec).items() if k not in ("optim", "teacher_dir")}}
+            with storage.output_dir(out_dir) as staging:
+                trainer.export(staging, meta=meta)
+                (staging / "config.json").write_text(json.dumps(config, indent=2))
+                _log_artifacts(staging, trainer.mlflow_run_id)
+                if report_dir is None:
+                    _write_report(staging, summary, history, trainer.step_rows)
+            if report_dir is not None:
+                with storage.output_dir(report_dir) as staging:
+                    _write_report(staging, summary, history, trainer.step_rows)
     except BaseException as exc:
         finish("FAILED" if not isinstance(exc, KeyboardInterrupt) else "KILLED")
         shutdown(runtime)
         raise
-    summary = {
-        "name": spec.name,
-        "backbone": spec.backbone,
-        "epochs": trainer.epoch,
-        "steps": trainer.step,
-        "resumed": resumed,
-        "mlflow_run_id": trainer.mlflow_run_id,
-        "final": history[-1] if history else {},
-        "images_per_s": float(np.mean([h["images_per_s"] for h in history])) if history else 0.0,
-    }
-    if runtime.is_main:
-        config = params.model_dump(mode="json")
-        meta = {"name": spec.name, "num_classes": trainer.num_classes, "mlflow_run_id": trainer.mlflow_run_id,
-                "spec": {k: v for k, v in vars(spec).items() if k not in ("optim", "teacher_dir")}}
-        with storage.output_dir(out_dir) as staging:
-            trainer.export(staging, meta=meta)
-            (staging / "config.json").write_text(json.dumps(config, indent=2))
-            _log_artifacts(staging, trainer.mlflow_run_id)
-            if report_dir is None:
-                _write_report(staging, summary, history, trainer.step_rows)
-        if report_dir is not None:
-            with storage.output_dir(report_dir) as staging:
-                _write_report(staging, summary, history, trainer.step_rows)
     finish("FINISHED")
     shutdown(runtime)
     return summary
@@ -128,7 +165,7 @@ def _mlflow_hooks(trainer: Trainer, spec: TrainSpec, params: Params, is_main: bo
         flat = params.flat()
         flat.update({f"spec.{k}": v for k, v in vars(spec).items() if k != "optim"})
         flat.update({f"spec.optim.{k}": v for k, v in spec.optim.model_dump().items()})
-        mlflow.log_params({k: str(v)[:500] for k, v in flat.items()})
+        mlflow.log_params({k: redact.redact_text(str(v))[:500] for k, v in flat.items()})
         mlflow.set_tags({"crfr.step": spec.name, "crfr.backbone": spec.backbone})
 
     def log(metrics: dict, step: int) -> None:

@@ -1,0 +1,1 @@
+"""Evaluation: LR probes (probes), verifying models (run), results and metrics.json (results), tables, thresholds, plots."""

@@ -1,0 +1,169 @@
+"""LR probes: how a verification image is made low-resolution, the synthesize step's files, and reading them.
+
+* ``linear``: ``cv2.resize(INTER_LINEAR)`` down to the size (the paper's test protocol).
+* ``realistic``: the Fig. 2 degradation model stopped at the size, seed ``evaluate.realistic_seed``,
+  sample index = image row, so every run and every evaluator sees the same probes.
+
+Either way the network sees the probe brought back to its input size with the interpolation of its
+protocol (:func:`crfr.degrade.upsample`). :func:`make_probes` is the one definition: :func:`write_probes`
+(the synthesize step) stores its output, :class:`ProbeSource` reads those files back or calls it on the fly.
+Sizes are ``evaluate.resolutions`` below the image size (the full size is the HR image itself).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import cv2
+import numpy as np
+from tqdm import tqdm
+
+from crfr import storage
+from crfr.config import Params
+from crfr.data.pairs import PairSet, load_pair_set
+from crfr.data.shards import write_json
+from crfr.degrade import Degrader, resize, upsample
+from crfr.errors import DataError
+
+PREVIEW_ROWS_PER_SET = 3
+
+
+def make_probes(images: np.ndarray, protocol: str, size: int, params: Params, rows: np.ndarray | None = None,
+                progress: bool = False, desc: str = "") -> np.ndarray:
+    """uint8 (len(rows), size, size, 3): images ``rows`` (default: all) made LR by ``protocol``.
+
+    Image row ``r`` is always degraded as sample ``r``, so a subset of rows gets exactly the probes of the
+    whole set.
+    """
+    rows = np.arange(len(images)) if rows is None else np.asarray(rows)
+    out = np.empty((len(rows), size, size, 3), np.uint8)
+    degrader = Degrader(params.degrade, seed=params.evaluate.realistic_seed) if protocol == "realistic" else None
+    for i, row in enumerate(tqdm(rows, desc=desc, unit="img", disable=not progress, leave=False)):
+        img = np.asarray(images[row])
+        if degrader is None:
+            out[i] = resize(img, size, cv2.INTER_LINEAR)
+        else:
+            out[i] = degrader.apply_lr(img, index=int(row), size=size)[0]
+    return out
+
+
+def upsampler(protocol: str, out_size: int) -> Callable[[np.ndarray], np.ndarray]:
+    """The per-batch transform that brings stored probes back to the network input size."""
+
+    def transform(batch: np.ndarray) -> np.ndarray:
+        return np.stack([upsample(img, out_size, protocol) for img in batch])
+
+    return transform
+
+
+class ProbeSource:
+    """LR versions of an eval set's images: the synthesize step's files, or made here by :func:`make_probes`.
+
+    Args:
+        probes_dir: the synthesize output (``<set>/<protocol>/<size>.npy``); None makes the probes on the fly.
+        params: for the degradation settings and the seed.
+    """
+
+    def __init__(self, probes_dir: Path | None, params: Params) -> None:
+        self.dir, self.params = probes_dir, params
+
+    def get(self, data: PairSet, protocol: str, size: int, rows: np.ndarray) -> np.ndarray:
+        """uint8 (len(rows), size, size, 3): the LR versions of images ``rows``."""
+        if self.dir is None:
+            return make_probes(data.images, protocol, size, self.params, rows)
+        file = self.dir / data.name / protocol / f"{size}.npy"
+        if not file.is_file():
+            raise DataError(f"LR probes missing: {file} (run the synthesize step for set {data.name!r}, "
+                            f"protocol {protocol!r}, size {size}, or leave --probes out to make them here)")
+        arr = np.load(file, mmap_mode="r")
+        if arr.shape != (len(data.images), size, size, 3):
+            raise DataError(f"{file}: shape {arr.shape}, expected {(len(data.images), size, size, 3)} "
+                            f"(one LR image per row of eval/{data.name}/images.npy)")
+        return np.asarray(arr[rows])
+
+
+def preview(sets: dict[str, PairSet], probes: dict[tuple[str, str, int], np.ndarray], protocols: list[str],
+            sizes: list[int], path: Path) -> None:
+    """A labelled grid: per row one face (HR), then its LR versions at each size and protocol, upsampled back."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = []
+    for name, ps in sets.items():
+        m = len(ps.images)
+        # Probe images of different pairs spread over the set: different people in LFW-style files.
+        picks = sorted({int(ps.left[j]) for j in np.linspace(0, ps.num_pairs - 1, PREVIEW_ROWS_PER_SET).astype(int)})
+        rows += [(name, r) for r in picks if r < m]
+    cols = [("HR", None, None)] + [(f"{p} {s}px", p, s) for p in protocols for s in sizes]
+    fig, axes = plt.subplots(len(rows), len(cols), figsize=(1.6 * len(cols), 1.75 * len(rows)), squeeze=False)
+    for r, (name, row) in enumerate(rows):
+        hr = np.asarray(sets[name].images[row])
+        for c, (title, protocol, size) in enumerate(cols):
+            img = hr if protocol is None else upsample(probes[(name, protocol, size)][row], hr.shape[0], protocol)
+            ax = axes[r][c]
+            ax.imshow(img)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if r == 0:
+                ax.set_title(title, fontsize=8)
+            if c == 0:
+                ax.set_ylabel(f"{name} #{row}", fontsize=7)
+    fig.suptitle("LR probes (upsampled back for display)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def write_probes(prepared_dir: str, out_dir: str, params: Params, progress: bool = True) -> dict:
+    """Write the LR probes of every eval set of ``prepared_dir`` to ``out_dir`` (docs/formats.md).
+
+    Args:
+        prepared_dir: the prepare step's output (local path or s3:// URI).
+        out_dir: output folder or s3:// URI, published atomically by :func:`crfr.storage.output_dir`.
+        params: ``data.eval_sets``, ``evaluate`` (protocols, resolutions, realistic_seed), ``degrade``.
+        progress: show progress bars.
+
+    Returns:
+        The content of ``index.json``, timings included.
+
+    Raises:
+        DataError: the eval sets are missing or differ in image size.
+    """
+    storage.configure(params.storage)
+    t0 = time.perf_counter()
+    prepared = storage.local_input(prepared_dir, kind="dir")
+    sets = {es.name: load_pair_set(prepared / "eval" / es.name) for es in params.data.eval_sets}
+    image_size = {int(ps.images.shape[1]) for ps in sets.values()}
+    if len(image_size) != 1:
+        raise DataError(f"{prepared}: eval sets have different image sizes {sorted(image_size)}")
+    out_size = image_size.pop()
+    sizes = sorted({s for s in params.evaluate.resolutions if s < out_size})
+    protocols = list(dict.fromkeys(params.evaluate.protocols))
+    index = {
+        "sets": list(sets),
+        "protocols": protocols,
+        "sizes": sizes,
+        "out_size": out_size,
+        "seed": params.evaluate.realistic_seed,
+        "images": {name: int(len(ps.images)) for name, ps in sets.items()},
+    }
+    with storage.output_dir(out_dir) as stage:
+        probes: dict[tuple[str, str, int], np.ndarray] = {}
+        for name, ps in sets.items():
+            for protocol in protocols:
+                for size in sizes:
+                    arr = make_probes(ps.images, protocol, size, params, progress=progress,
+                                      desc=f"{name} {protocol} {size}px")
+                    # Plain writes: the staging folder is published only once all of it is written.
+                    (stage / name / protocol).mkdir(parents=True, exist_ok=True)
+                    np.save(stage / name / protocol / f"{size}.npy", arr, allow_pickle=False)
+                    probes[(name, protocol, size)] = arr
+        if sizes and protocols:
+            preview(sets, probes, protocols, sizes, stage / "preview.png")
+        index["timings_s"] = {"total": round(time.perf_counter() - t0, 2)}
+        write_json(stage / "index.json", index)
+    return index

@@ -1,0 +1,116 @@
+"""Evaluation results: one verification result per (model, set, protocol, resolution), and metrics.json.
+
+``metrics.json`` is ``model -> set -> protocol -> resolution -> scalars`` (``acc``, ``std``, thresholds,
+AUC, TAR@FAR), with per protocol a ``mean`` entry (the accuracy averaged over resolutions) and, with more
+than one eval set, an ``average`` set (the accuracy averaged over sets: Table I's "Avg"). Acceptance checks
+read ``d["teacher"]["lfw"]["linear"]["14"]["acc"]``: that layout is fixed. :meth:`Evaluation.cells` is the
+one walk over it; tables, thresholds, plot data, MLflow metrics and the Kubeflow step all take it from there.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from crfr.verification import VerificationResult
+
+AVERAGE = "average"  # pseudo-dataset: the mean over eval sets (Table I's "Avg on LFW, AgeDB, ...")
+MEAN = "mean"  # pseudo-resolution: the mean over resolutions (Table I's last column)
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One entry of metrics.json.
+
+    Attributes:
+        model: the table row (``teacher``, ``student``, an ablation row).
+        dataset: an eval set's name, or ``average``.
+        protocol: the probe protocol.
+        resolution: the probe size as metrics.json keys it (``"14"``), or ``mean``.
+        values: the scalars; ``acc`` always, the others only where a result was measured.
+    """
+
+    model: str
+    dataset: str
+    protocol: str
+    resolution: str
+    values: dict[str, float]
+
+
+def _mean(values) -> float:
+    return round(float(np.mean(values)), 4)
+
+
+@dataclass
+class Evaluation:
+    """Every result of an evaluation run, keyed by (model, dataset, protocol, resolution).
+
+    Attributes:
+        datasets: the eval sets, in params order (without ``average``).
+        protocols: the probe protocols, in params order.
+        resolutions: probe sizes in pixels; the image size itself is the HR column.
+        hr_size: the image size of the eval sets.
+    """
+
+    datasets: list[str]
+    protocols: list[str]
+    resolutions: list[int]
+    hr_size: int
+    _results: dict[tuple[str, str, str, int], VerificationResult] = field(default_factory=dict, init=False,
+                                                                          repr=False)
+    _metrics: dict | None = field(default=None, init=False, repr=False)
+
+    def add(self, model: str, dataset: str, protocol: str, resolution: int, result: VerificationResult) -> None:
+        self._results[(model, dataset, protocol, int(resolution))] = result
+        self._metrics = None
+
+    def result(self, model: str, dataset: str, protocol: str, resolution: int) -> VerificationResult:
+        """The measured result (ROC curve included) of one cell."""
+        return self._results[(model, dataset, protocol, int(resolution))]
+
+    @property
+    def models(self) -> list[str]:
+        """Table rows, in the order they were evaluated."""
+        return list(dict.fromkeys(key[0] for key in self._results))
+
+    @property
+    def summary_datasets(self) -> list[str]:
+        """The datasets of metrics.json and the tables: ``average`` first when there are several sets."""
+        return ([AVERAGE] if len(self.datasets) > 1 else []) + self.datasets
+
+    def metrics(self) -> dict:
+        """The content of metrics.json (built once, then cached until the next :meth:`add`)."""
+        if self._metrics is None:
+            self._metrics = self._build_metrics()
+        return self._metrics
+
+    def _build_metrics(self) -> dict:
+        res = [str(r) for r in self.resolutions]
+        metrics: dict = {}
+        for model in self.models:
+            per_set = metrics[model] = {}
+            for dataset in self.datasets:
+                node = per_set[dataset] = {}
+                for protocol in self.protocols:
+                    cells = {r: self.result(model, dataset, protocol, int(r)).summary() for r in res}
+                    node[protocol] = {**cells, MEAN: {"acc": _mean([cells[r]["acc"] for r in res])}}
+            if len(self.datasets) > 1:
+                avg = per_set[AVERAGE] = {}
+                for protocol in self.protocols:
+                    cells = {r: {"acc": _mean([per_set[s][protocol][r]["acc"] for s in self.datasets])} for r in res}
+                    avg[protocol] = {**cells, MEAN: {"acc": _mean([cells[r]["acc"] for r in res])}}
+        return metrics
+
+    def cells(self) -> Iterator[Cell]:
+        """Every entry of metrics.json, in its order: model, dataset (sets, then average), protocol, resolution."""
+        for model, per_set in self.metrics().items():
+            for dataset, per_protocol in per_set.items():
+                for protocol, per_res in per_protocol.items():
+                    for resolution, values in per_res.items():
+                        yield Cell(model, dataset, protocol, resolution, values)
+
+    def cell(self, model: str, dataset: str, protocol: str, resolution: int | str) -> dict[str, float]:
+        """The scalars of one entry; ``resolution`` is a size or ``mean``."""
+        return self.metrics()[model][dataset][protocol][str(resolution)]

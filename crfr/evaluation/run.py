@@ -1,0 +1,183 @@
+"""Multi-resolution verification of one or more models, and the report it writes.
+
+For every model, eval set, probe protocol (``evaluate.protocols``) and resolution (``evaluate.resolutions``;
+the network input size, 112, means HR: no LR image at all) the pairs are scored with insightface's protocol
+(:mod:`crfr.verification`). Cross-resolution by default: only the probe (the first image of each pair) is
+LR, brought back to 112 with the interpolation of its protocol, and the gallery image stays HR;
+``evaluate.probe_side: both`` makes both sides LR.
+
+Work is shared: the HR embeddings of a set are computed once per model and serve the 112 column and every
+HR gallery side; the LR embeddings are computed once per (protocol, size) for the distinct probe images only.
+
+The report (written atomically to ``out_dir``): ``metrics.json``, ``table.md``, ``table.json``,
+``thresholds.json``, ``plots/accuracy_vs_resolution.png``, ``plots/roc_<protocol>_<res>.png``,
+``plots/accuracy.csv`` and ``plots/accuracy_by_dataset.csv``; everything is also logged to one MLflow run.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from crfr import storage, verification  # verification.embed_images is looked up per call: tests count passes
+from crfr.config import Params
+from crfr.data.pairs import PairSet, load_pair_set
+from crfr.devices import choose_device
+from crfr.errors import ConfigError, DataError
+from crfr.evaluation.plots import write_plots
+from crfr.evaluation.probes import ProbeSource, upsampler
+from crfr.evaluation.results import AVERAGE, Evaluation
+from crfr.evaluation.tables import build_tables, render_markdown
+from crfr.evaluation.thresholds import build_thresholds
+
+log = logging.getLogger(__name__)
+
+
+def load_pairs(set_dir: Path, name: str) -> PairSet:
+    """``eval/<name>/`` of the prepare step (images memory-mapped)."""
+    data = load_pair_set(set_dir)
+    data.name = name  # probe files and report keys go by the configured name
+    return data
+
+
+def evaluate_model(name: str, model, data: PairSet, params: Params, probes: ProbeSource, device: str,
+                   evaluation: Evaluation) -> None:
+    """Add every (protocol, resolution) result of model ``name`` on eval set ``data`` to ``evaluation``."""
+    cfg = params.evaluate
+    hr_size = int(data.images.shape[1])
+    progress = sys.stderr.isatty()
+
+    def embed(images, desc, transform=None):
+        return verification.embed_images(model, images, cfg.batch_size, device, transform=transform, desc=desc,
+                                         progress=progress)
+
+    t0 = time.perf_counter()
+    hr = embed(data.images, f"{name}/{data.name} HR")  # once: the 112 column and every HR gallery side
+    log.info("%s/%s: HR embeddings of %d images in %.1fs", name, data.name, len(hr), time.perf_counter() - t0)
+    probe_rows = data.left if cfg.probe_side == "probe" else np.concatenate([data.left, data.right])
+    unique_rows = np.unique(probe_rows)
+    hr_result = None
+    for protocol in cfg.protocols:
+        for res in cfg.resolutions:
+            if res >= hr_size:
+                if hr_result is None:
+                    hr_result = verification.verify(hr[data.left], hr[data.right], data.same, cfg.nfolds,
+                                                    cfg.far_targets)
+                evaluation.add(name, data.name, protocol, res, hr_result)
+                continue
+            lr_images = probes.get(data, protocol, res, unique_rows)
+            lr = np.zeros_like(hr)
+            lr[unique_rows] = embed(lr_images, f"{name}/{data.name} {protocol} {res}px", upsampler(protocol, hr_size))
+            gallery = hr[data.right] if cfg.probe_side == "probe" else lr[data.right]
+            result = verification.verify(lr[data.left], gallery, data.same, cfg.nfolds, cfg.far_targets)
+            evaluation.add(name, data.name, protocol, res, result)
+            log.info("%s/%s %s %dpx: %.2f%%", name, data.name, protocol, res, result.accuracy)
+
+
+def _key(text: str) -> str:
+    """MLflow metric names allow letters, digits, ``_ - . /`` and spaces; anything else becomes ``-``."""
+    return re.sub(r"[^A-Za-z0-9_.-]", "-", text)
+
+
+def flat_mlflow_metrics(evaluation: Evaluation) -> dict[str, float]:
+    """``{metric}_{set}_{protocol}_{res}_{model}``, e.g. ``acc_lfw_linear_14_student``."""
+    flat = {}
+    for c in evaluation.cells():
+        for metric, value in c.values.items():
+            if value is not None and np.isfinite(value):
+                flat[_key(f"{metric}_{c.dataset}_{c.protocol}_{c.resolution}_{c.model}")] = float(value)
+    return flat
+
+
+def _write_report(out: Path, evaluation: Evaluation, tables: dict, thresholds: dict) -> None:
+    (out / "metrics.json").write_text(json.dumps(evaluation.metrics(), indent=2) + "\n")
+    (out / "table.json").write_text(json.dumps(tables, indent=2) + "\n")
+    (out / "table.md").write_text(render_markdown(tables))
+    (out / "thresholds.json").write_text(json.dumps(thresholds, indent=2) + "\n")
+    write_plots(evaluation, out / "plots")
+
+
+def _log_to_mlflow(folder: Path, evaluation: Evaluation, models: dict[str, str], params: Params) -> str:
+    import mlflow
+
+    from crfr.registry import mlflow_errors
+
+    with mlflow_errors("logging the evaluation to MLflow"), mlflow.start_run(run_name="evaluate") as run:
+        mlflow.set_tag("crfr.step", "evaluate")
+        mlflow.log_params({f"evaluate.{k}": v for k, v in params.evaluate.model_dump(mode="json").items()})
+        mlflow.log_params({f"model.{_key(name)}": path for name, path in models.items()})
+        mlflow.log_metrics(flat_mlflow_metrics(evaluation))
+        mlflow.log_artifacts(str(folder), artifact_path="evaluation")
+        return run.info.run_id
+
+
+def evaluate_models(prepared_dir: str, probes_dir: str | None, models: dict[str, str], out_dir: str,
+                    params: Params, track: bool = True, device: str | None = None) -> dict:
+    """Evaluate every model at every resolution and write the report (see the module docstring).
+
+    Args:
+        prepared_dir: prepare step output (``eval/<set>/`` per entry of ``data.eval_sets``).
+        probes_dir: synthesize step output; None makes the LR probes in memory (same definition).
+        models: row name (``teacher``, ``student``, an ablation row...) -> model directory or URI.
+        out_dir: where the report goes (local path or ``s3://``), replaced atomically.
+        params: validated params (``evaluate``, ``registry`` for the threshold dataset, ``tracking``).
+        track: log to MLflow (checked before any work, so an unreachable server fails fast).
+        device: overrides ``runtime.device``.
+
+    Returns:
+        ``{"evaluation", "metrics", "tables", "thresholds", "run_id"}``; ``metrics`` is metrics.json.
+
+    Raises:
+        ConfigError: no model, a reserved set name, or a resolution above the image size.
+        DataError: an eval set or probe file is missing or malformed.
+        RegistryError: MLflow cannot be reached.
+    """
+    from crfr.artifacts import load_model
+
+    if not models:
+        raise ConfigError("evaluate needs at least one model (name=DIR)")
+    storage.configure(params.storage)
+    if track:  # before any work: an unreachable tracking server should fail in seconds, not after hours
+        from crfr.registry import connect
+
+        connect(params)
+    device = choose_device(device, "--device") if device else choose_device(params.runtime.device)
+    prepared = storage.local_input(prepared_dir, kind="dir")
+    probes = ProbeSource(storage.local_input(probes_dir, kind="dir") if probes_dir else None, params)
+    set_names = [s.name for s in params.data.eval_sets]
+    if AVERAGE in set_names:
+        raise ConfigError(f"data.eval_sets: the name {AVERAGE!r} is reserved for the mean over sets")
+    data = {name: load_pairs(prepared / "eval" / name, name) for name in set_names}
+    hr_sizes = {int(d.images.shape[1]) for d in data.values()}
+    if len(hr_sizes) != 1:
+        raise DataError(f"eval sets have different image sizes {sorted(hr_sizes)}")
+    hr_size = hr_sizes.pop()
+    cfg = params.evaluate
+    if any(r > hr_size for r in cfg.resolutions):
+        raise ConfigError(f"evaluate.resolutions {cfg.resolutions}: none may exceed the image size {hr_size}")
+
+    evaluation = Evaluation(set_names, list(cfg.protocols), list(cfg.resolutions), hr_size)
+    for name, model_dir in models.items():
+        model, _ = load_model(storage.local_input(model_dir, kind="dir"), device=device)
+        for d in data.values():
+            evaluate_model(name, model, d, params, probes, device, evaluation)
+        del model
+
+    tables = build_tables(evaluation, cfg.probe_side)
+    thresholds = build_thresholds(evaluation, params.registry)
+    with tempfile.TemporaryDirectory(prefix="crfr-eval-") as tmp:
+        report = Path(tmp)
+        _write_report(report, evaluation, tables, thresholds)
+        with storage.output_dir(out_dir) as out:
+            shutil.copytree(report, out, dirs_exist_ok=True)
+        run_id = _log_to_mlflow(report, evaluation, models, params) if track else None
+    return {"evaluation": evaluation, "metrics": evaluation.metrics(), "tables": tables, "thresholds": thresholds,
+            "run_id": run_id}
