@@ -15,7 +15,8 @@ aligned), ``csv`` (``path1,path2,same``). ``max_pairs`` keeps a balanced subset:
 round-robin over (fold, same/different), so a smoke run still has both labels in every fold.
 
 Unreadable images are skipped and counted; above ``data.max_bad_fraction`` of a split the step fails naming
-them. A pairs line naming a missing image always fails, naming the line and the path. A training image whose
+them. Unreadable includes a path that is not a regular file (a FIFO, a device) and an image whose header
+declares more than ``crfr.data.images.MAX_PIXELS`` pixels (a decompression bomb): neither is ever read whole. A pairs line naming a missing image always fails, naming the line and the path. A training image whose
 bytes are identical to an evaluation image (same sha256, as ``manifest.csv`` records) is left out of training,
 counted in ``report.json`` (``train.identical_to_eval``) and reported in a warning: a copy filed under another
 name would otherwise leak an evaluation face into training.
@@ -45,7 +46,7 @@ from crfr.cli import add_params_args, step_main
 from crfr.config import DataCfg, EvalSetCfg, Params, load_params
 from crfr.data.align import Aligner
 from crfr.data.binset import read_bin
-from crfr.data.images import decode_image
+from crfr.data.images import decode_image, read_image_bytes
 from crfr.data.lfw import LfwFolder, pair_identities, select_folds
 from crfr.data.pairs import contiguous_folds, write_pair_set
 from crfr.data.pairs_csv import check_images_exist, read_pairs_csv
@@ -198,9 +199,9 @@ def _decode_job(job: tuple[str, bytes | None]) -> tuple[str, np.ndarray | None, 
     where, data = job
     if data is None:
         try:
-            data = Path(where).read_bytes()
-        except OSError as exc:
-            return "", None, f"{where}: cannot read: {exc.strerror or exc}"
+            data = read_image_bytes(where)  # a FIFO or device is refused, not read (it could block or never end)
+        except DataError as exc:
+            return "", None, str(exc)
     sha = hashlib.sha256(data).hexdigest()
     try:
         return sha, decode_image(data, where), ""

@@ -1,11 +1,12 @@
 """Serving benchmark (``crfr bench serve --json``): embedding throughput with torch and onnxruntime on CPU, and
 an HTTP load test of ``crfr serve``'s app on 127.0.0.1.
 
-Faces are real LFW images (``data.root``) where present, else synthetic 250x250 images. The model is a given
-one (``--model``) or, by default, the configured student architecture with random weights: speed does not
-depend on the weights, and a fresh checkout has no trained model. Both runtimes run with torch's thread
-count and the same preprocessing (:class:`crfr.serving.FaceEmbedder`), so their difference is the network
-alone. The load test sends ``requests`` POST /verify requests (two real faces each) from ``concurrency``
+Faces are real LFW images (``data.root``); without them the service cannot be measured, since every input
+must show a face. The model is a given one (``--model``) or, by default, the configured student architecture
+with random weights: speed does not depend on the weights, and a fresh checkout has no trained model. Both
+runtimes run with torch's thread count on the same aligned faces (:meth:`crfr.serving.FaceEmbedder.prepare`,
+timed on its own as ``prepare_images_per_s``: face detection and alignment), so their difference is the
+network alone. The load test sends ``requests`` POST /verify requests (two real faces each) from ``concurrency``
 client threads to a uvicorn server in this process, stopping early after ``max_seconds``; it only ever
 talks to 127.0.0.1.
 """
@@ -27,19 +28,19 @@ from crfr.serving import FaceEmbedder, decode_image
 
 
 def real_faces(params: Params, count: int) -> tuple[list[bytes], str]:
-    """Up to ``count`` JPEG files of different LFW people, or synthetic JPEGs when LFW is not there."""
+    """Up to ``count`` JPEG files of different LFW people (``data.root``).
+
+    Raises:
+        DataError: no LFW images there (the service refuses images without a face, so no stand-in will do).
+    """
+    from crfr.errors import DataError
+
     folder = Path(params.data.root) / params.data.images_subdir
     files = sorted(folder.glob("*/*_0001.jpg"))[:count] if folder.is_dir() else []
-    if files:
-        return [f.read_bytes() for f in files], f"lfw ({folder})"
-    import cv2
-
-    rng = np.random.default_rng(0)
-    images = []
-    for _ in range(count):
-        smooth = cv2.GaussianBlur(rng.integers(0, 256, (250, 250, 3), dtype=np.uint8), (0, 0), 6)
-        images.append(cv2.imencode(".jpg", smooth)[1].tobytes())
-    return images, "synthetic"
+    if not files:
+        raise DataError(f"no LFW faces under {folder} (data.root, or CRFR_LFW_ROOT): the serve benchmark "
+                        "needs real faces")
+    return [f.read_bytes() for f in files], f"lfw ({folder})"
 
 
 def random_embedder(params: Params) -> FaceEmbedder:
@@ -54,13 +55,13 @@ def random_embedder(params: Params) -> FaceEmbedder:
     return FaceEmbedder(model, info, {}, align_settings(params), device="cpu")
 
 
-def images_per_second(embedder: FaceEmbedder, images: list[np.ndarray], repeats: int = 3) -> float:
-    """Median images/s of ``embedder.embed`` over ``repeats`` passes after one warm-up pass."""
-    embedder.embed(images[: min(len(images), 8)])
+def images_per_second(fn, images, repeats: int = 3) -> float:
+    """Median images/s of ``fn(images)`` over ``repeats`` passes after a warm-up pass on a few."""
+    fn(images[: min(len(images), 8)])
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
-        embedder.embed(images)
+        fn(images)
         times.append(time.perf_counter() - start)
     return len(images) / statistics.median(times)
 
@@ -153,14 +154,17 @@ def run_serve_bench(params: Params, model_uri: str | None = None, images: int = 
     decoded = [decode_image(j) for j in jpegs]
     result = {"model": model, "faces": faces, "images": len(decoded), "threads": torch.get_num_threads(),
               "batch_size": embedder.batch_size}
-    result["torch_images_per_s"] = round(images_per_second(embedder, decoded), 2)
+    # Face detection and alignment, then the network alone in each runtime on the aligned faces.
+    result["prepare_images_per_s"] = round(images_per_second(embedder.prepare, decoded, repeats=1), 2)
+    faces = embedder.prepare(decoded)
+    result["torch_images_per_s"] = round(images_per_second(embedder.embed_faces, faces), 2)
     with tempfile.TemporaryDirectory(prefix="crfr-bench-serve-") as tmp:
         path = Path(tmp) / "model.onnx"
         export_onnx(embedder, path)
         onnx_embedder = OnnxFaceEmbedder(path, batch_size=embedder.batch_size)
-        result["onnxruntime_images_per_s"] = round(images_per_second(onnx_embedder, decoded), 2)
-        result["onnx_max_cosine_deviation"] = max_cosine_deviation(embedder.embed(decoded),
-                                                                   onnx_embedder.embed(decoded))
+        result["onnxruntime_images_per_s"] = round(images_per_second(onnx_embedder.embed_faces, faces), 2)
+        result["onnx_max_cosine_deviation"] = max_cosine_deviation(embedder.embed_faces(faces),
+                                                                   onnx_embedder.embed_faces(faces))
     result["onnx_speedup"] = round(result["onnxruntime_images_per_s"] / result["torch_images_per_s"], 3)
     app = create_app(embedder, params.serve, model={"uri": model})
     result.update(http_load_test(app, jpegs, requests, concurrency, max_seconds))

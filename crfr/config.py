@@ -97,6 +97,9 @@ class DataCfg(Section):
         default=(64, 186, 70, 180), description="center-crop: (top, bottom, left, right) in source pixels"
     )
     image_size: Int = Field(default=112, ge=32, le=512)
+    min_face_size: Int = Field(
+        default=12, ge=1, description="embed/verify/identify/serving: a smaller face (pixels across) is refused"
+    )
     min_images_per_identity: Int = Field(default=4, ge=1)
     max_images_per_identity: Int = Field(default=30, ge=1)
     max_identities: Int | None = Field(default=None, ge=2, description="keep only the first N identities")
@@ -372,6 +375,10 @@ class GalleryCfg(Section):
     hnsw_ef_search: Int = Field(default=128, ge=1)
     recall_k: Int = Field(default=10, ge=1, description="recall@k of an approximate index against exact search")
     recall_queries: Int = Field(default=1000, ge=1, description="gallery faces used as queries for that recall")
+    target_recall: Float = Field(
+        default=0.95, ge=0.0, le=1.0,
+        description="an approximate index searches wider (IVF nprobe, HNSW efSearch) until its recall@k reaches this",
+    )
     top_k: Int = Field(default=5, ge=1, description="identities answered per probe")
     calibration_probes: Int = Field(
         default=500, ge=0,

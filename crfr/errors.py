@@ -17,6 +17,7 @@ _STORAGE_FAULTS = {
     errno.EPERM: "operation not permitted",
     errno.ENOTDIR: "a part of the path is a file, not a folder",
     errno.EISDIR: "it is a folder",
+    errno.ENAMETOOLONG: "the file name is too long",
 }
 
 
@@ -72,15 +73,17 @@ class StorageError(CrfrError):
         named = None if exc.filename is None else os.fsdecode(exc.filename)
         if path is None or (named is not None and not _beside(named, os.fspath(path))):
             # No output given, or the call was about another file (an input the process may not read, say).
+            where = named
             if named is None:
                 error = cls(f"cannot {action} a file: {reason} ({exc.strerror})")
             else:
                 error = cls(f"cannot {'use' if path is not None else action} {named}: {reason}")
         else:
             # The file the system call named (a temp file, a file in a staged folder) says where exactly.
-            inner = f" (at {named})" if named is not None and named != os.fspath(path) else ""
-            error = cls(f"cannot {action} {os.fspath(path)}: {reason}{inner}")
-        error.os_error, error.path = exc, named if path is None else os.fspath(path)
+            where = os.fspath(path)
+            inner = f" (at {named})" if named is not None and named != where else ""
+            error = cls(f"cannot {action} {where}: {reason}{inner}")
+        error.os_error, error.path = exc, where
         return error
 
 

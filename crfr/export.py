@@ -268,8 +268,9 @@ def check_agreement(embedder: FaceEmbedder, onnx_path: str | Path, images: np.nd
         ExportError: the deviation exceeds :data:`MAX_COSINE_DEVIATION` (the export computes something else).
     """
     images = agreement_batch(embedder.input_size) if images is None else images
-    ref = embedder.embed(list(images))
-    got = OnnxFaceEmbedder(onnx_path).embed(list(images))
+    # Aligned inputs straight to the networks: the check is about the graph, not about face detection.
+    ref = embedder.embed_faces(np.asarray(images))
+    got = OnnxFaceEmbedder(onnx_path).embed_faces(np.asarray(images))
     if got.shape != ref.shape:
         raise ExportError(f"{onnx_path}: onnxruntime gives embeddings of shape {got.shape}, torch {ref.shape}")
     deviation = max_cosine_deviation(ref, got)
@@ -340,12 +341,17 @@ class OnnxFaceEmbedder(FaceEmbedder):
     def embedding_size(self) -> int:
         return int(self.info["model_cfg"].get("embedding_size") or self.session.get_outputs()[0].shape[1])
 
-    def embed(self, images) -> np.ndarray:
+    def embed_faces(self, faces) -> np.ndarray:
+        """Aligned faces -> embeddings with onnxruntime; ``embed`` (detection, alignment) is the parent's."""
+        import cv2
+
         from crfr.data.transforms import to_tensor
 
-        if len(images) == 0:
+        if len(faces) == 0:
             return np.zeros((0, self.embedding_size), np.float32)
-        faces = self.prepare(images)
+        size = self.input_size
+        faces = np.stack([f if f.shape[:2] == (size, size) else
+                          cv2.resize(f, (size, size), interpolation=cv2.INTER_LINEAR) for f in faces])
         chunks = [self.session.run([OUTPUT], {INPUT: to_tensor(faces[i:i + self.batch_size]).numpy()})[0]
                   for i in range(0, len(faces), self.batch_size)]
         return np.concatenate(chunks).astype(np.float32, copy=False)

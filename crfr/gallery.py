@@ -6,7 +6,8 @@ A gallery is a folder (local or ``s3://``) holding
 * ``items.csv``: ``identity,source`` per row, in the same order;
 * ``index.faiss``: inner-product FAISS index over the rows (inner product of unit vectors = cosine): exact
   (``IndexFlatIP``) up to ``gallery.exact_max`` faces, beyond that IVF-Flat or HNSW, whose recall@k against
-  exact search is measured on ``gallery.recall_queries`` enrolled faces and recorded;
+  exact search is measured on ``gallery.recall_queries`` enrolled faces; the search is widened (IVF
+  ``nprobe``, HNSW ``efSearch``) until it reaches ``gallery.target_recall``, and both are recorded;
 * ``gallery.json``: the manifest: the embedding model (its URI, version and fingerprint, see
   :attr:`crfr.serving.FaceEmbedder.fingerprint`), the index, the thresholds and what was enrolled.
 
@@ -199,11 +200,16 @@ def search_index(index, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.nda
         return index.search(q, k)
 
 
-def measure_recall(index, embeddings: np.ndarray, k: int, queries: int, seed: int = 0) -> dict:
+def measure_recall(index, embeddings: np.ndarray, k: int, queries: int, seed: int = 0, truth=None) -> dict:
     """recall@k of ``index`` against exact search, with ``queries`` of the rows as queries.
 
+    Args:
+        truth: the exact neighbours of those queries from an earlier call (``result["truth"]``), to re-measure
+            the same queries after a change of the index's search settings without searching exactly again.
+
     Returns:
-        {"k", "queries", "recall"}: the mean share of the exact k nearest rows that the index returns.
+        {"k", "queries", "recall", "truth"}: recall is the mean share of the exact k nearest rows that the
+        index returns.
     """
     import faiss
 
@@ -211,12 +217,39 @@ def measure_recall(index, embeddings: np.ndarray, k: int, queries: int, seed: in
     k = min(k, n)
     rows = np.sort(np.random.default_rng(seed).choice(n, min(queries, n), replace=False))
     q = np.ascontiguousarray(embeddings[rows], np.float32)
-    exact = faiss.IndexFlatIP(embeddings.shape[1])
-    exact.add(np.ascontiguousarray(embeddings, np.float32))
-    _, truth = exact.search(q, k)
+    if truth is None:
+        exact = faiss.IndexFlatIP(embeddings.shape[1])
+        exact.add(np.ascontiguousarray(embeddings, np.float32))
+        _, truth = exact.search(q, k)
+        del exact
     _, found = index.search(q, k)
     hits = sum(len(set(t.tolist()) & set(f.tolist())) for t, f in zip(truth, found))
-    return {"k": int(k), "queries": int(len(rows)), "recall": round(hits / (k * len(rows)), 6)}
+    return {"k": int(k), "queries": int(len(rows)), "recall": round(hits / (k * len(rows)), 6), "truth": truth}
+
+
+def tune_search(index, info: dict, embeddings: np.ndarray, cfg: GalleryCfg) -> dict:
+    """Widen an approximate index's search until its recall@k reaches ``cfg.target_recall``.
+
+    IVF visits twice as many cells per step (``nprobe``, up to all of them: exact), HNSW doubles ``efSearch``
+    (up to 4096). The measured recall and the setting reached are written into ``info``.
+
+    Returns:
+        ``info``, updated.
+    """
+    measured = measure_recall(index, embeddings, cfg.recall_k, cfg.recall_queries)
+    while measured["recall"] < cfg.target_recall:
+        if info["kind"] == "ivf" and index.nprobe < info["nlist"]:
+            index.nprobe = min(info["nlist"], 2 * index.nprobe)
+            info["nprobe"] = int(index.nprobe)
+        elif info["kind"] == "hnsw" and index.hnsw.efSearch < 4096:
+            index.hnsw.efSearch = min(4096, 2 * index.hnsw.efSearch)
+            info["ef_search"] = int(index.hnsw.efSearch)
+        else:
+            break
+        measured = measure_recall(index, embeddings, cfg.recall_k, cfg.recall_queries, truth=measured["truth"])
+    measured.pop("truth")
+    info["recall"] = measured
+    return info
 
 
 # ------------------------------------------------------------------------------------------ the gallery
@@ -336,9 +369,14 @@ class Gallery:
 
         return None, DEFAULT_THRESHOLD, "default"
 
-    def identify(self, embedder: FaceEmbedder, image: np.ndarray, top_k: int) -> Identification:
-        """Rank identities for one RGB probe image and decide known / ``unknown``."""
-        emb = embedder.embed([image])
+    def identify(self, embedder: FaceEmbedder, image: np.ndarray, top_k: int,
+                 name: str = "the probe") -> Identification:
+        """Rank identities for one RGB probe image and decide known / ``unknown``.
+
+        Raises:
+            DataError: no face found in the probe (``name`` says which), as :meth:`FaceEmbedder.embed`.
+        """
+        emb = embedder.embed([image], names=[name])
         size = int(min(image.shape[:2]))
         key, threshold, origin = self.threshold_for(size, embedder)
         matches = []
@@ -427,14 +465,14 @@ def embed_items(embedder: FaceEmbedder, items: Sequence[tuple[str, str]], keep_f
         for pos in range(start, min(start + CHUNK, len(items))):
             location = items[pos][1]
             try:
-                aligned.append(embedder.prepare([_load(location)])[0])
+                aligned.append(embedder.prepare([_load(location)], names=[location])[0])
             except DataError as exc:  # one unreadable (or faceless) image must not stop the enrolment
                 skipped.append(str(exc))
                 continue
             positions.append(pos)
         if not aligned:
             continue
-        embeddings.append(embedder.embed(aligned))
+        embeddings.append(embedder.embed_faces(np.stack(aligned)))
         kept += positions
         faces.update({p: f for p, f in zip(positions, aligned) if p in chosen})
     dim = embedder.embedding_size
@@ -468,7 +506,7 @@ def calibrate(embedder: FaceEmbedder, embeddings: np.ndarray, identities: Sequen
             if size >= embedder.input_size:  # HR probes: their embeddings are the gallery rows themselves
                 emb = embeddings[rows]
             else:
-                emb = embedder.embed([linear_probe(probes[r], size) for r in rows])
+                emb = embedder.embed_faces(np.stack([linear_probe(probes[r], size) for r in rows]))
             gen_best, imp_best = _nearest_split(emb, rows, embeddings, labels)
             genuine = gen_best[np.isfinite(gen_best)]
             impostor = imp_best[np.isfinite(imp_best)]
@@ -486,7 +524,7 @@ def calibrate(embedder: FaceEmbedder, embeddings: np.ndarray, identities: Sequen
 
 
 def _nearest_split(emb: np.ndarray, rows: np.ndarray, gallery: np.ndarray, labels: np.ndarray,
-                   chunk: int = 65536) -> tuple[np.ndarray, np.ndarray]:
+                   chunk: int = 16384) -> tuple[np.ndarray, np.ndarray]:
     """Per probe: squared distance to the nearest other face of its identity, and of any other identity."""
     n_probe = len(emb)
     gen = np.full(n_probe, np.inf)
@@ -494,7 +532,8 @@ def _nearest_split(emb: np.ndarray, rows: np.ndarray, gallery: np.ndarray, label
     probe_labels = labels[rows]
     for start in range(0, len(gallery), chunk):
         block = gallery[start:start + chunk]
-        dist = np.clip(2.0 - 2.0 * (emb @ block.T), 0.0, 4.0).astype(np.float64)
+        # float64: a score a rounding step away from a 0.01 grid step would move the threshold by one step
+        dist = np.clip(2.0 - 2.0 * (emb.astype(np.float64) @ block.astype(np.float64).T), 0.0, 4.0)
         own = (rows >= start) & (rows < start + len(block))
         dist[np.nonzero(own)[0], rows[own] - start] = np.inf  # leave the probe's own row out
         same = probe_labels[:, None] == labels[start:start + len(block)][None, :]
@@ -520,7 +559,7 @@ def _finish(embeddings: np.ndarray, identities: list[str], sources: list[str], m
     index, info = build_index(embeddings, cfg)
     info["build_seconds"] = round(time.perf_counter() - started, 3)
     if not info["exact"]:
-        info["recall"] = measure_recall(index, embeddings, cfg.recall_k, cfg.recall_queries)
+        tune_search(index, info, embeddings, cfg)
         log.info("approximate %s index: recall@%d %.4f against exact search", info["kind"],
                  info["recall"]["k"], info["recall"]["recall"])
     manifest.update(faces=len(identities), identities=len(set(identities)), dimension=int(embeddings.shape[1]),

@@ -299,7 +299,8 @@ def model_name(params: Params, role: str) -> str:
 
 def align_settings(params: Params) -> dict:
     """The preprocessing a served model applies: the data step's alignment."""
-    return {"mode": params.data.align, "crop_box": list(params.data.crop_box)}
+    return {"mode": params.data.align, "crop_box": list(params.data.crop_box),
+            "min_face_size": params.data.min_face_size}
 
 
 # ------------------------------------------------------------------------------------------- register / promote

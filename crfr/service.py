@@ -78,11 +78,25 @@ class BodyLimit:
         return await self.app(scope, limited, send)
 
 
+def _magic(data: bytes) -> str | None:
+    """The accepted format whose signature ``data`` starts with, if any."""
+    if data.startswith(b"\xff\xd8\xff"):
+        return "JPEG"
+    if data.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "PNG"
+    if data.startswith(b"BM"):
+        return "BMP"
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "WebP"
+    return None
+
+
 def check_upload(data: bytes, field: str, cfg: ServeCfg) -> np.ndarray:
     """Validate one uploaded file and decode it to RGB uint8.
 
     Raises:
-        HTTPProblem: 413 (too many bytes or pixels), 415 (not an accepted image type), 422 (undecodable).
+        HTTPProblem: 413 (too many bytes or pixels), 415 (not an accepted image type), 422 (an accepted type
+            that does not decode: truncated, corrupt).
     """
     from PIL import Image, UnidentifiedImageError
 
@@ -98,6 +112,9 @@ def check_upload(data: bytes, field: str, cfg: ServeCfg) -> np.ndarray:
     except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError):
         kind, width, height = None, 0, 0
     if kind not in ACCEPTED_FORMATS:
+        claimed = _magic(data)
+        if claimed and kind is None:
+            raise HTTPProblem(422, f"field {field!r}: a truncated or corrupt {claimed} file")
         start = data[:12]
         raise HTTPProblem(415, f"field {field!r}: not a JPEG, PNG, BMP or WebP image "
                                f"({'a ' + kind + ' image' if kind else f'starts with {start!r}'})")
@@ -193,14 +210,14 @@ def create_app(embedder: FaceEmbedder, cfg: ServeCfg | None = None, gallery=None
     @app.post("/embed")
     async def embed(request: Request) -> dict[str, Any]:
         (image,) = await uploads(request, ("image",))
-        emb = await run_in_threadpool(locked, embedder.embed, [image])
+        emb = await run_in_threadpool(locked, embedder.embed, [image], ["field 'image'"])
         return {"embedding": [round(float(v), 7) for v in emb[0]], "dimension": int(emb.shape[1]),
                 "size": int(min(image.shape[:2]))}
 
     @app.post("/verify")
     async def verify(request: Request) -> dict[str, Any]:
         a, b = await uploads(request, ("a", "b"))
-        emb = await run_in_threadpool(locked, embedder.embed, [a, b])
+        emb = await run_in_threadpool(locked, embedder.embed, [a, b], ["field 'a'", "field 'b'"])
         distance = float(np.sum((emb[0].astype(np.float64) - emb[1]) ** 2))
         size = int(min(min(a.shape[:2]), min(b.shape[:2])))
         key, threshold = embedder.threshold_for(size)
@@ -216,7 +233,7 @@ def create_app(embedder: FaceEmbedder, cfg: ServeCfg | None = None, gallery=None
         if not 1 <= top_k <= 100:
             raise HTTPProblem(422, f"top_k must lie in 1..100, got {top_k}")
         (image,) = await uploads(request, ("image",))
-        result = await run_in_threadpool(locked, gallery.identify, embedder, image, top_k)
+        result = await run_in_threadpool(locked, gallery.identify, embedder, image, top_k, "field 'image'")
         return result.to_dict()
 
     return app

@@ -6,14 +6,18 @@ from the caller but an image file's bytes. :class:`CrfrPyfunc` wraps it for MLfl
 DataFrame with an ``image`` column holding encoded images (JPEG/PNG bytes, or base64 strings, which is what
 JSON scoring sends) or already aligned uint8 arrays, and returns an (N, D) float32 array.
 
-Preprocessing (``align`` settings, stored with the model; the same functions as the prepare step,
-:mod:`crfr.data.align`):
+Preprocessing (``align`` settings, stored with the model; the functions of :mod:`crfr.data.align`):
 
-* an image whose smaller side is at most the input size (112) is taken as an aligned face, possibly a
-  low-resolution one, and resized to 112x112 with linear interpolation (the paper's test protocol);
-* a larger image is aligned as the training data was: ``center-crop`` cuts ``data.crop_box`` (or the central
-  square when the box does not fit the image), ``mtcnn`` detects 5 landmarks and warps them onto the ArcFace
-  template (falling back to the centre crop when no face is found), ``none`` resizes the whole image.
+* an image whose smaller side is at most the input size (112), or any image for an ``align: none`` model, is
+  taken as an aligned face, possibly a low-resolution one, and resized to 112x112 (linear interpolation
+  when brought up: the paper's test protocol);
+* a larger image is a photo: MTCNN finds the face and it is aligned as the training data was: ``mtcnn``
+  warps its 5 landmarks onto the ArcFace template, ``center-crop`` maps them onto where faces sit in
+  deep-funneled LFW and cuts ``data.crop_box`` there, so the crop follows the face, not fixed pixels.
+
+Every input must show a face: a photo where MTCNN finds none, or an aligned crop in which it finds none, is
+a :class:`DataError` "no face found in ...", and so is a face smaller than ``min_face_size`` pixels (the
+crop's side, or for a photo the width of the crop box on the face), which the model cannot score.
 
 Thresholds are squared Euclidean distances calibrated per probe resolution (evaluate's ``thresholds.json``);
 a pair is the same person when its distance is below the threshold of the probe's resolution.
@@ -39,6 +43,7 @@ from crfr.errors import DataError
 log = logging.getLogger(__name__)
 
 DEFAULT_ALIGN = {"mode": "center-crop", "crop_box": [64, 186, 70, 180]}  # params' defaults (deep-funneled LFW)
+DEFAULT_MIN_FACE = 12  # data.min_face_size's default: the smallest face the student was trained on
 DEFAULT_THRESHOLD = 1.0  # squared distance 1.0 = cosine 0.5; only when a model carries no calibration
 # The packages a served model imports, pinned from requirements.lock (tqdm: crfr.verification's progress bars).
 SERVING_PACKAGES = ("torch", "numpy", "opencv-python-headless", "mlflow", "pandas", "PyWavelets",
@@ -68,33 +73,57 @@ def read_image(path: str | Path) -> np.ndarray:
     return images.read_image(path)
 
 
-def prepare_face(rgb: np.ndarray, align: dict | None = None, size: int = 112) -> np.ndarray:
-    """Bring one RGB image to the network input: ``size`` x ``size`` uint8 (see the module docstring)."""
-    from crfr.data.align import align_face, center_crop
+def prepare_face(rgb: np.ndarray, align: dict | None = None, size: int = 112, what: str = "the image",
+                 weights: str | None = None) -> np.ndarray:
+    """Bring one RGB image to the network input: ``size`` x ``size`` uint8 (see the module docstring).
+
+    Args:
+        rgb: the decoded image.
+        align: the model's preprocessing settings (``mode``, ``crop_box``, ``min_face_size``).
+        size: the network's input side.
+        what: the image's name in error messages (a file, a row).
+        weights: folder of the MTCNN weights (a served model carries its own); None finds them.
+
+    Raises:
+        DataError: no face found in the image, a face smaller than ``min_face_size``, or not an RGB image.
+    """
+    from crfr.data.align import ARCFACE_TEMPLATE, LFW_FUNNELED_LANDMARKS, crop_at_face, crop_has_face, find_face
+    from crfr.data.align import similarity_scale, warp_to_template
 
     align = align or DEFAULT_ALIGN
     if rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[2] != 3:
-        raise DataError(f"expected an RGB uint8 image (H, W, 3), got {rgb.dtype} {rgb.shape}")
-    h, w = rgb.shape[:2]
-    if (h, w) == (size, size):
-        return rgb
-    if min(h, w) <= size:  # an aligned (LR) face: bring it up as the test protocol does, no detector
-        return cv2.resize(rgb, (size, size), interpolation=cv2.INTER_LINEAR)
+        raise DataError(f"{what}: expected an RGB uint8 image (H, W, 3), got {rgb.dtype} {rgb.shape}")
     mode = align.get("mode", "center-crop")
+    if mode not in ("center-crop", "mtcnn", "none"):
+        raise DataError(f"unknown align mode {mode!r} (expected center-crop, mtcnn or none)")
+    min_face = int(align.get("min_face_size", DEFAULT_MIN_FACE))
+    h, w = rgb.shape[:2]
+    too_small = f"{what}: the face is %d px across, smaller than the {min_face} px the model scores (min_face_size)"
+    if min(h, w) <= size or mode == "none":  # an aligned (maybe LR) face: brought up as the test protocol does
+        if min(h, w) < min_face:
+            raise DataError(too_small % min(h, w))
+        face = rgb
+        if (h, w) != (size, size):
+            interp = cv2.INTER_LINEAR if min(h, w) <= size else cv2.INTER_AREA
+            face = cv2.resize(rgb, (size, size), interpolation=interp)
+        if not crop_has_face(face, weights):
+            raise DataError(f"no face found in {what} (taken as an aligned {w}x{h} face crop)")
+        return face
+    landmarks = find_face(rgb, weights)
+    if landmarks is None:
+        raise DataError(f"no face found in {what}")
     if mode == "mtcnn":
-        try:
-            face = align_face(rgb, size)
-        except Exception as exc:  # e.g. detector weights not installed: serve the crop rather than fail
-            log.warning("landmark alignment unavailable (%s: %s); using the centre crop", type(exc).__name__, exc)
-            face = None
-        if face is not None:
-            return face
-        mode = "center-crop"
-    if mode == "center-crop":
-        return center_crop(rgb, tuple(align.get("crop_box", DEFAULT_ALIGN["crop_box"])), size)[0]
-    if mode == "none":
-        return cv2.resize(rgb, (size, size), interpolation=cv2.INTER_AREA)
-    raise DataError(f"unknown align mode {mode!r} (expected center-crop, mtcnn or none)")
+        dst, span = ARCFACE_TEMPLATE * (size / 112.0), size
+    else:
+        top, bottom, left, right = align.get("crop_box", DEFAULT_ALIGN["crop_box"])
+        dst, span = LFW_FUNNELED_LANDMARKS - np.array([left, top]), right - left
+    # The face's resolution: source pixels across what becomes the network's input.
+    across = span / similarity_scale(landmarks, dst)
+    if across < min_face:
+        raise DataError(too_small % round(across))
+    if mode == "mtcnn":
+        return warp_to_template(rgb, landmarks, size)
+    return crop_at_face(rgb, landmarks, tuple(align.get("crop_box", DEFAULT_ALIGN["crop_box"])), size)
 
 
 def _as_image(value: Any, index: int) -> np.ndarray:
@@ -131,22 +160,24 @@ class FaceEmbedder:
         model: a network from :func:`crfr.artifacts.load_model`.
         info: that function's model info (``input_size``, ``backbone``...).
         thresholds: probe resolution (str) -> squared-distance threshold; may be empty.
-        align: preprocessing settings (``mode``: center-crop | mtcnn | none, ``crop_box``).
+        align: preprocessing settings (``mode``: center-crop | mtcnn | none, ``crop_box``, ``min_face_size``).
         device: where the model runs.
         batch_size: images per forward pass.
+        detector_weights: folder of the MTCNN weights (a served model's own copy); None finds the installed ones.
     """
 
     def __init__(self, model, info: dict, thresholds: dict | None = None, align: dict | None = None,
-                 device: str = "cpu", batch_size: int = 64) -> None:
+                 device: str = "cpu", batch_size: int = 64, detector_weights: str | None = None) -> None:
         self.model, self.info = model, info
         self.thresholds = {str(k): float(v) for k, v in (thresholds or {}).items()}
         self.align = dict(align or DEFAULT_ALIGN)
         self.device, self.batch_size = device, batch_size
         self.input_size = int(info.get("input_size", 112))
+        self.detector_weights = detector_weights
 
     @classmethod
     def from_dir(cls, model_dir: str | Path, thresholds: dict | None = None, align: dict | None = None,
-                 device: str | None = None) -> "FaceEmbedder":
+                 device: str | None = None, detector_weights: str | None = None) -> "FaceEmbedder":
         """Load a crfr model dir; thresholds default to ``thresholds.json`` beside ``model.pt`` if present."""
         from crfr.artifacts import load_model
 
@@ -154,7 +185,7 @@ class FaceEmbedder:
         model, info = load_model(model_dir, device=device)
         if thresholds is None:
             thresholds = read_thresholds_file(Path(model_dir) / "thresholds.json")
-        return cls(model, info, thresholds, align, device)
+        return cls(model, info, thresholds, align, device, detector_weights=detector_weights)
 
     @property
     def embedding_size(self) -> int:
@@ -170,16 +201,40 @@ class FaceEmbedder:
             self._fingerprint = model_fingerprint(self.model, self.info, self.align)
         return self._fingerprint
 
-    def prepare(self, images: Sequence[np.ndarray]) -> np.ndarray:
-        return np.stack([prepare_face(img, self.align, self.input_size) for img in images])
+    def prepare(self, images: Sequence[np.ndarray], names: Sequence[str] | None = None) -> np.ndarray:
+        """Network inputs (N, size, size, 3) of RGB images of any size: see :func:`prepare_face`.
 
-    def embed(self, images: Sequence[np.ndarray]) -> np.ndarray:
-        """RGB uint8 images of any size -> (N, D) float32 unit vectors."""
-        from crfr.verification import embed_images
+        Args:
+            images: decoded images.
+            names: what to call each image in errors (file names); default "image 0", "image 1"...
 
+        Raises:
+            DataError: for the first image without a usable face, naming it.
+        """
+        names = list(names) if names is not None else [f"image {i}" for i in range(len(images))]
+        return np.stack([prepare_face(img, self.align, self.input_size, name, self.detector_weights)
+                         for img, name in zip(images, names)])
+
+    def embed(self, images: Sequence[np.ndarray], names: Sequence[str] | None = None) -> np.ndarray:
+        """RGB uint8 images of any size -> (N, D) float32 unit vectors (DataError as :meth:`prepare`)."""
         if len(images) == 0:
             return np.zeros((0, self.embedding_size), np.float32)
-        return embed_images(self.model, self.prepare(images), self.batch_size, self.device, progress=False)
+        return self.embed_faces(self.prepare(images, names))
+
+    def embed_faces(self, faces: np.ndarray | Sequence[np.ndarray]) -> np.ndarray:
+        """Already aligned faces known to be faces (evaluation probes, :meth:`prepare`'s output) -> embeddings.
+
+        Crops smaller than the input size are brought up with linear interpolation, as the test protocol
+        does; nothing is detected or refused.
+        """
+        from crfr.verification import embed_images
+
+        if len(faces) == 0:
+            return np.zeros((0, self.embedding_size), np.float32)
+        size = self.input_size
+        faces = np.stack([f if f.shape[:2] == (size, size) else
+                          cv2.resize(f, (size, size), interpolation=cv2.INTER_LINEAR) for f in faces])
+        return embed_images(self.model, faces, self.batch_size, self.device, progress=False)
 
     def threshold_for(self, size: int) -> tuple[str | None, float]:
         """(calibrated resolution, threshold) for a probe whose smaller side is ``size`` pixels."""
@@ -238,27 +293,49 @@ def _pyfunc_base():
     return mlflow.pyfunc.PythonModel
 
 
+def _mlflow_exception():
+    from mlflow.exceptions import MlflowException
+
+    return MlflowException
+
+
+class ServingInputError(_mlflow_exception(), DataError):
+    """Bad input to the served model (no face, not an image): a DataError that MLflow's scoring server
+    answers with a 400 carrying this message; any other exception becomes "an unexpected error" and a
+    traceback."""
+
+    def __init__(self, message: str) -> None:
+        from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+
+        super().__init__(message, error_code=INVALID_PARAMETER_VALUE)
+
+
 class CrfrPyfunc(_pyfunc_base()):
     """MLflow pyfunc: DataFrame with an ``image`` column -> (N, D) float32 L2-normalised embeddings."""
 
     def load_context(self, context) -> None:
         config = dict(context.model_config or {})
         thresholds = json.loads(Path(context.artifacts["thresholds"]).read_text())
+        weights = context.artifacts.get("mtcnn")  # absent in models logged before the detector was packaged
         self.embedder = FaceEmbedder.from_dir(Path(context.artifacts["model"]).parent, thresholds=thresholds,
-                                              align=config.get("align"), device=config.get("device"))
+                                              align=config.get("align"), device=config.get("device"),
+                                              detector_weights=weights)
 
     # A DataFrame hint: MLflow 3 then neither warns nor derives a schema from it (the signature describes input).
     def predict(self, context, model_input: pd.DataFrame, params=None):
-        if isinstance(model_input, pd.DataFrame):
-            if "image" not in model_input.columns:
-                raise DataError(f"input needs an 'image' column; got columns {list(model_input.columns)}")
-            values = list(model_input["image"])
-        elif isinstance(model_input, dict) and "image" in model_input:
-            values = list(model_input["image"])
-        else:
-            values = list(model_input)
-        images = [_as_image(v, i) for i, v in enumerate(values)]
-        return self.embedder.embed(images)
+        try:
+            if isinstance(model_input, pd.DataFrame):
+                if "image" not in model_input.columns:
+                    raise DataError(f"input needs an 'image' column; got columns {list(model_input.columns)}")
+                values = list(model_input["image"])
+            elif isinstance(model_input, dict) and "image" in model_input:
+                values = list(model_input["image"])
+            else:
+                values = list(model_input)
+            images = [_as_image(v, i) for i, v in enumerate(values)]
+            return self.embedder.embed(images, [f"row {i}" for i in range(len(images))])
+        except DataError as exc:
+            raise ServingInputError(str(exc)) from None
 
 
 def pinned_requirements(lock_file: Path | None = None) -> list[str]:
@@ -286,13 +363,18 @@ def pinned_requirements(lock_file: Path | None = None) -> list[str]:
     return [pins[norm(p)] for p in SERVING_PACKAGES]
 
 
+EXAMPLE_FACE = Path(__file__).resolve().parent / "data" / "mean_face.jpg"
+
+
 def input_example() -> "Any":
-    """A one-row input: a mid-grey 112x112 JPEG (any image works; the signature records the column type)."""
+    """A one-row input: ``mean_face.jpg``, the pixel mean of 5,749 deep-funneled LFW images (the first of
+    each person), a 250x250 JPEG in which MTCNN finds a face, yet nobody's face.
+
+    It has to show a face: MLflow runs the example through the model when logging it.
+    """
     import pandas as pd
 
-    ok, buf = cv2.imencode(".jpg", np.full((112, 112, 3), 128, np.uint8))
-    assert ok
-    return pd.DataFrame({"image": [buf.tobytes()]})
+    return pd.DataFrame({"image": [EXAMPLE_FACE.read_bytes()]})
 
 
 def log_pyfunc(
@@ -316,6 +398,7 @@ def log_pyfunc(
     Returns:
         mlflow's ``ModelInfo``.
     """
+    import shutil
     import tempfile
 
     import mlflow
@@ -323,6 +406,7 @@ def log_pyfunc(
 
     import crfr
     from crfr.artifacts import load_model
+    from crfr.data.mtcnn import MTCNN_FILES, weights_dir
 
     model_file = Path(model_dir) / "model.pt"
     if not model_file.is_file():
@@ -330,7 +414,8 @@ def log_pyfunc(
     model, info = load_model(model_dir)
     align = dict(align or DEFAULT_ALIGN)
     thresholds = {str(k): float(v) for k, v in thresholds.items()}
-    embedder = FaceEmbedder(model, info, thresholds, align)
+    detector = weights_dir()
+    embedder = FaceEmbedder(model, info, thresholds, align, detector_weights=str(detector))
     example = input_example()
     output = embedder.embed([decode_image(b) for b in example["image"]])
     metadata = {
@@ -347,10 +432,15 @@ def log_pyfunc(
     with tempfile.TemporaryDirectory(prefix="crfr-pyfunc-") as tmp:
         thresholds_file = Path(tmp) / "thresholds.json"
         thresholds_file.write_text(json.dumps(thresholds, indent=2))
+        # The detector's weights go with the model: the served environment need not have facenet-pytorch.
+        weights = Path(tmp) / "mtcnn"
+        weights.mkdir()
+        for file_name in MTCNN_FILES:
+            shutil.copyfile(detector / file_name, weights / file_name)
         return mlflow.pyfunc.log_model(
             name=name,
             python_model=CrfrPyfunc(),
-            artifacts={"model": str(model_file), "thresholds": str(thresholds_file)},
+            artifacts={"model": str(model_file), "thresholds": str(thresholds_file), "mtcnn": str(weights)},
             model_config={"align": align},
             code_paths=[str(Path(crfr.__file__).parent)],  # the served model imports crfr from here
             signature=infer_signature(example, output),

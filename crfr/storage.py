@@ -488,7 +488,11 @@ def _staging(parent: Path, prefix: str) -> Iterator[Path]:
     remove_stale_staging(parent, prefix)
     folder = Path(tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}-", dir=parent))
     lock = folder / STAGING_LOCK
-    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o600)
+    except BaseException:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         os.write(fd, f"{os.getpid()}\n".encode())
@@ -548,14 +552,18 @@ def check_writable(uri: str | os.PathLike) -> None:
     target = Path(uri)
     with storage_faults(target):
         target.parent.mkdir(parents=True, exist_ok=True)
+    try:
         fd, probe = tempfile.mkstemp(prefix=f".{target.name}.probe-", dir=target.parent)
         try:
             os.write(fd, b"crfr")  # some full or quota-limited file systems accept the name but not the bytes
         finally:
             os.close(fd)
             os.unlink(probe)
-    if target.is_dir() and not os.access(target, os.W_OK | os.X_OK):
-        raise StorageError(f"cannot write {target}: permission denied")
+    except OSError as exc:
+        fault = StorageError.from_os_error(OSError(exc.errno, exc.strerror), target)  # not the probe's name
+        if fault is None:
+            raise
+        raise fault from None
 
 
 @contextlib.contextmanager

@@ -212,3 +212,29 @@ def test_missing_probe_file_is_a_clear_error(report, capsys):
     err = capsys.readouterr().err
     assert "LR probes missing" in err and "14.npy" in err and "Traceback" not in err
     assert not (tmp / "report3").exists()
+
+
+def test_results_are_walked_once_in_metrics_json_order(report):
+    """``Evaluation.cells`` is every entry of metrics.json exactly once, with its values."""
+    tmp, *_, result, _ = report
+    metrics = json.loads((tmp / "report" / "metrics.json").read_text())
+    cells = list(result["evaluation"].cells())
+    expected = [(m, s, p, r) for m in metrics for s in metrics[m] for p in metrics[m][s] for r in metrics[m][s][p]]
+    assert [(c.model, c.dataset, c.protocol, c.resolution) for c in cells] == expected
+    assert all(c.values == metrics[c.model][c.dataset][c.protocol][c.resolution] for c in cells)
+    assert len(cells) == 2 * (len(SETS) + 1) * len(PROTOCOLS) * (len(RESOLUTIONS) + 1)
+
+
+def test_probes_of_some_rows_are_those_of_the_whole_set(workspace):
+    """One probe definition: image row r is degraded as sample r, whichever rows are asked for."""
+    from crfr.evaluation.probes import make_probes
+
+    tmp, prepared, *_ = workspace
+    params, _ = make_params(tmp)
+    images = np.load(prepared / "eval" / "lfw" / "images.npy", mmap_mode="r")
+    for protocol in PROTOCOLS:
+        whole = make_probes(images, protocol, 14, params)
+        assert np.array_equal(make_probes(images, protocol, 14, params, rows=np.array([7, 2])), whole[[7, 2]])
+    real = make_probes(images, "realistic", 28, params, rows=np.array([3]))
+    lin = make_probes(images, "linear", 28, params, rows=np.array([3]))
+    assert not np.array_equal(real, lin)  # the realistic protocol degrades, the linear one only resizes

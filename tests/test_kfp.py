@@ -69,7 +69,8 @@ def test_paper_profile_bakes_in_the_papers_setting_and_no_secret(tmp_path):
 
 @pytest.mark.slow
 def test_whole_pipeline_runs_locally_through_kfp_local(lfw_root, tmp_path):
-    params = load_params(REPO / "params.yaml", tiny_overrides(tmp_path))
+    # One Table I row: its student is trained in the pipeline's loop and must reach the evaluation table.
+    params = load_params(REPO / "params.yaml", {**tiny_overrides(tmp_path), "ablation_rows": ["resnet"]})
     run_local(params, str(lfw_root), tmp_path / "kfp-root")
     registrations = list((tmp_path / "kfp-root").rglob("registration.json"))
     assert registrations, "the register step wrote nothing"
@@ -77,3 +78,4 @@ def test_whole_pipeline_runs_locally_through_kfp_local(lfw_root, tmp_path):
     assert reg["name"] == "crfr-student" and "challenger" in reg["aliases"]
     tables = list((tmp_path / "kfp-root").rglob("table.md"))
     assert tables and "student" in tables[0].read_text()
+    assert "| resnet |" in tables[0].read_text()

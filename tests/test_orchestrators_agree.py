@@ -25,6 +25,9 @@ from crfr.config import load_params
 from tests.pipeline_support import REPO
 
 ROWS = ["resnet", "kd"]
+# The steps that train, evaluate or register models.
+MODEL_STEPS = ("components.train_teacher", "components.distill_student", "components.evaluate",
+               "components.register")
 
 
 @dataclass
@@ -71,6 +74,8 @@ def dvc_plan(tmp_path: Path, params_doc: dict) -> Plan:
         for stage in stages:
             argv = shlex.split(stage.cmd)
             assert argv[:2] == ["python", "-m"], stage.cmd
+            if argv[2] not in MODEL_STEPS:
+                continue
             module, args = argv[2], parse_step_args(argv[2], argv[3:])
             stage_of[module] = stage_of.get(module, []) + [(stage, args)]
             if module == "components.train_teacher":

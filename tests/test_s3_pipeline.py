@@ -217,7 +217,7 @@ def test_training_reads_and_writes_s3_and_resumes_from_the_s3_checkpoint(s3env, 
     monkeypatch.setattr(Trainer, "loss_terms", original)
     assert not storage.exists(out)
     remote = storage.download(f"s3://{bucket}/checkpoints/teacher/checkpoint.pt", tmp_path / "remote.pt")
-    assert torch.load(remote, weights_only=False)["epoch"] == 1
+    assert torch.load(remote, weights_only=True)["epoch"] == 1
 
     # The machine is gone: no local work dir. --resume fetches the checkpoint from S3 and finishes.
     shutil.rmtree(Path(params.run_dir) / "checkpoints")

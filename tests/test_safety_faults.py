@@ -306,9 +306,13 @@ def test_prepare_killed_with_sigkill_leaves_staging_that_the_next_run_removes(lf
         if staging:
             break
         time.sleep(0.01)
-    os.killpg(proc.pid, signal.SIGKILL)
+    if proc.poll() is not None:
+        pytest.fail(f"prepare ended (exit {proc.returncode}) before it could be killed: "
+                    f"{proc.stderr.read().decode()[-2000:]}")
+    os.killpg(proc.pid, signal.SIGKILL)  # the whole session: prepare and any worker processes
     proc.wait()
-    assert staging and proc.returncode == -signal.SIGKILL, "prepare finished before it could be killed"
+    proc.stderr.close()
+    assert staging and proc.returncode == -signal.SIGKILL
     assert staging[0].exists() and not out.exists()
 
     done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)

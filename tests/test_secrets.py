@@ -163,6 +163,15 @@ def test_a_tracking_password_never_enters_params(mlflow_env, via, tmp_path):
     assert password not in spec and "crfr:***@127.0.0.1:5999" in spec
 
 
+def test_a_database_store_keeps_its_password_for_mlflow_only(mlflow_env):
+    password = canary("db")
+    params = load_params(REPO / "params.yaml", [f"tracking.uri=postgresql://mlflow:{password}@db:5432/mlflow"])
+    assert params.tracking.uri == "postgresql://mlflow:***@db:5432/mlflow"
+    # SQLAlchemy needs the password inside the URI: only this process maps the redacted form back.
+    assert tracking.tracking_uri(params.tracking) == f"postgresql://mlflow:{password}@db:5432/mlflow"
+    assert "MLFLOW_TRACKING_PASSWORD" not in os.environ
+
+
 def test_a_storage_endpoint_with_credentials_is_refused_without_echoing_them(mlflow_env):
     secret = canary("s3")
     with pytest.raises(ConfigError) as info:

@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import urllib.error
 import urllib.request
 
 import cv2
@@ -14,6 +15,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from crfr.data.images import read_image
 from crfr.errors import DataError
 from crfr.serving import CrfrPyfunc, FaceEmbedder, pinned_requirements, prepare_face, resolution_key
 from tests.facedata import (
@@ -38,7 +40,13 @@ def test_preprocessing_matches_training_crop():
     require_lfw()
     raw = cv2.cvtColor(cv2.imread(str(image_path("Abel_Pacheco", 1))), cv2.COLOR_BGR2RGB)
     assert raw.shape == (250, 250, 3)
-    np.testing.assert_array_equal(prepare_face(raw), load_face("Abel_Pacheco", 1))
+    # The crop follows the detected face now, not fixed pixels; on deep-funneled LFW, whose faces sit near the
+    # mean position it maps them to, it lands within a few pixels of the fixed crop the model was trained on.
+    placed, fixed = (cv2.cvtColor(f, cv2.COLOR_RGB2GRAY).astype(np.float64)
+                     for f in (prepare_face(raw), load_face("Abel_Pacheco", 1)))
+    (dx, dy), response = cv2.phaseCorrelate(fixed, placed)
+    assert np.hypot(dx, dy) < 4 and response > 0.3, (dx, dy, response)
+    assert np.abs(placed - fixed).mean() < 12
     face = load_face("Abel_Pacheco", 1)
     assert prepare_face(face) is face  # already 112x112: untouched
     lr = cv2.resize(face, (14, 14), interpolation=cv2.INTER_LINEAR)
@@ -61,10 +69,12 @@ def test_pyfunc_accepts_bytes_base64_and_arrays(tmp_path):
     wrapper.embedder = embedder
     raw = jpeg_of(image_path("Abel_Pacheco", 1))
     decoded = cv2.cvtColor(cv2.imdecode(np.frombuffer(raw, np.uint8), cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
-    frame = pd.DataFrame({"image": [raw, base64.b64encode(raw).decode(), decoded, load_face("Abel_Pacheco", 1)]})
+    frame = pd.DataFrame({"image": [raw, base64.b64encode(raw).decode(), decoded, decoded.astype(np.int64)]})
     out = wrapper.predict(None, frame)
     assert out.shape == (4, 32) and out.dtype == np.float32
-    np.testing.assert_allclose(out, np.repeat(out[:1], 4, axis=0), atol=1e-5)  # four spellings of one face
+    np.testing.assert_allclose(out, np.repeat(out[:1], 4, axis=0), atol=1e-5)  # four spellings of one photo
+    aligned = wrapper.predict(None, pd.DataFrame({"image": [load_face("Abel_Pacheco", 1)]}))
+    assert np.sum((aligned[0] - out[0]) ** 2) < 0.05  # the training crop of that photo: nearly the same
     with pytest.raises(DataError, match="'image' column"):
         wrapper.predict(None, pd.DataFrame({"img": [raw]}))
     with pytest.raises(DataError, match="row 1: not a decodable image"):
@@ -117,11 +127,20 @@ def test_mlflow_models_serve_returns_embeddings(tmp_path, monkeypatch):
                                          headers={"Content-Type": "application/json"})
         with urllib.request.urlopen(request, timeout=120) as resp:
             answer = json.loads(resp.read())
+        # A flat grey image: a 400 whose message says so, not "an unexpected error" with a traceback.
+        grey = cv2.imencode(".jpg", np.full((250, 250, 3), 128, np.uint8))[1].tobytes()
+        body = {"dataframe_split": {"columns": ["image"], "data": [[base64.b64encode(grey).decode("ascii")]]}}
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=json.dumps(body).encode(),
+                                         headers={"Content-Type": "application/json"})
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(request, timeout=120)
+        problem = json.loads(refused.value.read())
+        assert refused.value.code == 400 and "no face found in row 0" in problem["message"], problem
     finally:
         stop(proc)
         log.close()
     emb = np.asarray(answer["predictions"], np.float32)
     assert emb.shape == (1, 32)
-    local = FaceEmbedder.from_dir(model_dir).embed([load_face("Abel_Pacheco", 1)])
+    local = FaceEmbedder.from_dir(model_dir).embed([read_image(image_path("Abel_Pacheco", 1))])
     np.testing.assert_allclose(emb, local, atol=1e-4)
     np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-5)

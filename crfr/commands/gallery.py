@@ -95,7 +95,7 @@ def cmd_identify(args) -> int:
     g = gallery.Gallery.load(args.gallery)
     params, embedder, source = load_model_arg(args)
     g.check_model(embedder, source.describe())
-    result = g.identify(embedder, probe, args.top_k)
+    result = g.identify(embedder, probe, args.top_k, name=str(args.probe))
     where = {"gallery": f"calibrated on the gallery at {result.calibrated_at} px",
              "model": f"the model's, calibrated at {result.calibrated_at} px",
              "default": "uncalibrated default"}[result.threshold_source]

@@ -4,6 +4,9 @@
 ``runs:/RUN/model``); the default is the student's champion, ``models:/<registry.student_name>@champion``.
 Distances are squared Euclidean between L2-normalised embeddings (0 to 4); a pair is the same person when
 the distance is below the model's calibrated threshold for the probe's resolution.
+
+Every image must show a face (:func:`crfr.serving.prepare_face`): "no face found in FILE" is an error
+(exit code 2), not a score; in an ``identify`` gallery such a file is skipped with a warning.
 """
 
 from __future__ import annotations
@@ -73,7 +76,7 @@ def cmd_embed(args) -> int:
 
     images = _read(args.images)  # every file is checked before the model is loaded
     params = _params(args)
-    emb = _embedder(args, params).embed(images)
+    emb = _embedder(args, params).embed(images, args.images)
     if args.out:
         from crfr import storage
 
@@ -96,7 +99,7 @@ def cmd_verify(args) -> int:
     img1, img2 = _read([args.image1, args.image2])
     params = _params(args)
     embedder = _embedder(args, params)
-    emb = embedder.embed([img1, img2])
+    emb = embedder.embed([img1, img2], [args.image1, args.image2])
     distance = float(np.sum((emb[0] - emb[1]) ** 2))
     size = min(_side(img1), _side(img2))
     key, threshold = embedder.threshold_for(size)
@@ -130,13 +133,18 @@ def gallery_images(folder: Path) -> list[tuple[str, Path]]:
 def cmd_identify(args) -> int:
     import numpy as np
 
+    from crfr.gallery import is_gallery
     from crfr.serving import read_image
 
+    if is_gallery(args.gallery):  # built by crfr gallery build: FAISS search and an open-set threshold
+        from crfr.commands.gallery import cmd_identify as identify_in_gallery
+
+        return identify_in_gallery(args)
     probe = read_image(args.probe)
     gallery, skipped = [], []
     for identity, path in gallery_images(Path(args.gallery)):
         try:
-            gallery.append((identity, read_image(path)))
+            gallery.append((identity, path, read_image(path)))
         except DataError as exc:  # one bad gallery file should not hide the others
             skipped.append(str(exc))
     for message in skipped:
@@ -145,10 +153,20 @@ def cmd_identify(args) -> int:
         raise DataError(f"gallery {args.gallery}: none of its images could be read")
     params = _params(args)
     embedder = _embedder(args, params)
-    emb = embedder.embed([probe] + [img for _, img in gallery])
-    names = sorted({identity for identity, _ in gallery})
+    faces = [embedder.prepare([probe], [args.probe])[0]]
+    enrolled = []
+    for identity, path, image in gallery:
+        try:
+            faces.append(embedder.prepare([image], [str(path)])[0])
+            enrolled.append(identity)
+        except DataError as exc:  # a gallery file without a usable face: skipped like an unreadable one
+            print(f"crfr: warning: skipped {exc}", file=sys.stderr)
+    if not enrolled:
+        raise DataError(f"gallery {args.gallery}: no face found in any of its images")
+    emb = embedder.embed_faces(np.stack(faces))
+    names = sorted(set(enrolled))
     # One template per identity: the re-normalised mean of its image embeddings.
-    templates = np.stack([emb[1:][[i for i, (n, _) in enumerate(gallery) if n == name]].mean(0) for name in names])
+    templates = np.stack([emb[1:][[i for i, n in enumerate(enrolled) if n == name]].mean(0) for name in names])
     templates /= np.linalg.norm(templates, axis=1, keepdims=True)
     distances = np.sum((templates - emb[0]) ** 2, axis=1)
     key, threshold = embedder.threshold_for(_side(probe))
@@ -197,7 +215,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("identify", help="rank gallery identities for a probe face")
     p.add_argument("probe", metavar="PROBE")
     p.add_argument("--gallery", required=True, metavar="DIR",
-                   help="folder of images (identity = file name) or of identity subfolders")
+                   help="a gallery built by crfr gallery build (local or s3://), or a folder of images "
+                        "(identity = file name) or of identity subfolders")
     p.add_argument("--top-k", type=positive_int, default=5, metavar="K",
                    help="how many identities to list (default %(default)s)")
     _model_arg(p)

@@ -6,6 +6,9 @@ every image file's signature); image decoding is checked on an evenly spread sam
 everything (``decode_all``), since decoding a large set takes minutes.
 
 A source is usable when it has no problem: unreadable images are problems only above ``max_bad_fraction``.
+Unreadable includes what :mod:`crfr.data.images` refuses: a file that is not a regular file (a FIFO, a
+device, a folder named like an image), never opened for reading, and an image declaring more pixels than
+``MAX_PIXELS`` (a decompression bomb), never decoded.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from crfr.data.binset import read_bin
-from crfr.data.images import decode_image
+from crfr.data.images import decode_image, read_image_bytes
 from crfr.data.lfw import VIEW1_FILES, VIEW2_FILE, LfwFolder, pair_identities, parse_pairs
 from crfr.data.pairs_csv import read_pairs_csv
 from crfr.data.recordio import InsightfaceRec, unpack
@@ -67,11 +70,13 @@ def _sample(n: int, k: int | None) -> np.ndarray:
     return np.unique(np.linspace(0, n - 1, k).astype(np.int64))
 
 
-def _decode_many(items: list[tuple[str, bytes]], report: CheckReport, max_bad_fraction: float, what: str) -> None:
+def _decode_many(items: list[tuple[str, bytes | Path]], report: CheckReport, max_bad_fraction: float,
+                 what: str) -> None:
+    """Decode each item (bytes, or a file read only now) and count the unreadable ones."""
     bad = []
     for where, data in items:
         try:
-            decode_image(data, where)
+            decode_image(read_image_bytes(data) if isinstance(data, Path) else data, where)
         except DataError as exc:
             bad.append(str(exc))
     report.counts[f"{what}_decoded"] = len(items)
@@ -113,15 +118,16 @@ def check_lfw(root: Path, report: CheckReport, images_subdir: str | None, decode
     files = [p for v in people.values() for p in v]
     unsigned = []
     for path in files:
-        with open(path, "rb") as f:
-            head = f.read(8)
-        if not head.startswith(_SIGNATURES):
-            unsigned.append(str(path))
+        try:
+            if not read_image_bytes(path, head=8).startswith(_SIGNATURES):
+                unsigned.append(str(path))
+        except DataError as exc:
+            unsigned.append(str(exc))
     if unsigned:
         msg = f"{len(unsigned)} files are not JPEG/PNG images: {'; '.join(unsigned[:5])}"
         (report.problems if len(unsigned) > max_bad * len(files) else report.warnings).append(msg)
     picks = _sample(len(files), decode)
-    _decode_many([(str(files[i]), files[i].read_bytes()) for i in picks.tolist()], report, max_bad, "images")
+    _decode_many([(str(files[i]), files[i]) for i in picks.tolist()], report, max_bad, "images")
     for name in (VIEW2_FILE, *VIEW1_FILES):
         path = root / name
         if not path.is_file():
@@ -183,14 +189,15 @@ def check_csv(path: Path, report: CheckReport, image_root: Path | None, decode: 
     pairs = read_pairs_csv(path)
     root = image_root or path.parent
     report.counts.update({"pairs": len(pairs), "same_pairs": sum(p.same for p in pairs), "image_root": str(root)})
-    missing = [(p.line, root / r) for p in pairs for r in (p.path1, p.path2) if not (root / r).is_file()]
+    # exists, not is_file: a FIFO or folder under an image's name is an unreadable image, counted below.
+    missing = [(p.line, root / r) for p in pairs for r in (p.path1, p.path2) if not (root / r).exists()]
     if missing:
         listed = "; ".join(f"line {ln}: {f}" for ln, f in missing[:5])
         report.problems.append(f"{len(missing)} pair images do not exist under {root}: {listed}")
-    files = sorted({str(root / r) for p in pairs for r in (p.path1, p.path2) if (root / r).is_file()})
+    files = sorted({str(root / r) for p in pairs for r in (p.path1, p.path2) if (root / r).exists()})
     report.counts["images"] = len(files)
     picks = _sample(len(files), decode)
-    _decode_many([(files[i], Path(files[i]).read_bytes()) for i in picks.tolist()], report, max_bad, "images")
+    _decode_many([(files[i], Path(files[i])) for i in picks.tolist()], report, max_bad, "images")
 
 
 def check_source(

@@ -66,12 +66,14 @@ class LfwFolder:
         return self.images_dir / ref.name / f"{ref.name}_{ref.number:04d}.jpg"
 
     def identities(self) -> dict[str, list[Path]]:
-        """Every person folder and its images, both sorted by name; empty folders map to an empty list."""
+        """Every person folder and its images, both sorted by name; empty folders map to an empty list.
+
+        Every entry named like an image is listed, regular file or not: a FIFO or a folder under such a name
+        is then an unreadable image, counted as such by prepare and ``data check``, not silently left out.
+        """
         people: dict[str, list[Path]] = {}
         for folder in sorted(p for p in self.images_dir.iterdir() if p.is_dir()):
-            people[folder.name] = sorted(
-                f for f in folder.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES
-            )
+            people[folder.name] = sorted(f for f in folder.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
         if not people:
             raise DataError(f"LFW image folder {self.images_dir} holds no person folders")
         return people
@@ -81,11 +83,14 @@ class LfwFolder:
         return parse_pairs(self.root / filename)
 
     def check_pairs_exist(self, pairs: list[Pair], source: Path | None = None) -> None:
-        """Raise a DataError naming the line and path of the first pair image that is missing."""
+        """Raise a DataError naming the line and path of the first pair image that is missing.
+
+        Present but not a regular file (a FIFO...) is not missing: reading it fails, and counts, later.
+        """
         source = source or self.root / VIEW2_FILE
         for pair in pairs:
             for ref in (pair.left, pair.right):
-                if not self.path(ref).is_file():
+                if not self.path(ref).exists():
                     raise DataError(f"{source}, line {pair.line}: image {self.path(ref)} does not exist")
 
 

@@ -25,7 +25,7 @@ from torch import nn
 from crfr.errors import DataError
 
 WEIGHTS_ENV = "CRFR_MTCNN_WEIGHTS"
-_FILES = ("pnet.pt", "rnet.pt", "onet.pt")
+MTCNN_FILES = ("pnet.pt", "rnet.pt", "onet.pt")
 
 
 def _flatten_wh(x: torch.Tensor) -> torch.Tensor:
@@ -113,7 +113,7 @@ def weights_dir() -> Path:
         if not found:
             raise DataError("align: the installed facenet-pytorch has no pnet.pt; reinstall facenet-pytorch==2.6.0")
         folder = Path(dist.locate_file(found[0])).parent
-    missing = [f for f in _FILES if not (folder / f).is_file()]
+    missing = [f for f in MTCNN_FILES if not (folder / f).is_file()]
     if missing:
         raise DataError(f"align: MTCNN weights {missing} not found in {folder}")
     return folder

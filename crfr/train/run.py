@@ -29,7 +29,7 @@ def prepared_fingerprint(prepared: Path) -> str:
     Covers ``train/index.json`` (classes, shard sizes, image size, alignment; not the machine-specific source
     path), ``train/labels.npy`` and the training rows of ``manifest.csv`` (each image's path relative to its
     source and the sha256 of its bytes), all written by prepare. Without a manifest (shards made by other
-    means), the first image of every shard stands in for the image bytes. Reads kilobytes, not the shards.
+    means), the first image of every shard stands in for the image bytes. The shards themselves are not read.
     """
     from crfr.data.shards import INDEX, LABELS, ShardDataset
 
