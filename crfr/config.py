@@ -273,7 +273,14 @@ class RuntimeCfg(Section):
     log_every: Int = Field(default=10, ge=1)
     holdout_pairs: Int = Field(default=300, ge=0, description="pairs checked at 14 and 112 px after each epoch")
     checkpoint_uri: str | None = Field(
-        default=None, description="also mirror each epoch's checkpoint here (s3:// on a cluster: a retried pod resumes)"
+        default=None, description="also mirror each checkpoint here (s3:// on a cluster: a retried pod resumes)"
+    )
+    checkpoint_every_steps: Int | None = Field(
+        default=None, ge=1, description="also checkpoint every N optimiser steps; null: only at epoch ends"
+    )
+    dist_timeout_s: Int = Field(
+        default=600, ge=10, le=86400,
+        description="torchrun: a collective that waits longer for a dead or stuck rank fails the run",
     )
 
 

@@ -13,7 +13,8 @@ SUBCOMMANDS = [
     ["data", "check"], ["data", "prepare"], ["data", "synthesize"], ["train", "teacher"], ["train", "student"],
     ["evaluate"], ["promote"], ["embed"], ["verify"], ["identify"], ["bench", "ops"], ["bench", "train"],
     ["bench", "data"], ["pipeline", "compile"], ["pipeline", "submit"], ["pipeline", "local"],
-    ["pipeline", "prefect"], ["report"],
+    ["pipeline", "prefect"], ["report"], ["export", "onnx"], ["gallery", "build"], ["gallery", "add"],
+    ["gallery", "info"], ["serve"], ["bench", "serve"], ["bench", "gallery"],
 ]
 
 

@@ -635,3 +635,89 @@ def test_checks_catch_broken_manifests(rendered):
 
     with pytest.raises(ValueError):
         quantity("eight")
+
+
+# ------------------------------------------------------------------------------------------------------
+# The face service (crfr serve)
+
+SERVE = {"app.kubernetes.io/name": "crfr-serve"}
+CHAMPION_URI = "models:/crfr-student@champion"
+
+
+def serve_problems(objects: list[dict]) -> list[str]:
+    """What the crfr-serve Deployment and Service must hold for `crfr serve` to start and be reachable."""
+    problems = []
+    deployment = _one(objects, "Deployment", "crfr-serve")
+    pod = deployment["spec"]["template"]["spec"]
+    (c,) = pod["containers"]
+    if not OUR_IMAGE.search(c["image"]):
+        problems.append(f"image {c['image']!r} is not the crfr image")
+    if c.get("command") != ["crfr", "serve"]:
+        problems.append(f"command {c.get('command')} is not crfr serve")
+    args = dict(a.split("=", 1) for a in c.get("args", []))
+    if args.get("--model") != CHAMPION_URI:
+        problems.append(f"--model is {args.get('--model')!r}, not {CHAMPION_URI}")
+    if args.get("--host") != "0.0.0.0":
+        problems.append("--host must be 0.0.0.0 to be reachable from the Service")
+    ports = {p["name"]: p["containerPort"] for p in c.get("ports", [])}
+    if str(ports.get("http")) != args.get("--port"):
+        problems.append(f"container port {ports.get('http')} is not --port {args.get('--port')}")
+    env = {e["name"]: e for e in c.get("env", [])}
+    gallery = args.get("--gallery", "")
+    var = re.fullmatch(r"\$\(([A-Z0-9_]+)\)", gallery)
+    if not var or var.group(1) not in env:
+        problems.append(f"--gallery {gallery!r} is not a variable defined in env")
+    else:
+        ref = env[var.group(1)].get("valueFrom", {}).get("configMapKeyRef", {})
+        settings = _one(objects, "ConfigMap", "crfr-settings")["data"]
+        if ref.get("name") != "crfr-settings" or not settings.get(ref.get("key"), "").startswith("s3://"):
+            problems.append("the gallery URI does not come from crfr-settings as an s3:// URI")
+    sources = c.get("envFrom", [])
+    if {"configMapRef": {"name": "crfr-settings"}} not in sources:
+        problems.append("no MLFLOW_TRACKING_URI: envFrom lacks the crfr-settings ConfigMap")
+    if {"secretRef": {"name": "crfr-s3"}} not in sources:
+        problems.append("no S3 credentials for the gallery: envFrom lacks the crfr-s3 Secret")
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        get = c.get(probe, {}).get("httpGet", {})
+        if get.get("path") != "/health" or ports.get(get.get("port"), get.get("port")) != ports.get("http"):
+            problems.append(f"{probe} does not GET /health on the http port")
+    service = _one(objects, "Service", "crfr-serve")["spec"]
+    labels = deployment["spec"]["template"]["metadata"]["labels"]
+    if not _selects({"matchLabels": service["selector"]}, labels):
+        problems.append("the Service does not select the serve pods")
+    if [p.get("targetPort") for p in service["ports"]] != ["http"]:
+        problems.append("the Service does not target the http port")
+    if not ingress_allowed(objects, labels, ports.get("http"), PIPELINE_POD):
+        problems.append("the NetworkPolicies block the service's port from the namespace")
+    if not ingress_allowed(objects, MLFLOW, 5000, labels):
+        problems.append("the serve pods cannot reach MLflow")
+    return problems
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_serve_deployment_loads_the_champion_and_an_s3_gallery(rendered, overlay):
+    objects = rendered(overlay)
+    assert serve_problems(objects) == []
+    pod = _one(objects, "Deployment", "crfr-serve")["spec"]["template"]["spec"]
+    assert not _gpu_mentions(pod)  # the service runs on CPU nodes in both overlays
+    assert not ingress_allowed(objects, SERVE, 8080, PIPELINE_POD, src_namespace="elsewhere")
+    assert ingress_allowed(objects, SERVE, 8080, {"app": "web"}, src_namespace="frontend",
+                           src_ns_labels={"crfr.io/serve-client": "true"})
+    replicas = _one(objects, "Deployment", "crfr-serve")["spec"]["replicas"]
+    assert replicas == (1 if overlay == "dev" else 2)
+
+
+def test_serve_checks_catch_broken_manifests(rendered):
+    objects = rendered("dev")
+    for mutate, expected in [
+        (lambda c: c.update(args=[a.replace("@champion", "@challenger") for a in c["args"]]), "--model"),
+        (lambda c: c.update(args=[a for a in c["args"] if not a.startswith("--gallery")]), "--gallery"),
+        (lambda c: c.update(envFrom=[e for e in c["envFrom"] if "secretRef" not in e]), "S3 credentials"),
+        (lambda c: c["readinessProbe"]["httpGet"].update(path="/"), "readinessProbe"),
+        (lambda c: c["ports"][0].update(containerPort=9000), "container port"),
+    ]:
+        broken = copy.deepcopy(objects)
+        mutate(_one(broken, "Deployment", "crfr-serve")["spec"]["template"]["spec"]["containers"][0])
+        assert any(expected in p for p in serve_problems(broken)), expected
+    closed = [o for o in copy.deepcopy(objects) if o["metadata"]["name"] != "allow-crfr-serve"]
+    assert any("NetworkPolicies" in p for p in serve_problems(closed))

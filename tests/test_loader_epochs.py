@@ -154,7 +154,7 @@ def test_data_bench_reports_each_worker_count_and_the_cores_a_gpu_needs(prepared
     for count, row in result["by_workers"].items():
         assert row["images_per_s"] > 0
         assert row["images_per_s_per_core"] == pytest.approx(row["images_per_s"] / max(1, int(count)), rel=1e-3)
-    per_core = max(row["images_per_s_per_core"] for row in result["by_workers"].values())
+    per_core = result["by_workers"]["1"]["images_per_s_per_core"]  # the rate with workers, as training loads
     assert result["images_per_s_per_core"] == per_core
     assert result["cores_per_gpu"] == math.ceil(3000.0 / per_core)
     assert result["images"] == len(ShardDataset(prepared / "train")) and result["lr_data"] == "degraded"

@@ -79,22 +79,29 @@ class EpochSampler(Sampler[tuple[int, int]]):
     """A fresh permutation per epoch from (seed, epoch); each DDP rank takes every world_size-th index.
 
     Yields ``(epoch, index)`` keys for ``FaceTrainingSet``. Every rank gets the same number of samples (the
-    tail is dropped), so collective ops never wait forever.
+    tail is dropped), so collective ops never wait forever. ``set_epoch(epoch, start)`` skips the first
+    ``start`` samples of this rank's share, so a run resumed mid-epoch sees exactly the rest of it.
     """
 
     def __init__(self, size: int, seed: int, rank: int = 0, world_size: int = 1) -> None:
         self.size, self.seed, self.rank, self.world_size = size, seed, rank, world_size
         self.epoch = 0
+        self.start = 0
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        """Iterate ``epoch`` from sample ``start`` of this rank's share (0: the whole epoch)."""
+        self.epoch, self.start = epoch, start
+
+    @property
+    def per_rank(self) -> int:
+        """Samples of one rank's share in a whole epoch."""
+        return self.size // self.world_size
 
     def __len__(self) -> int:
-        return self.size // self.world_size
+        return max(self.per_rank - self.start, 0)
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
         gen = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
         order = torch.randperm(self.size, generator=gen)
-        per_rank = len(self)
-        mine = order[self.rank : per_rank * self.world_size : self.world_size].tolist()
+        mine = order[self.rank : self.per_rank * self.world_size : self.world_size][self.start :].tolist()
         return iter([(self.epoch, index) for index in mine])

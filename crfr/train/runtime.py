@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import datetime
 import os
 from dataclasses import dataclass
 
@@ -10,7 +11,7 @@ import torch
 import torch.distributed as dist
 
 from crfr.config import RuntimeCfg
-from crfr.errors import ConfigError
+from crfr.errors import ConfigError, TrainingError
 
 
 @dataclass
@@ -31,6 +32,19 @@ class Runtime:
     @property
     def distributed(self) -> bool:
         return self.world_size > 1
+
+    def share_of_batch(self, batch_size: int, setting: str) -> int:
+        """This process's part of the global ``batch_size``: the same total at any world size.
+
+        Raises:
+            ConfigError: ``batch_size`` does not split evenly among the processes; names ``setting``.
+        """
+        if batch_size % self.world_size:
+            raise ConfigError(
+                f"{setting}: {batch_size} is the global batch, shared by the {self.world_size} torchrun processes, "
+                f"and does not split evenly among them; use a multiple of {self.world_size}"
+            )
+        return batch_size // self.world_size
 
     def autocast(self):
         if self.amp_dtype is None:
@@ -77,7 +91,9 @@ def resolve_runtime(cfg: RuntimeCfg) -> Runtime:
         torch.backends.cudnn.benchmark = False
     amp = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.amp] if want == "cuda" else None
     if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if want == "cuda" else "gloo")
+        # The default (30 min) leaves survivors of a dead rank idle for that long; past it they fail and exit.
+        dist.init_process_group(backend="nccl" if want == "cuda" else "gloo",
+                                timeout=datetime.timedelta(seconds=cfg.dist_timeout_s))
     return Runtime(
         device=device,
         amp_dtype=amp,
@@ -93,3 +109,52 @@ def resolve_runtime(cfg: RuntimeCfg) -> Runtime:
 def shutdown(runtime: Runtime) -> None:
     if runtime.distributed and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def _comm_device(runtime: Runtime) -> torch.device:
+    # NCCL moves CUDA tensors only; gloo moves CPU ones.
+    return runtime.device if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+def broadcast_bytes(runtime: Runtime, payload: bytes | None, failed: bool = False) -> bytes | None:
+    """Rank 0's ``payload`` (None: nothing) on every rank; a no-op in a single process.
+
+    Args:
+        runtime: the process group this rank belongs to.
+        payload: what rank 0 sends; ignored on the other ranks.
+        failed: on rank 0, send a failure instead: the other ranks raise, rank 0 raises its own error.
+
+    Raises:
+        TrainingError: on ranks other than 0, when rank 0 sent a failure.
+    """
+    if not runtime.distributed:
+        return payload
+    device = _comm_device(runtime)
+    status = 2 if failed else (0 if payload is None else 1)
+    header = torch.tensor([status, len(payload or b"")] if runtime.is_main else [0, 0], dtype=torch.int64,
+                          device=device)
+    dist.broadcast(header, src=0)
+    status, size = (int(v) for v in header.tolist())
+    if status == 2:
+        if runtime.is_main:
+            return None
+        raise TrainingError(f"rank {runtime.rank}: rank 0 could not resume (its log says why); stopping too")
+    if status == 0:
+        return None
+    if runtime.is_main:
+        data = torch.frombuffer(bytearray(payload), dtype=torch.uint8).to(device)
+    else:
+        data = torch.empty(size, dtype=torch.uint8, device=device)
+    dist.broadcast(data, src=0)
+    return payload if runtime.is_main else data.cpu().numpy().tobytes()
+
+
+def ranks_differing_from_main(runtime: Runtime, digest: bytes) -> list[int]:
+    """The ranks whose ``digest`` (same length everywhere) is not rank 0's; [] in a single process."""
+    if not runtime.distributed:
+        return []
+    device = _comm_device(runtime)
+    mine = torch.frombuffer(bytearray(digest), dtype=torch.uint8).to(device)
+    every = [torch.empty_like(mine) for _ in range(runtime.world_size)]
+    dist.all_gather(every, mine)
+    return [r for r, d in enumerate(every) if not torch.equal(d, every[0])]
