@@ -395,7 +395,6 @@ class GalleryCfg(Section):
     min_calibration_pairs: Int = Field(
         default=10, ge=1, description="genuine and impostor scores each needed to calibrate; else the model's threshold"
     )
-    batch_size: Int = Field(default=64, ge=1, description="faces per forward pass while enrolling")
 
 
 class ServeCfg(Section):

@@ -635,10 +635,13 @@ def add(gallery: Gallery, source: str | Path, embedder: FaceEmbedder, cfg: Galle
     manifest.setdefault("enrolled", []).append({"source": str(source), "faces": len(kept),
                                                 "skipped": len(skipped), "at": now})
     fresh = calibrate(embedder, embeddings, identities, probes, resolutions, cfg)
-    old = manifest.get("thresholds", {})
-    # New faces recalibrate a resolution only where they are enough; a gallery calibration is never downgraded.
-    manifest["thresholds"] = {k: v if v["source"] == "gallery" or old.get(k, {}).get("source") != "gallery"
-                              else old[k] for k, v in fresh.items()} | {k: v for k, v in old.items() if k not in fresh}
+    thresholds = dict(manifest.get("thresholds", {}))
+    for key, entry in fresh.items():
+        # The new faces recalibrate a resolution where they are enough; a calibration on the gallery is never
+        # replaced by the model's fallback because this batch was too small.
+        if entry["source"] == "gallery" or thresholds.get(key, {}).get("source") != "gallery":
+            thresholds[key] = entry
+    manifest["thresholds"] = thresholds
     new = _finish(embeddings, identities, sources, manifest, cfg)
     new.uri = gallery.uri
     return new, len(kept), skipped

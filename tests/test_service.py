@@ -199,3 +199,17 @@ def test_bench_serve_numbers(tmp_path):
     assert result["onnx_max_cosine_deviation"] < 1e-5
     assert result["http_ok"] == 12 and result["http_errors"] == 0
     assert 0 < result["http_p50_ms"] <= result["http_p99_ms"] and result["http_requests_per_s"] > 0
+
+
+def test_onnxruntime_service_answers_as_the_torch_one(embedder, tmp_path):
+    from crfr.export import OnnxFaceEmbedder, export_onnx
+    from crfr.service import create_app
+
+    export_onnx(embedder, tmp_path / "m.onnx")
+    onnx_client = TestClient(create_app(OnnxFaceEmbedder(tmp_path / "m.onnx"), ServeCfg()))
+    torch_client = TestClient(create_app(embedder, ServeCfg()))
+    assert onnx_client.get("/health").json()["runtime"] == "onnxruntime"
+    pair = files(a=jpeg("Hugo_Chavez", 1), b=jpeg("Hugo_Chavez", 2))
+    got, want = onnx_client.post("/verify", files=pair).json(), torch_client.post("/verify", files=pair).json()
+    assert got["distance"] == pytest.approx(want["distance"], abs=1e-5)
+    assert (got["threshold"], got["decision"]) == (want["threshold"], want["decision"])

@@ -1,1 +1,2 @@
-"""Evaluation: LR probes (probes), verifying models (run), results and metrics.json (results), tables, thresholds, plots."""
+"""Evaluation: LR probes (probes), verifying models (run), results and metrics.json (results), tables,
+thresholds, plots."""

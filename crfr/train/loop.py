@@ -4,13 +4,20 @@ Teacher: iresnet + ArcFace on HR faces. Student: (Wave)ResNet + ArcFace on LR fa
 logit distillation (Eq. 2) and wavelet-similarity (Eq. 3) losses against the frozen teacher, which sees the
 HR version of the same face. Each Table I row is a ``TrainSpec``.
 
-Checkpoints are written atomically after every epoch and hold everything needed to continue exactly
-(model, head, optimiser, schedule, grad scaler, RNG states, epoch, step, MLflow run id).
+Checkpoints are written atomically after every epoch (and every ``runtime.checkpoint_every_steps`` steps)
+and hold everything needed to continue exactly (model, head, optimiser, schedule, grad scaler, RNG states,
+epoch, step, the running sums of a partial epoch, MLflow run id).
+
+Under torchrun each process trains on its share of the global ``batch_size`` and DDP averages the
+gradients. Only rank 0 reads and writes checkpoints: on ``--resume`` it sends its checkpoint to every rank
+before DDP wraps the network, so all ranks continue from one state, at the same step.
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
+import io
 import json
 import math
 import os
@@ -21,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
@@ -32,7 +40,7 @@ from crfr.errors import DataError, StorageError, TrainingError
 from crfr.losses import ArcFace, LossTerms, WaveletSimilarity, arcface_loss, distillation_loss
 from crfr.models import build_backbone
 from crfr.train.data import EpochSampler, FaceTrainingSet
-from crfr.train.runtime import Runtime
+from crfr.train.runtime import Runtime, broadcast_bytes, ranks_differing_from_main
 
 HEAD_FILE = "head.pt"
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -88,6 +96,26 @@ def lr_factor(step: int, steps_per_epoch: int, cfg: OptimCfg) -> float:
     return cfg.gamma ** sum(epoch >= m for m in cfg.milestones)
 
 
+def step_seed(seed: int, step: int, rank: int) -> int:
+    """The torch seed of one rank's optimiser step (dropout draws from it).
+
+    Seeding every step makes the training's randomness a pure function of (seed, step, rank), like the data's:
+    a rank resumed from rank 0's checkpoint draws what it would have drawn, whatever rank 0's RNG state was.
+    """
+    digest = hashlib.blake2b(f"{seed}/{step}/{rank}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+def weights_digest(state: dict[str, torch.Tensor]) -> str:
+    """sha256 over a state dict's names, dtypes, shapes and bytes: equal digests mean bit-identical weights."""
+    digest = hashlib.sha256()
+    for name in sorted(state):
+        t = state[name].detach().cpu().contiguous()
+        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
 def _rng_state() -> dict:
     """Every RNG's state as tensors and plain Python data, so the checkpoint loads with ``weights_only=True``."""
     kind, keys, pos, has_gauss, cached = np.random.get_state()
@@ -111,7 +139,9 @@ def _set_rng_state(state: dict) -> None:
     py = state["python"]
     random.setstate((py["version"], tuple(py["internal"]), py["gauss_next"]))
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        # Per device, as many as both machines have: a checkpoint may come from a node with more GPUs.
+        for device, cuda_state in enumerate(state["cuda"][: torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(cuda_state, device)
 
 
 def _plain(value):
@@ -180,17 +210,17 @@ class Trainer:
             self.net = self.net.to(memory_format=torch.channels_last)
             if self.teacher is not None:
                 self.teacher = self.teacher.to(memory_format=torch.channels_last)
-        self.model = (
-            DistributedDataParallel(self.net, device_ids=[runtime.device.index] if runtime.device.type == "cuda"
-                                    else None)
-            if runtime.distributed else self.net
-        )
+        # fit() wraps it in DDP, after any resume: the wrap broadcasts rank 0's weights, and by then every rank
+        # must already hold the resumed state (optimiser, schedule, step) as well.
+        self.model: nn.Module = self.net
         self.wavesim = WaveletSimilarity(params.model.wavelet, params.model.wave_mode).to(runtime.device)
         self.dataset = FaceTrainingSet(faces, spec.lr_data, params.degrade, params.seed)
         self.sampler = EpochSampler(len(self.dataset), params.seed, runtime.rank, runtime.world_size)
+        setting = f"{spec.name.split('-')[0]}.batch_size"
+        self.batch_per_rank = runtime.share_of_batch(cfg.batch_size, setting)
         self.loader = DataLoader(
             self.dataset,
-            batch_size=cfg.batch_size,
+            batch_size=self.batch_per_rank,
             sampler=self.sampler,
             num_workers=params.runtime.num_workers,
             drop_last=True,
@@ -199,8 +229,8 @@ class Trainer:
         )
         steps = len(self.loader)
         if steps == 0:
-            raise DataError(f"{spec.name}: {len(self.dataset)} training images are fewer than one batch of "
-                            f"{cfg.batch_size} per process; lower {spec.name.split('-')[0]}.batch_size")
+            raise DataError(f"{spec.name}: {len(self.dataset)} training images make no batch of {cfg.batch_size} "
+                            f"({self.batch_per_rank} in each of {runtime.world_size} processes); lower {setting}")
         self.steps_per_epoch = min(steps, cfg.max_steps_per_epoch or steps)
         self.optimizer = torch.optim.SGD(
             [p for p in self.net.parameters() if p.requires_grad],
@@ -212,6 +242,8 @@ class Trainer:
         self.scaler = runtime.grad_scaler()
         self.epoch = 0
         self.step = 0
+        # The running sums of the epoch in progress, kept in mid-epoch checkpoints; None between epochs.
+        self.partial: dict | None = None
         self.mlflow_run_id: str | None = None
         self.history: list[dict] = []
         self.step_rows: list[dict] = []
@@ -232,6 +264,9 @@ class Trainer:
             "rng": _rng_state(),
             "epoch": self.epoch,
             "step": self.step,
+            "steps_per_epoch": self.steps_per_epoch,
+            "world_size": self.rt.world_size,
+            "partial": _plain(self.partial),
             "mlflow_run_id": self.mlflow_run_id,
             "history": _plain(self.history),
             "step_rows": _plain(self.step_rows),
@@ -244,6 +279,7 @@ class Trainer:
         self.scaler.load_state_dict(state["scaler"])
         _set_rng_state(state["rng"])
         self.epoch, self.step = state["epoch"], state["step"]
+        self.partial = state.get("partial")
         self.mlflow_run_id = state.get("mlflow_run_id")
         self.history = state.get("history", [])
         self.step_rows = state.get("step_rows", [])
@@ -268,6 +304,10 @@ class Trainer:
     def try_resume(self) -> bool:
         """Continue from the last checkpoint in ``work_dir`` (or its remote mirror), if any.
 
+        Call it before :meth:`fit`. Under torchrun, rank 0 alone decides: it reads its own ``work_dir``,
+        else the mirror, and sends the file to every other rank, which loads the same bytes; a rank's own
+        disk never matters (pods have their own), and every rank continues from one state at the same step.
+
         The file is loaded weights-only: a checkpoint holds tensors and plain data, nothing that runs code,
         whoever wrote it. One that would (or is corrupt) is refused and moved out of the way, so the next
         ``--resume`` does not trip over it again: a downloaded copy is deleted (the remote object stays for
@@ -278,8 +318,29 @@ class Trainer:
 
         Raises:
             DataError: the checkpoint was refused (``UnsafeFileError``: it would run code) or is unreadable.
-            TrainingError: it belongs to another step, other settings or other prepared data.
+            TrainingError: it belongs to another step, other settings, other prepared data or another number
+                of steps per epoch; on the other ranks: rank 0 failed to resume.
         """
+        state, error, blob = None, None, None
+        if self.rt.is_main:
+            try:
+                state = self._read_checkpoint()
+                if state is not None and self.rt.distributed:
+                    blob = self.checkpoint_path.read_bytes()
+            except Exception as exc:  # the other ranks wait for this decision: tell them before raising
+                error = exc
+        blob = broadcast_bytes(self.rt, blob, failed=error is not None)
+        if error is not None:
+            raise error
+        if not self.rt.is_main and blob is not None:
+            state = safe_torch_load(io.BytesIO(blob), "checkpoint sent by rank 0", map_location="cpu")
+        if state is None:
+            return False
+        self.load_state_dict(state)
+        return True
+
+    def _read_checkpoint(self) -> dict | None:
+        """The validated checkpoint of this run from ``work_dir`` or its mirror; None if there is none."""
         downloaded = False
         if not self.checkpoint_path.is_file() and self.remote_checkpoint:
             from crfr import storage
@@ -288,7 +349,7 @@ class Trainer:
                 storage.download(self.remote_checkpoint, self.checkpoint_path)
                 downloaded = True
         if not self.checkpoint_path.is_file():
-            return False
+            return None
         try:
             # On the CPU: RNG states must stay CPU tensors; load_state_dict moves the rest to the model's device.
             state = safe_torch_load(self.checkpoint_path, "checkpoint", map_location="cpu")
@@ -307,8 +368,15 @@ class Trainer:
                 f"(data fingerprint {state.get('data_fingerprint')}, this run's {self.data_fingerprint}); "
                 "pass the prepared data it was made with, or rerun without --resume to start over"
             )
-        self.load_state_dict(state)
-        return True
+        saved = state.get("steps_per_epoch", self.steps_per_epoch)
+        if saved != self.steps_per_epoch:
+            raise TrainingError(
+                f"{self.checkpoint_path}: the checkpoint was made with {saved} steps per epoch "
+                f"({state.get('world_size', 1)} processes), this run makes {self.steps_per_epoch} "
+                f"({self.rt.world_size} processes): resume with the same number of processes, "
+                "or rerun without --resume to start over"
+            )
+        return state
 
     def _set_aside(self, downloaded: bool) -> str:
         """Move a refused checkpoint out of ``work_dir``; says what was done, for the error message."""
@@ -358,18 +426,25 @@ class Trainer:
                 )
 
     def train_epoch(self, on_log) -> dict:
+        """Train the rest of the current epoch (all of it, unless resumed from a mid-epoch checkpoint)."""
         cfg = self.spec.optim
+        every = self.params.runtime.checkpoint_every_steps
         self.net.train()
+        # Every epoch has steps_per_epoch steps, so the step count says where in the epoch a checkpoint was made.
+        done = self.step - self.epoch * self.steps_per_epoch
         self.dataset.set_epoch(self.epoch)
-        self.sampler.set_epoch(self.epoch)
-        sums: dict[str, float] = {}
-        seen, t0 = 0, time.perf_counter()
+        self.sampler.set_epoch(self.epoch, start=done * self.batch_per_rank)
+        partial = self.partial or {"sums": {}, "seen": 0}
+        sums: dict[str, float] = dict(partial["sums"])
+        seen_before, seen, t0 = int(partial["seen"]), 0, time.perf_counter()
         window_images, window_t = 0, time.perf_counter()
-        bar = tqdm(total=self.steps_per_epoch, desc=f"{self.spec.name} epoch {self.epoch + 1}/{cfg.epochs}",
-                   disable=not self.rt.is_main, mininterval=1.0 if os.isatty(2) else 15.0, unit="step")
-        for i, batch in enumerate(self.loader):
+        bar = tqdm(total=self.steps_per_epoch, initial=done, disable=not self.rt.is_main,
+                   desc=f"{self.spec.name} epoch {self.epoch + 1}/{cfg.epochs}",
+                   mininterval=1.0 if os.isatty(2) else 15.0, unit="step")
+        for i, batch in enumerate(self.loader, start=done):
             if i >= self.steps_per_epoch:
                 break
+            torch.manual_seed(step_seed(self.params.seed, self.step, self.rt.rank))
             terms, n = self.loss_terms(batch)
             self.check_finite(terms)
             loss = terms.total(self.params.loss.lambda1, self.params.loss.lambda2)
@@ -394,9 +469,13 @@ class Trainer:
                 on_log(logged, self.step)
                 bar.set_postfix(loss=f"{values['total']:.3f}", img_s=f"{ips:.1f}", lr=f"{lr:.2g}")
             bar.update(1)
+            if every and self.step % every == 0 and i + 1 < self.steps_per_epoch:  # the epoch's end saves anyway
+                self.partial = {"sums": dict(sums), "seen": seen_before + seen}
+                self.save_checkpoint()
         bar.close()
+        self.partial = None
         elapsed = time.perf_counter() - t0
-        out = {f"loss_{k}": v / max(seen, 1) for k, v in sums.items()}
+        out = {f"loss_{k}": v / max(seen_before + seen, 1) for k, v in sums.items()}
         out["images_per_s"] = seen * self.rt.world_size / max(elapsed, 1e-9)
         return out
 
@@ -429,6 +508,10 @@ class Trainer:
     def fit(self, on_log=lambda metrics, step: None, on_epoch=lambda metrics, epoch: None) -> list[dict]:
         """Train the remaining epochs, checkpointing after each; returns the per-epoch history."""
         cfg = self.spec.optim
+        if self.rt.distributed and self.model is self.net:
+            self.model = DistributedDataParallel(
+                self.net, device_ids=[self.rt.device.index] if self.rt.device.type == "cuda" else None
+            )
         while self.epoch < cfg.epochs:
             metrics = self.train_epoch(on_log)
             metrics.update(self.check_holdout())
@@ -439,7 +522,25 @@ class Trainer:
             if self.rt.is_main:
                 tqdm.write(epoch_line(self.spec.name, self.epoch, cfg.epochs, metrics))
             on_epoch(metrics, self.epoch)
+        self._check_replicas()
         return self.history
+
+    def _check_replicas(self) -> None:
+        """Make every rank hold rank 0's state, then fail the run if any rank's weights differ from it.
+
+        DDP gives every rank rank 0's BatchNorm statistics at the start of each forward, so after the last
+        step each rank holds its own: take rank 0's, as the next forward would. The weights themselves must
+        already agree; a replica that does not was trained on other weights (a broken resume), and saying so
+        beats publishing rank 0's model as if all were well.
+        """
+        if not self.rt.distributed:
+            return
+        for buffer in self.net.buffers():
+            dist.broadcast(buffer, src=0)
+        differ = ranks_differing_from_main(self.rt, bytes.fromhex(weights_digest(self.net.state_dict())))
+        if differ:
+            raise TrainingError(f"{self.spec.name}: the weights of rank(s) {differ} differ from rank 0's at the end "
+                                "of training: the replicas diverged; rerun without --resume")
 
     def export(self, out_dir: str | Path, meta: dict | None = None) -> None:
         """Write the model directory (model.pt for inference, head.pt for a later student)."""

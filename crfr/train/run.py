@@ -11,7 +11,7 @@ import numpy as np
 
 from crfr import redact, storage, tracking
 from crfr.config import Params
-from crfr.train.loop import CHECKPOINT_FILE, Holdout, Trainer, TrainSpec, write_history_csv
+from crfr.train.loop import CHECKPOINT_FILE, Holdout, Trainer, TrainSpec, weights_digest, write_history_csv
 from crfr.train.runtime import resolve_runtime, shutdown
 
 
@@ -118,6 +118,11 @@ def run_training(
             "epochs": trainer.epoch,
             "steps": trainer.step,
             "resumed": resumed,
+            "rank": runtime.rank,
+            "world_size": runtime.world_size,
+            # Of backbone and head together, on this rank: equal on every rank (checked), and equal to the
+            # digest of the published model.pt + head.pt (names prefixed backbone. / head.).
+            "weights_sha256": weights_digest(trainer.net.state_dict()),
             "mlflow_run_id": trainer.mlflow_run_id,
             "final": history[-1] if history else {},
             "images_per_s": float(np.mean([h["images_per_s"] for h in history])) if history else 0.0,
