@@ -16,8 +16,9 @@ round-robin over (fold, same/different), so a smoke run still has both labels in
 
 Unreadable images are skipped and counted; above ``data.max_bad_fraction`` of a split the step fails naming
 them. Unreadable includes a path that is not a regular file (a FIFO, a device) and an image whose header
-declares more than ``crfr.data.images.MAX_PIXELS`` pixels (a decompression bomb): neither is ever read whole. A pairs line naming a missing image always fails, naming the line and the path. A training image whose
-bytes are identical to an evaluation image (same sha256, as ``manifest.csv`` records) is left out of training,
+declares more than ``crfr.data.images.MAX_PIXELS`` pixels (a decompression bomb): neither is ever read whole.
+A pairs line naming a missing image always fails, naming the line and the path. A training image whose bytes
+are identical to an evaluation image (same sha256, as ``manifest.csv`` records) is left out of training,
 counted in ``report.json`` (``train.identical_to_eval``) and reported in a warning: a copy filed under another
 name would otherwise leak an evaluation face into training.
 

@@ -40,7 +40,7 @@ import numpy as np
 
 from crfr import storage
 from crfr.config import GalleryCfg
-from crfr.errors import DataError
+from crfr.errors import DataError, StorageError
 from crfr.serving import FaceEmbedder, read_image, resolution_key
 
 log = logging.getLogger(__name__)
@@ -466,7 +466,7 @@ def embed_items(embedder: FaceEmbedder, items: Sequence[tuple[str, str]], keep_f
             location = items[pos][1]
             try:
                 aligned.append(embedder.prepare([_load(location)], names=[location])[0])
-            except DataError as exc:  # one unreadable (or faceless) image must not stop the enrolment
+            except (DataError, StorageError) as exc:  # one missing, unreadable or faceless image: skipped
                 skipped.append(str(exc))
                 continue
             positions.append(pos)

@@ -73,8 +73,8 @@ def _tiff_size(data: bytes) -> tuple[int, int] | None:
     for entry in range(offset + 2, min(offset + 2 + 12 * count, len(data) - 11), 12):
         tag, kind = struct.unpack(order + "HH", data[entry : entry + 4])
         if tag in (256, 257):
-            short = kind == 3
-            found[tag] = struct.unpack(order + ("H" if short else "I"), data[entry + 8 : entry + (10 if short else 12)])[0]
+            value = data[entry + 8 : entry + 10] if kind == 3 else data[entry + 8 : entry + 12]  # SHORT or LONG
+            found[tag] = struct.unpack(order + ("H" if kind == 3 else "I"), value)[0]
     return (found[256], found[257]) if len(found) == 2 else None
 
 

@@ -12,7 +12,7 @@ import numpy as np
 from crfr import redact, storage, tracking
 from crfr.config import Params
 from crfr.train.loop import CHECKPOINT_FILE, Holdout, Trainer, TrainSpec, weights_digest, write_history_csv
-from crfr.train.runtime import resolve_runtime, shutdown
+from crfr.train.runtime import peers_lost_as_error, resolve_runtime, shutdown
 
 
 def spec_hash(spec: TrainSpec, params: Params) -> str:
@@ -102,16 +102,25 @@ def run_training(
     trainer = Trainer(spec, params, faces, runtime, work_dir, holdout=load_holdout(prepared, params))
     trainer.fingerprint = fingerprint
     trainer.data_fingerprint = prepared_fingerprint(prepared)
+
+    def where() -> str:
+        if not runtime.is_main:  # checkpoints are rank 0's, on its disk
+            return f"at epoch {trainer.epoch + 1}, step {trainer.step}"
+        last = trainer.checkpoint_path if trainer.checkpoint_path.exists() else "none yet"
+        return f"at epoch {trainer.epoch + 1}, step {trainer.step} (last checkpoint: {last})"
+
     resumed = False
     if resume:
-        resumed = trainer.try_resume()
+        with peers_lost_as_error(runtime, where):
+            resumed = trainer.try_resume()
     elif trainer.checkpoint_path.exists() and runtime.is_main:
         trainer.checkpoint_path.unlink()  # a fresh run must never pick up a stale checkpoint later
 
     log, log_epoch, finish = _mlflow_hooks(trainer, spec, params, runtime.is_main, resumed)
     # Publishing is part of the run: a model that could not be written is a FAILED run, never FINISHED.
     try:
-        history = trainer.fit(on_log=log, on_epoch=log_epoch)
+        with peers_lost_as_error(runtime, where):
+            history = trainer.fit(on_log=log, on_epoch=log_epoch)
         summary = {
             "name": spec.name,
             "backbone": spec.backbone,

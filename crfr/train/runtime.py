@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -24,6 +25,7 @@ class Runtime:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    dist_timeout_s: int = 600
 
     @property
     def is_main(self) -> bool:
@@ -103,12 +105,35 @@ def resolve_runtime(cfg: RuntimeCfg) -> Runtime:
         rank=rank,
         world_size=world_size,
         local_rank=local_rank,
+        dist_timeout_s=cfg.dist_timeout_s,
     )
 
 
 def shutdown(runtime: Runtime) -> None:
     if runtime.distributed and dist.is_initialized():
         dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def peers_lost_as_error(runtime: Runtime, where: Callable[[], str]) -> Iterator[None]:
+    """Turn a collective that failed because another rank died or hung into one TrainingError line.
+
+    Args:
+        runtime: this rank.
+        where: what this rank was doing (epoch, step, last checkpoint), asked only when it failed.
+    """
+    try:
+        yield
+    except RuntimeError as exc:
+        # gloo raises a plain RuntimeError naming itself; NCCL a DistBackendError.
+        if not runtime.distributed or not (isinstance(exc, dist.DistError) or "gloo" in str(exc)):
+            raise
+        cause = " ".join(str(exc).split())[:200]
+        raise TrainingError(
+            f"rank {runtime.rank} of {runtime.world_size} lost the other training processes {where()} ({cause}): "
+            f"one of them stopped, or did not answer within runtime.dist_timeout_s={runtime.dist_timeout_s} s. "
+            "Restart every node with --resume to continue from the last checkpoint"
+        ) from None
 
 
 def _comm_device(runtime: Runtime) -> torch.device:
