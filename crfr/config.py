@@ -347,14 +347,35 @@ class StorageCfg(Section):
         return url
 
 
+_QUANTITY = r"^[0-9]+(\.[0-9]+)?(m|k|M|G|T|P|Ki|Mi|Gi|Ti|Pi)?$"  # a Kubernetes resource quantity
+
+
 class KubeflowCfg(Section):
     """How the kfp pipeline schedules steps on a cluster."""
 
-    image: str = "crfr:0.1.0-cpu"
-    gpu_image: str = "crfr:0.1.0-cuda"
+    image: str = Field(default="crfr:0.1.0-cpu", description="CPU steps' image: a tag or @sha256 digest")
+    gpu_image: str = Field(default="crfr:0.1.0-cuda", description="GPU steps' image: a tag or @sha256 digest")
+    pipeline_root: str | None = Field(
+        default=None, description="where kfp keeps artifacts (s3://, minio:// or gs://); null: the cluster's default"
+    )
     data_uri: str = Field(default="s3://crfr/data/lfw", description="raw dataset location the prepare step reads")
+    checkpoint_base: str | None = Field(
+        default=None, description="s3:// prefix: training steps mirror checkpoints to <this>/<run id>/<model>, "
+                                  "so a retried pod resumes; null: checkpoints stay in the pod"
+    )
     accelerator_type: str = "nvidia.com/gpu"
-    gpus: Int = Field(default=1, ge=0)
+    gpus: Int = Field(default=1, ge=0, description="GPUs per training step; above 1 the step runs under torchrun")
+    shm_size: str = Field(
+        default="16Gi", pattern=_QUANTITY,
+        description="/dev/shm of GPU steps (memory-backed emptyDir): DataLoader workers pass batches through it",
+    )
+    scratch_size: str | None = Field(
+        default="50Gi", pattern=_QUANTITY,
+        description="ephemeral volume requested per CPU step for kfp's artifact copies, run_dir and the S3 "
+                    "cache; null: the node's root disk, unrequested",
+    )
+    gpu_scratch_size: str | None = Field(default="200Gi", pattern=_QUANTITY, description="the same for GPU steps")
+    scratch_storage_class: str | None = Field(default=None, description="of the scratch volumes; null: the default")
     gpu_node_selector: dict[str, str] = Field(default_factory=lambda: {"nvidia.com/gpu.present": "true"})
     gpu_tolerations: list[dict[str, str]] = Field(
         default_factory=lambda: [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
@@ -367,6 +388,34 @@ class KubeflowCfg(Section):
     caching: Bool = True
     s3_secret: str = Field(default="crfr-s3", description="Secret with AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY")
     settings_configmap: str = Field(default="crfr-settings", description="ConfigMap with MLFLOW_TRACKING_URI etc.")
+
+    @field_validator("image", "gpu_image")
+    @classmethod
+    def _pinned_image(cls, ref: str) -> str:
+        import re
+
+        # A moving tag would let a retry or a cached step run other code than the one the run started with.
+        name, _, digest = ref.partition("@")
+        tag = name.rsplit("/", 1)[-1].partition(":")[2]
+        if digest and not re.fullmatch(r"sha256:[0-9a-f]{64}", digest):
+            raise ValueError(f"image {ref!r}: a digest must look like @sha256:<64 hex digits>")
+        if not digest and (not re.fullmatch(r"[\w][\w.-]{0,127}", tag) or tag == "latest"):
+            raise ValueError(f"image {ref!r} needs a fixed tag (name:0.1.0, not :latest) or a @sha256: digest")
+        return ref
+
+    @field_validator("pipeline_root")
+    @classmethod
+    def _artifact_store(cls, uri: str | None) -> str | None:
+        if uri is not None and not uri.startswith(("s3://", "minio://", "gs://")):
+            raise ValueError(f"pipeline_root {uri!r} must be an s3://, minio:// or gs:// URI (kfp's artifact stores)")
+        return uri
+
+    @field_validator("checkpoint_base")
+    @classmethod
+    def _shared_checkpoints(cls, uri: str | None) -> str | None:
+        if uri is not None and not uri.startswith("s3://"):
+            raise ValueError(f"checkpoint_base {uri!r} must be an s3:// prefix: a retried pod has a new disk")
+        return uri
 
 
 class GalleryCfg(Section):

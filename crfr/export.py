@@ -256,9 +256,9 @@ def agreement_batch(size: int = 112, n: int = 5) -> np.ndarray:
 
 def max_cosine_deviation(a: np.ndarray, b: np.ndarray) -> float:
     """Largest ``1 - cos`` between matching rows of two embedding arrays."""
-    a = a / np.linalg.norm(a, axis=1, keepdims=True)
-    b = b / np.linalg.norm(b, axis=1, keepdims=True)
-    return max(0.0, float(np.max(1.0 - np.sum(a.astype(np.float64) * b, axis=1))))
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    cos = np.sum(a * b, axis=1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+    return max(0.0, float(np.max(1.0 - cos)))
 
 
 def check_agreement(embedder: FaceEmbedder, onnx_path: str | Path, images: np.ndarray | None = None) -> float:

@@ -44,6 +44,8 @@ class VerificationResult:
         auc: area under the ROC curve (NaN when only one class is present).
         fpr, tpr: the ROC curve (``sklearn.metrics.roc_curve`` on the negated distance), for plots.
         num_pairs: pairs evaluated.
+        correct: (P,) bool, per pair whether its held-out decision (the threshold chosen on the other folds)
+            was right: the outcomes that intervals and paired comparisons of models resample.
     """
 
     accuracy: float
@@ -56,6 +58,7 @@ class VerificationResult:
     fpr: np.ndarray = field(repr=False)
     tpr: np.ndarray = field(repr=False)
     num_pairs: int = 0
+    correct: np.ndarray = field(default_factory=lambda: np.zeros(0, bool), repr=False)
 
     def summary(self) -> dict[str, float]:
         """The scalar metrics, as stored in ``metrics.json``."""
@@ -162,7 +165,7 @@ def verify(
         thresholds: the distance grid searched.
 
     Returns:
-        accuracies, thresholds, TAR@FAR, AUC and the ROC curve.
+        accuracies, thresholds, TAR@FAR, AUC, the ROC curve and each pair's held-out outcome.
     """
     same = np.asarray(same, bool)
     if len(emb1) != len(emb2) or len(emb1) != len(same):
@@ -171,10 +174,12 @@ def verify(
         raise ValueError(f"{len(same)} pairs cannot be split into {nfolds} folds")
     dist = squared_distance(emb1, emb2)
     fold_acc, fold_thr = [], []
+    correct = np.zeros(len(same), bool)
     for train, test in KFold(n_splits=nfolds, shuffle=False).split(dist):
         thr = best_threshold(dist[train], same[train], thresholds)
         fold_thr.append(thr)
-        fold_acc.append(float(np.mean((dist[test] < thr) == same[test])))
+        correct[test] = (dist[test] < thr) == same[test]
+        fold_acc.append(float(np.mean(correct[test])))
     acc = np.asarray(fold_acc) * 100.0
     both_classes = same.any() and (~same).any()
     if both_classes:
@@ -193,4 +198,5 @@ def verify(
         fpr=fpr,
         tpr=tpr,
         num_pairs=len(same),
+        correct=correct,
     )

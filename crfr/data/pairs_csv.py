@@ -105,3 +105,16 @@ def check_images_exist(pairs: list[CsvPair], image_root: str | Path, source: str
         for rel in (pair.path1, pair.path2):
             if not (root / rel).is_file():
                 raise DataError(f"{source}, line {pair.line}: image {root / rel} does not exist")
+
+
+def csv_image_root(csv_uri: str | Path, image_root: str | Path | None = None) -> Path:
+    """The local folder that a pairs CSV's paths are relative to: ``image_root``, else the CSV's own folder.
+
+    Either may be an ``s3://`` URI: that folder is then mirrored (:func:`crfr.storage.local_input`), since
+    the CSV's copy in the cache holds none of its images.
+    """
+    if image_root:
+        return storage.local_input(image_root, kind="dir")
+    if storage.is_s3(csv_uri):
+        return storage.local_input(str(csv_uri).rsplit("/", 1)[0], kind="dir")
+    return Path(csv_uri).parent

@@ -2,7 +2,11 @@
 
 ``metrics.json`` is ``model -> set -> protocol -> resolution -> scalars`` (``acc``, ``std``, thresholds,
 AUC, TAR@FAR), with per protocol a ``mean`` entry (the accuracy averaged over resolutions) and, with more
-than one eval set, an ``average`` set (the accuracy averaged over sets: Table I's "Avg"). Acceptance checks
+than one eval set, an ``average`` set (the accuracy averaged over sets: Table I's "Avg"). Every measured cell
+also holds ``acc_ci_low`` / ``acc_ci_high``, its 95% interval, and every model but the teacher its paired
+comparison with the teacher on the same pairs: ``vs_teacher_delta`` (points), ``vs_teacher_ci_low`` /
+``_ci_high``, ``vs_teacher_p`` (exact McNemar), ``vs_teacher_discordant``, ``_wins``, ``_losses``
+(:mod:`crfr.evaluation.stats`). The ``mean`` and ``average`` entries carry no interval. Acceptance checks
 read ``d["teacher"]["lfw"]["linear"]["14"]["acc"]``: that layout is fixed. :meth:`Evaluation.cells` is the
 one walk over it; tables, thresholds, plot data, MLflow metrics and the Kubeflow step all take it from there.
 """
@@ -14,10 +18,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from crfr.evaluation.stats import accuracy_interval, paired_comparison
 from crfr.verification import VerificationResult
 
 AVERAGE = "average"  # pseudo-dataset: the mean over eval sets (Table I's "Avg on LFW, AgeDB, ...")
 MEAN = "mean"  # pseudo-resolution: the mean over resolutions (Table I's last column)
+REFERENCE = "teacher"  # every other row is compared with it pair by pair
+PAIRED = f"vs_{REFERENCE}_"  # prefix of the paired-comparison keys of a cell
 
 
 @dataclass(frozen=True)
@@ -94,7 +101,7 @@ class Evaluation:
             for dataset in self.datasets:
                 node = per_set[dataset] = {}
                 for protocol in self.protocols:
-                    cells = {r: self.result(model, dataset, protocol, int(r)).summary() for r in res}
+                    cells = {r: self._cell_values(model, dataset, protocol, int(r)) for r in res}
                     node[protocol] = {**cells, MEAN: {"acc": _mean([cells[r]["acc"] for r in res])}}
             if len(self.datasets) > 1:
                 avg = per_set[AVERAGE] = {}
@@ -102,6 +109,17 @@ class Evaluation:
                     cells = {r: {"acc": _mean([per_set[s][protocol][r]["acc"] for s in self.datasets])} for r in res}
                     avg[protocol] = {**cells, MEAN: {"acc": _mean([cells[r]["acc"] for r in res])}}
         return metrics
+
+    def _cell_values(self, model: str, dataset: str, protocol: str, resolution: int) -> dict[str, float]:
+        result = self.result(model, dataset, protocol, resolution)
+        values = result.summary()
+        if len(result.correct):
+            low, high = accuracy_interval(result.correct)
+            values.update(acc_ci_low=round(low, 4), acc_ci_high=round(high, 4))
+        ref = self._results.get((REFERENCE, dataset, protocol, resolution))
+        if model != REFERENCE and ref is not None and len(ref.correct) and len(result.correct):
+            values.update(paired_comparison(ref.correct, result.correct).metrics(PAIRED))
+        return values
 
     def cells(self) -> Iterator[Cell]:
         """Every entry of metrics.json, in its order: model, dataset (sets, then average), protocol, resolution."""

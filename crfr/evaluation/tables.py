@@ -1,8 +1,14 @@
-"""The paper's Table I layout: rows = models, columns = probe resolutions + Average; ``table.json``/``table.md``."""
+"""The paper's Table I layout: rows = models, columns = probe resolutions + Average; ``table.json``/``table.md``.
+
+Each measured cell carries its 95% interval, and each table of one eval set ends with a "student - teacher"
+row: the paired difference on the same pairs, its interval and McNemar's p (:mod:`crfr.evaluation.stats`).
+"""
 
 from __future__ import annotations
 
-from crfr.evaluation.results import AVERAGE, MEAN, Evaluation
+from crfr.evaluation.results import AVERAGE, MEAN, PAIRED, REFERENCE, Evaluation
+
+COMPARED = "student"  # the row whose difference from the reference gets a row of its own
 
 
 def _column(res: int, hr_size: int) -> str:
@@ -23,13 +29,16 @@ def build_tables(evaluation: Evaluation, probe_side: str) -> dict:
             rows = []
             for model in evaluation.models:
                 cells = {r: evaluation.cell(model, dataset, protocol, r) for r in res}
+                measured = dataset != AVERAGE and all("acc_ci_low" in cells[r] for r in res)
                 rows.append({
                     "model": model,
                     "acc": {r: cells[r]["acc"] for r in res},
                     "std": {r: cells[r]["std"] for r in res} if dataset != AVERAGE else None,
+                    "ci": {r: [cells[r]["acc_ci_low"], cells[r]["acc_ci_high"]] for r in res} if measured else None,
                     "average": evaluation.cell(model, dataset, protocol, MEAN)["acc"],
                 })
-            tables.append({"protocol": protocol, "dataset": dataset, "rows": rows})
+            tables.append({"protocol": protocol, "dataset": dataset, "rows": rows,
+                           "paired": _paired_row(evaluation, dataset, protocol, res)})
     return {
         "columns": [_column(r, evaluation.hr_size) for r in evaluation.resolutions] + ["Average"],
         "resolutions": list(evaluation.resolutions),
@@ -37,6 +46,28 @@ def build_tables(evaluation: Evaluation, probe_side: str) -> dict:
         "datasets": list(evaluation.datasets),
         "tables": tables,
     }
+
+
+def _paired_row(evaluation: Evaluation, dataset: str, protocol: str, res: list[str]) -> dict | None:
+    """The student's paired comparison with the teacher per resolution, or None where there is none."""
+    if dataset == AVERAGE or COMPARED not in evaluation.models or REFERENCE not in evaluation.models:
+        return None
+    cells = {r: evaluation.cell(COMPARED, dataset, protocol, r) for r in res}
+    if not all(f"{PAIRED}delta" in c for c in cells.values()):
+        return None
+    return {
+        "model": COMPARED,
+        "reference": REFERENCE,
+        "delta": {r: cells[r][f"{PAIRED}delta"] for r in res},
+        "ci": {r: [cells[r][f"{PAIRED}ci_low"], cells[r][f"{PAIRED}ci_high"]] for r in res},
+        "p": {r: cells[r][f"{PAIRED}p"] for r in res},
+        "discordant": {r: cells[r][f"{PAIRED}discordant"] for r in res},
+        "average": round(sum(cells[r][f"{PAIRED}delta"] for r in res) / len(res), 4),
+    }
+
+
+def _p_text(p: float) -> str:
+    return "p<0.001" if p < 0.001 else f"p={p:.3f}" if p < 0.01 else f"p={p:.2f}"
 
 
 def _ranked(values: list[float]) -> tuple[float | None, float | None]:
@@ -48,8 +79,14 @@ def render_markdown(tables: dict) -> str:
     """``table.md``: the best value of each column in bold, the second best in italics (the paper's red/blue)."""
     res = [str(r) for r in tables["resolutions"]]
     side = "probe only (gallery HR)" if tables["probe_side"] == "probe" else "probe and gallery"
-    lines = ["# Verification accuracy (%)", "",
-             f"LR side: {side}. Mean over folds (insightface protocol); ± is the std over folds.", ""]
+    has_ci = any(row.get("ci") for t in tables["tables"] for row in t["rows"])
+    caption = f"LR side: {side}. Mean over folds (insightface protocol); " + (
+        "[low, high] is its 95% interval (Wilson, over pairs)." if has_ci else "± is the std over folds.")
+    if any(t.get("paired") for t in tables["tables"]):
+        caption += (" Row \"student - teacher\": the difference in points on the same pairs, with its paired "
+                    "bootstrap 95% interval and exact McNemar p; an interval that excludes 0 is more than the "
+                    "noise of drawing these pairs.")
+    lines = ["# Verification accuracy (%)", "", caption, ""]
     for table in tables["tables"]:
         title = "average over " + ", ".join(tables["datasets"]) if table["dataset"] == AVERAGE else table["dataset"]
         lines += [f"## {table['protocol']} probes, {title}", "",
@@ -61,7 +98,10 @@ def render_markdown(tables: dict) -> str:
             cells = []
             for j, col in enumerate(columns):
                 text = f"{col[i]:.2f}"
-                if row["std"] is not None and j < len(res):
+                if row.get("ci") is not None and j < len(res):
+                    low, high = row["ci"][res[j]]
+                    text += f" [{low:.1f}, {high:.1f}]"
+                elif row["std"] is not None and j < len(res):  # results without per-pair outcomes
                     text += f" ± {row['std'][res[j]]:.2f}"
                 if len(table["rows"]) > 1 and col[i] == marks[j][0]:
                     text = f"**{text}**"
@@ -69,5 +109,11 @@ def render_markdown(tables: dict) -> str:
                     text = f"*{text}*"
                 cells.append(text)
             lines.append(f"| {row['model']} | " + " | ".join(cells) + " |")
+        paired = table.get("paired")
+        if paired:
+            cells = [f"{paired['delta'][r]:+.2f} [{paired['ci'][r][0]:+.1f}, {paired['ci'][r][1]:+.1f}] "
+                     f"{_p_text(paired['p'][r])}" for r in res]
+            lines.append(f"| {paired['model']} - {paired['reference']} | " + " | ".join(cells)
+                         + f" | {paired['average']:+.2f} |")
         lines.append("")
     return "\n".join(lines)
