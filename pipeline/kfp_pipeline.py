@@ -1,9 +1,19 @@
 """The Kubeflow Pipelines (kfp v2) pipeline: the six steps as lightweight components on the crfr image.
 
 Each component body only imports and calls the step function of ``components/`` (no step logic here).
-Everything cluster-specific comes from ``params.kubeflow``: images, GPU accelerator type and count, the GPU
-node pool's node selector and tolerations, resource requests, retries, caching, and the Secret / ConfigMap
-that give every step its S3 credentials and MLflow tracking URI.
+Everything cluster-specific comes from ``params.kubeflow``: images, pipeline root, GPU accelerator type and
+count, the GPU node pool's node selector and tolerations, resource requests, /dev/shm and scratch volumes,
+retries, caching, and the Secret / ConfigMap that give every step its S3 credentials and MLflow tracking URI.
+
+Cache keys: each task's ``params_json`` is a constant holding only the params its step reads
+(``pipeline/step_params.py``), so an edit re-runs exactly the steps that read the edited key and those
+downstream of their outputs. There is no pipeline-level params input that every task would share.
+
+Retries never repeat a configuration error: kfp's retry policy cannot filter on the kind of failure, so the
+first task (``check-params``, no retries) validates every step's params with the image's own crfr and checks
+that the input data exists; only then do the retried steps start. ``register`` is not retried either (a
+second attempt would register a second model version). Training tasks always pass ``--resume`` and mirror
+checkpoints to a per-run prefix (``pipeline/kfp_training.py``), so a retried pod continues where it stopped.
 
 Build with :func:`build_pipeline`, compile with :func:`compile_pipeline` (``crfr pipeline compile``), run
 locally with ``kfp.local`` (:func:`run_local`) or submit to a cluster (``pipeline/submit.py``).
@@ -24,6 +34,15 @@ PIPELINE_NAME = "crfr-cross-resolution-face-recognition"
 # ------------------------------------------------------------------------------------------- step bodies
 # kfp ships each body's source to the pod: imports must live inside, and the image must contain crfr.
 
+def check_params_op(slices_json: str, source_uri: str):
+    """Refuse invalid params or missing input data once, before any retried step starts."""
+    import json
+
+    from pipeline.step_params import check_slices
+
+    print(json.dumps({"inputs_found": check_slices(json.loads(slices_json), source_uri or None)}))
+
+
 def prepare_op(params_json: str, source_uri: str, prepared: Output[Dataset]):
     """Align faces, split without identity leaks, write shards and eval pairs."""
     from components.prepare import prepare
@@ -40,43 +59,43 @@ def synthesize_op(params_json: str, prepared: Input[Dataset], probes: Output[Dat
     synthesize(prepared.path, probes.path, params_from_json(params_json))
 
 
-def train_teacher_op(params_json: str, prepared: Input[Dataset], teacher: Output[Model], metrics: Output[Metrics]):
-    """iresnet + ArcFace on HR faces."""
+def train_teacher_op(params_json: str, gpus: int, checkpoint_base: str, prepared: Input[Dataset],
+                     teacher: Output[Model], metrics: Output[Metrics]):
+    """iresnet + ArcFace on HR faces (resumable; torchrun when gpus > 1)."""
     import json
     import os
 
-    from components.train_teacher import train_teacher
-    from crfr.config import params_from_json
+    from pipeline.kfp_training import run_training_task
 
     report = os.path.join(os.path.dirname(teacher.path), "teacher-report")
-    summary = train_teacher(prepared.path, teacher.path, params_from_json(params_json), report_dir=report)
-    for key, value in summary["final"].items():
+    final = run_training_task("train_teacher", params_json, gpus, checkpoint_base, prepared.path, teacher.path,
+                              report)
+    for key, value in final.items():
         if isinstance(value, (int, float)):
             metrics.log_metric(f"teacher_{key}", float(value))
-    print(json.dumps(summary))
+    print(json.dumps(final))
 
 
-def distill_student_op(params_json: str, row: str, prepared: Input[Dataset], teacher: Input[Model],
-                       student: Output[Model], metrics: Output[Metrics]):
+def distill_student_op(params_json: str, row: str, gpus: int, checkpoint_base: str, prepared: Input[Dataset],
+                       teacher: Input[Model], student: Output[Model], metrics: Output[Metrics]):
     """WaveResNet student on degraded LR faces, distilled from the teacher (one Table I row)."""
     import json
     import os
 
-    from components.distill_student import distill_student
-    from crfr.config import params_from_json
+    from pipeline.kfp_training import run_training_task
 
     report = os.path.join(os.path.dirname(student.path), "student-report")
-    summary = distill_student(prepared.path, teacher.path, student.path, params_from_json(params_json),
-                              row=row, report_dir=report)
+    final = run_training_task("distill_student", params_json, gpus, checkpoint_base, prepared.path,
+                              student.path, report, teacher=teacher.path, row=row)
     student.metadata["row"] = row  # how the evaluate step names a Table I row it collects
-    for key, value in summary["final"].items():
+    for key, value in final.items():
         if isinstance(value, (int, float)):
             metrics.log_metric(f"{row}_{key}", float(value))
-    print(json.dumps(summary))
+    print(json.dumps(final))
 
 
-def evaluate_op(params_json: str, prepared: Input[Dataset], probes: Input[Dataset], teacher: Input[Model],
-                student: Input[Model], report: Output[Artifact], metrics: Output[Metrics],
+def evaluate_op(params_json: str, row_order: List[str], prepared: Input[Dataset], probes: Input[Dataset],
+                teacher: Input[Model], student: Input[Model], report: Output[Artifact], metrics: Output[Metrics],
                 table: Output[Markdown], rows: Input[List[Model]] = None):
     """Verification accuracy of the teacher, the student and every Table I row: Table I, thresholds, plots."""
     import json
@@ -87,7 +106,7 @@ def evaluate_op(params_json: str, prepared: Input[Dataset], probes: Input[Datase
 
     params = params_from_json(params_json)
     by_row = {m.metadata["row"]: m.path for m in rows or []}
-    order = {row: i for i, row in enumerate(params.ablation_rows)}  # the table's row order, as DVC's
+    order = {row: i for i, row in enumerate(row_order)}  # ablation_rows: the table's row order, as DVC's
     models = {"teacher": teacher.path, "student": student.path,
               **{row: by_row[row] for row in sorted(by_row, key=lambda r: order.get(r, len(order)))}}
     summary = evaluate(prepared.path, probes.path, models, report.path, params)
