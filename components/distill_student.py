@@ -44,7 +44,7 @@ def distill_student(prepared_dir: str, teacher_dir: str | None, out_dir: str, pa
         params: settings (``student``, ``ablation``, ``loss``, ``degrade``, ``runtime``...).
         row: ``default`` or a Table I row name from ``ablation``.
         report_dir: DVC metrics/plots folder; default: inside ``out_dir``.
-        resume: continue from the last epoch checkpoint.
+        resume: continue from the last checkpoint.
     """
     from crfr import storage
 

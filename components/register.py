@@ -3,7 +3,9 @@
 Reads the evaluate step's ``metrics.json`` and ``thresholds.json``, logs the model as a pyfunc carrying its
 calibrated thresholds, registers it (alias ``challenger``), then lets :func:`crfr.registry.promote` decide
 whether it becomes ``champion``. ``out_dir/registration.json`` records the name, version, aliases and the
-decision, for the pipeline and for people.
+decision, for the pipeline and for people. Each version also records its lineage (:mod:`crfr.lineage`): the
+git commit, the params, the training and evaluation runs, the pipeline run (``CRFR_PIPELINE_RUN_ID``) and, given
+``--prepared``, fingerprints of the training and evaluation data.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from crfr import storage
+from crfr import fingerprints, lineage, storage
 from crfr.config import Params, load_params
 from crfr.errors import DataError
 from crfr.registry import CHAMPION, model_name, promote, register_model
@@ -41,6 +43,8 @@ def register(
     row: str | None = None,
     force: bool = False,
     teacher_dir: str | None = None,
+    prepared_dir: str | None = None,
+    pipeline_run_id: str | None = None,
 ) -> dict:
     """Register ``model_dir`` with its evaluation and apply the gate (and the teacher too, if given).
 
@@ -54,20 +58,28 @@ def register(
         force: promote even when the gate blocks (recorded as forced).
         teacher_dir: also register this teacher (evaluation row ``teacher``) under ``registry.teacher_name``;
             its result is the ``teacher`` entry.
+        prepared_dir: the prepare step output both models were trained and evaluated on (local or ``s3://``):
+            its fingerprints are recorded on each version.
+        pipeline_run_id: the orchestrator's run id (default ``CRFR_PIPELINE_RUN_ID``).
 
     Returns:
         The content of ``registration.json``.
     """
     storage.configure(params.storage)
-    result = _register_one(model_dir, eval_dir, params, role, row, force)
+    datasets = fingerprints.data_refs(prepared_dir, params) if prepared_dir else []
+    if not datasets:
+        log.warning("registering without the prepared data (--prepared): no data fingerprints are recorded")
+    made_by = {"datasets": datasets, "pipeline_run_id": pipeline_run_id}
+    result = _register_one(model_dir, eval_dir, params, role, row, force, made_by)
     if teacher_dir:
-        result["teacher"] = _register_one(teacher_dir, eval_dir, params, "teacher", "teacher", False)
+        result["teacher"] = _register_one(teacher_dir, eval_dir, params, "teacher", "teacher", False, made_by)
     with storage.output_dir(out_dir) as out:
         (out / "registration.json").write_text(json.dumps(result, indent=2) + "\n")
     return result
 
 
-def _register_one(model_dir: str, eval_dir: str, params: Params, role: str, row: str | None, force: bool) -> dict:
+def _register_one(model_dir: str, eval_dir: str, params: Params, role: str, row: str | None, force: bool,
+                  made_by: dict) -> dict:
     row = row or role
     name = model_name(params, role)
     evaluation = storage.local_input(eval_dir, kind="dir")
@@ -78,7 +90,9 @@ def _register_one(model_dir: str, eval_dir: str, params: Params, role: str, row:
     if not model_thresholds:
         raise DataError(f"{evaluation}/thresholds.json has no thresholds for model {row!r}")
     local_model = storage.local_input(model_dir, kind="dir")
-    version = register_model(local_model, metrics[row], model_thresholds, params, role=role)
+    record = lineage.collect(local_model, params, eval_dir=evaluation, pipeline_run_id=made_by["pipeline_run_id"])
+    record.datasets = made_by["datasets"]
+    version = register_model(local_model, metrics[row], model_thresholds, params, role=role, lineage=record)
     decision = promote(name, version.version, params, force=force)
     from mlflow import MlflowClient
 
@@ -93,6 +107,7 @@ def _register_one(model_dir: str, eval_dir: str, params: Params, role: str, row:
         "accuracies": json.loads(version.tags.get("accuracies", "{}")),
         "thresholds": model_thresholds,
         "decision": decision.to_dict(),
+        "lineage": {k: v for k, v in record.to_dict().items() if k != "params"},
     }
     log.info("%s version %s: %s", name, version.version, decision.outcome)
     return result
@@ -109,12 +124,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--row", default=None, help="the model's row in the evaluation (default: ROLE)")
     parser.add_argument("--force", action="store_true", help="promote even if the gate blocks (recorded)")
     parser.add_argument("--teacher", default=None, help="also register this teacher model (row 'teacher')")
+    parser.add_argument("--prepared", default=None,
+                        help="prepare step output the models were trained and evaluated on: its fingerprints "
+                             "are recorded on each version")
+    parser.add_argument("--pipeline-run-id", default=None,
+                        help="the orchestrator's run id to record (default: $CRFR_PIPELINE_RUN_ID)")
 
 
 def run(args: argparse.Namespace) -> int:
     params = load_params(args.params, args.overrides)
     result = register(args.model, args.eval_dir, args.out, params, role=args.role, row=args.row, force=args.force,
-                      teacher_dir=args.teacher)
+                      teacher_dir=args.teacher, prepared_dir=args.prepared, pipeline_run_id=args.pipeline_run_id)
     decision = result["decision"]
     print(f"{result['name']} version {result['version']}: {decision['outcome']}")
     for reason in decision["reasons"]:

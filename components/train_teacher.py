@@ -1,7 +1,8 @@
 """Step 3: train the ResNet teacher with ArcFace on HR faces.
 
 DVC, Kubeflow and Prefect all call :func:`train_teacher`; ``python -m components.train_teacher`` is its CLI.
-Multi-GPU: ``torchrun --nproc_per_node=N -m components.train_teacher ...`` runs the same code under DDP.
+Multi-GPU or multi-node: ``torchrun --nproc_per_node=N -m components.train_teacher ...`` runs the same code
+under DDP; ``teacher.batch_size`` is the global batch, shared by the N processes.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prepared", required=True, help="prepared data folder or s3:// URI")
     parser.add_argument("--out", required=True, help="model folder or s3:// URI to write")
     parser.add_argument("--report", default=None, help="metrics/plots folder (default: inside --out)")
-    parser.add_argument("--resume", action="store_true", help="continue from the last epoch checkpoint")
+    parser.add_argument("--resume", action="store_true", help="continue from the last checkpoint (rank 0's, under torchrun)")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -23,6 +23,7 @@ COMMAND_MODULES = (
     "crfr.commands.train",
     "crfr.commands.evaluate",
     "crfr.commands.models",
+    "crfr.commands.lineage",  # crfr models describe
     "crfr.commands.pipeline",
     "crfr.commands.bench",
     "crfr.commands.export",  # crfr export onnx

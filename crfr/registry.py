@@ -6,7 +6,8 @@ with ``registry.gate_protocol``) as version tags. A new version gets the alias `
 (:func:`gate`): its mean accuracy must gain at least ``registry.min_improvement`` points and no resolution may
 lose more than ``registry.max_drop`` points. ``force`` overrides a blocked gate and is recorded as such. The
 champion being replaced keeps the alias ``previous_champion`` for a rollback. Each decision is written to the
-version's tags and logged as an MLflow run (``gate_decision.json``, ``comparison.md``).
+version's tags and logged as an MLflow run (``gate_decision.json``, ``comparison.md``). Every version also
+records its lineage (tags ``lineage.*``, dataset inputs of its run: :mod:`crfr.lineage`).
 
 MLflow problems (no such model, alias or version; unreachable server) surface as :class:`RegistryError`.
 """
@@ -22,11 +23,14 @@ import urllib.request
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from crfr import tracking
 from crfr.config import Params, RegisterCfg
 from crfr.errors import RegistryError
+
+if TYPE_CHECKING:
+    from crfr.lineage import Lineage
 
 log = logging.getLogger(__name__)
 
@@ -312,6 +316,7 @@ def register_model(
     thresholds: dict,
     params: Params,
     role: str = "student",
+    lineage: Lineage | None = None,
 ):
     """Log ``model_dir`` as a pyfunc, register it and give it the ``challenger`` alias.
 
@@ -321,14 +326,19 @@ def register_model(
         thresholds: probe resolution -> squared-distance threshold (evaluate's ``thresholds.json`` entry).
         params: ``registry`` (names, gate dataset), ``tracking``, ``data`` (preprocessing).
         role: ``student`` or ``teacher``: which registered model name to use.
+        lineage: what made the model (:func:`crfr.lineage.collect`); by default what ``model_dir`` and this
+            process tell: the git commit, the params, the training run and the pipeline run.
 
     Returns:
         The new ``ModelVersion`` (with its tags and aliases).
     """
     import mlflow
 
+    from crfr import lineage as lineage_mod
+
     name = model_name(params, role)
     accuracies = gate_accuracies(eval_metrics, params.registry)
+    lineage = lineage or lineage_mod.collect(model_dir, params)
     client = connect(params)
     cfg = params.registry
     with mlflow_errors(f"registering {model_dir} as {name!r}"):
@@ -337,6 +347,7 @@ def register_model(
             mlflow.log_params({"model_dir": str(model_dir), "registered_model": name,
                                "gate_dataset": cfg.gate_dataset, "gate_protocol": cfg.gate_protocol})
             mlflow.log_metrics({f"gate_acc_{r}": a for r, a in accuracies.items()})
+            lineage_mod.log_to_run(lineage)
             from crfr.serving import log_pyfunc
 
             info = log_pyfunc(model_dir, thresholds, align=align_settings(params), registered_model_name=name,
@@ -354,6 +365,7 @@ def register_model(
             "thresholds": json.dumps({str(k): float(v) for k, v in thresholds.items()}),
         }
         tags.update({f"acc_{r}": f"{a:.4f}" for r, a in accuracies.items()})
+        tags.update(lineage.tags())
         for key, value in tags.items():
             client.set_model_version_tag(name, version, key, value)
         client.set_registered_model_alias(name, CHALLENGER, version)

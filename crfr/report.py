@@ -123,6 +123,11 @@ def published_runs(root: Path = RESULTS_DIR) -> list[Path]:
     return sorted(p.parent for p in root.glob(f"*/{PUBLISHED_RECORD}")) if root.is_dir() else []
 
 
+def _has_intervals(tables: dict) -> bool:
+    """Whether a ``table.json`` holds per-cell intervals (runs published before them do not)."""
+    return any(row.get("ci") for t in tables.get("tables", []) for row in t.get("rows", []))
+
+
 def published_section(folder: Path) -> str:
     record = _read_json(folder / PUBLISHED_RECORD)
     description = " ".join(filter(None, [record.get("description", ""), record.get("note")]))
@@ -133,6 +138,10 @@ def published_section(folder: Path) -> str:
     table = folder / TABLE.name
     if table.is_file():
         lines.append(_demote_headings(table.read_text().strip(), 3))
+        if not _has_intervals(_read_json(folder / "table.json")):
+            lines += ["", "_Published before tables carried 95% intervals and the paired student - teacher "
+                          "comparison: re-run and re-publish it before reading a difference between its rows as "
+                          "real._"]
     plot = folder / PLOT.name
     if plot.is_file():
         lines += ["", f"![accuracy against probe resolution, {record.get('title', folder.name)}]({plot.as_posix()})"]

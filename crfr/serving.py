@@ -37,12 +37,16 @@ import cv2
 import numpy as np
 import pandas as pd
 
+from crfr.config import DataCfg
 from crfr.data import images
+from crfr.devices import choose_device
 from crfr.errors import DataError
 
 log = logging.getLogger(__name__)
 
-DEFAULT_ALIGN = {"mode": "center-crop", "crop_box": [64, 186, 70, 180]}  # params' defaults (deep-funneled LFW)
+# For a model that carries no preprocessing settings: the params' defaults (deep-funneled LFW).
+DEFAULT_ALIGN = {"mode": DataCfg.model_fields["align"].default,
+                 "crop_box": list(DataCfg.model_fields["crop_box"].default)}
 DEFAULT_MIN_FACE = 12  # data.min_face_size's default: the smallest face the student was trained on
 DEFAULT_THRESHOLD = 1.0  # squared distance 1.0 = cosine 0.5; only when a model carries no calibration
 # The packages a served model imports, pinned from requirements.lock (tqdm: crfr.verification's progress bars).
@@ -181,7 +185,7 @@ class FaceEmbedder:
         """Load a crfr model dir; thresholds default to ``thresholds.json`` beside ``model.pt`` if present."""
         from crfr.artifacts import load_model
 
-        device = device or _default_device()
+        device = device or choose_device("auto")
         model, info = load_model(model_dir, device=device)
         if thresholds is None:
             thresholds = read_thresholds_file(Path(model_dir) / "thresholds.json")
@@ -256,12 +260,6 @@ def model_fingerprint(model, info: dict, align: dict) -> str:
         digest.update(key.encode())
         digest.update(tensor.detach().to("cpu").contiguous().numpy().tobytes())
     return digest.hexdigest()
-
-
-def _default_device() -> str:
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def read_thresholds_file(path: Path, row: str | None = None) -> dict[str, float]:

@@ -2,7 +2,7 @@
 # Build docker/Dockerfile.cpu without any registry or internet access, then smoke-test the image.
 #
 #   docker/build-cpu-image.sh [--start-daemon] [--make-base] [--tag crfr:0.1.0-cpu] [--data LFW_DIR]
-#                             [--step-cmd 'CMD']
+#                             [--step-cmd 'CMD'] [--serve] [--serve-tag crfr:0.1.0-serve]
 #
 # Offline means: no image pull (the base image is made locally with debootstrap, --make-base), and pip
 # inside the build installs only from a local wheelhouse served on 127.0.0.1 over plain HTTP (so the
@@ -19,6 +19,9 @@
 # LFW is at hand (--data, $CRFR_LFW_ROOT or ../shared/data/lfw), one real pipeline step on tiny data:
 # components.prepare with the "tiny" profile, LFW mounted read-only.
 #
+# --serve also builds docker/Dockerfile.serve (the `crfr serve` image) from the same base and wheelhouse.
+# Both images record the commit they were built from (VCS_REF, VCS_DIRTY -> CRFR_GIT_COMMIT / CRFR_GIT_DIRTY).
+#
 # Timings and the image size go to stdout; run it as `nice -n 19 docker/build-cpu-image.sh ... 2>&1 | tee LOG`.
 set -euo pipefail
 
@@ -29,12 +32,14 @@ BASE_IMAGE=crfr-local/python:3.11-bookworm
 START_DAEMON=0
 MAKE_BASE=0
 STEP_CMD=""
+SERVE=0
+SERVE_TAG=crfr:0.1.0-serve
 DATA_DIR=${CRFR_LFW_ROOT:-../shared/data/lfw}
 DOCKER_ROOT=${CRFR_DOCKER_ROOT:-/tmp/crfr-docker}
 WHEELHOUSE=${CRFR_WHEELHOUSE:-/tmp/crfr-wheelhouse}
 DEBIAN_MIRROR=${DEBIAN_MIRROR:-http://deb.debian.org/debian}
 
-usage() { sed -n '2,22p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,25p' "$0" | sed 's/^# \{0,1\}//'; }
 
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -43,6 +48,8 @@ while [ $# -gt 0 ]; do
     --tag) TAG=$2; shift ;;
     --base-image) BASE_IMAGE=$2; shift ;;
     --step-cmd) STEP_CMD=$2; shift ;;
+    --serve) SERVE=1 ;;
+    --serve-tag) SERVE_TAG=$2; SERVE=1; shift ;;
     --data) DATA_DIR=$2; shift ;;
     -h|--help) usage; exit 0 ;;
     *) echo "unknown option: $1" >&2; usage >&2; exit 2 ;;
@@ -144,20 +151,31 @@ for _ in $(seq 20); do "$PY" -c "import urllib.request; urllib.request.urlopen('
 # --- 4. build ---------------------------------------------------------------------------------------
 # The legacy builder where BuildKit (buildx) is absent: the Dockerfile uses no BuildKit-only syntax.
 if ! docker buildx version >/dev/null 2>&1; then export DOCKER_BUILDKIT=0; fi
-t=$SECONDS
-log "docker build -f docker/Dockerfile.cpu -t $TAG (base $BASE_IMAGE, wheels from http://127.0.0.1:$PORT/)"
-# --network host: the only way for RUN steps to reach 127.0.0.1 when the daemon runs without a bridge.
-docker build --network host -f docker/Dockerfile.cpu -t "$TAG" \
-  --build-arg BASE_IMAGE="$BASE_IMAGE" \
-  --build-arg PIP_NO_INDEX=1 \
-  --build-arg PIP_FIND_LINKS="http://127.0.0.1:$PORT/" \
-  --build-arg VCS_REF="$(git rev-parse --short HEAD 2>/dev/null || echo unknown)" \
-  --build-arg BUILD_DATE="$(date -u +%Y-%m-%dT%H:%M:%SZ)" \
-  .
+VCS_REF=$(git rev-parse HEAD 2>/dev/null || echo unknown)
+VCS_DIRTY=unknown
+if [ "$VCS_REF" != unknown ]; then
+  if [ -z "$(git status --porcelain 2>/dev/null)" ]; then VCS_DIRTY=false; else VCS_DIRTY=true; fi
+fi
+BUILD_DATE=$(date -u +%Y-%m-%dT%H:%M:%SZ)
+build() {  # build DOCKERFILE TAG
+  local t=$SECONDS size
+  log "docker build -f $1 -t $2 (base $BASE_IMAGE, wheels from http://127.0.0.1:$PORT/, commit $VCS_REF dirty=$VCS_DIRTY)"
+  # --network host: the only way for RUN steps to reach 127.0.0.1 when the daemon runs without a bridge.
+  docker build --network host -f "$1" -t "$2" \
+    --build-arg BASE_IMAGE="$BASE_IMAGE" \
+    --build-arg PIP_NO_INDEX=1 \
+    --build-arg PIP_FIND_LINKS="http://127.0.0.1:$PORT/" \
+    --build-arg VCS_REF="$VCS_REF" \
+    --build-arg VCS_DIRTY="$VCS_DIRTY" \
+    --build-arg BUILD_DATE="$BUILD_DATE" \
+    .
+  size=$(docker image inspect -f '{{.Size}}' "$2")
+  log "built $2 in $(elapsed $t); size $((size / 1000000)) MB ($size bytes)"
+}
+build docker/Dockerfile.cpu "$TAG"
+if [ "$SERVE" = 1 ]; then build docker/Dockerfile.serve "$SERVE_TAG"; fi
 kill "$HTTP_PID" 2>/dev/null || true
 HTTP_PID=""
-size=$(docker image inspect -f '{{.Size}}' "$TAG")
-log "built $TAG in $(elapsed $t); size $((size / 1000000)) MB ($size bytes)"
 
 # --- 5. smoke test, the way Kubernetes runs it --------------------------------------------------------
 # No network, read-only root with a tmpfs /tmp, uid 10001, no capabilities, no privilege escalation.
@@ -206,6 +224,15 @@ if [ -n "$STEP_CMD" ]; then
   log "run: $STEP_CMD"
   # shellcheck disable=SC2086  # word splitting wanted: STEP_CMD is a command line
   run "$TAG" $STEP_CMD
+fi
+log "run: the recorded commit (CRFR_GIT_COMMIT) is the one built"
+recorded=$(run "$TAG" python -c "from crfr.lineage import git_state; print('lineage commit', *git_state())")
+echo "$recorded"
+[[ "$recorded" == "lineage commit $VCS_REF $VCS_DIRTY" ]] || { echo "the image records another commit" >&2; exit 1; }
+if [ "$SERVE" = 1 ]; then
+  log "serving image $SERVE_TAG: $(docker image inspect -f 'user {{.Config.User}}, ports {{.Config.ExposedPorts}}, cmd {{.Config.Cmd}}' "$SERVE_TAG")"
+  run "$SERVE_TAG" crfr serve --help >/dev/null
+  log "run: $SERVE_TAG crfr serve --help: ok"
 fi
 log "smoke tests passed in $(elapsed $t); total $(elapsed $T0)"
 docker image ls "$TAG"

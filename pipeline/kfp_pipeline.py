@@ -20,6 +20,7 @@ locally with ``kfp.local`` (:func:`run_local`) or submit to a cluster (``pipelin
 """
 
 # No `from __future__ import annotations`: kfp reads the step bodies' annotations as real types.
+import json
 from pathlib import Path
 from typing import List
 
@@ -29,6 +30,8 @@ from kfp.dsl import Artifact, Dataset, Input, Markdown, Metrics, Model, Output
 from crfr.config import Params
 
 PIPELINE_NAME = "crfr-cross-resolution-face-recognition"
+# The steps whose params slices the tasks get (pipeline/step_params.py); distill_row: a Table I row.
+STEPS = ("prepare", "synthesize", "train_teacher", "distill_student", "distill_row", "evaluate", "register")
 
 
 # ------------------------------------------------------------------------------------------- step bodies
@@ -128,30 +131,68 @@ def register_op(params_json: str, student: Input[Model], teacher: Input[Model], 
 
 # --------------------------------------------------------------------------------------------- pipeline
 
+# Where kfp's launcher copies a task's input and output artifacts, by the pipeline root's scheme (kfp's
+# /gcs/, /minio/, /s3/ local prefixes). The scratch volume is mounted there so those copies, which hold the
+# whole prepared dataset in every training task, land on requested storage instead of the node's root disk.
+ARTIFACT_MOUNTS = {"s3://": "/s3", "minio://": "/minio", "gs://": "/gcs"}
+DEFAULT_ARTIFACT_MOUNT = "/minio"  # Kubeflow Pipelines' own default store is MinIO
+# S3 bucket names cannot start with a dot, so the steps' own files never meet an artifact copy.
+WORK_SUBDIR = ".crfr-work"
+
+
+def artifact_mount(pipeline_root: str | None) -> str:
+    """The local folder kfp stages artifacts in for ``pipeline_root``."""
+    for scheme, mount in ARTIFACT_MOUNTS.items():
+        if pipeline_root and pipeline_root.startswith(scheme):
+            return mount
+    return DEFAULT_ARTIFACT_MOUNT
+
+
+def task_params(params: Params, cluster: bool) -> Params:
+    """The params the tasks are cut from: on a cluster, run_dir and the S3 cache live on the scratch volume."""
+    kf = params.kubeflow
+    if not cluster or not (kf.scratch_size or kf.gpu_scratch_size):
+        return params
+    work = f"{artifact_mount(kf.pipeline_root)}/{WORK_SUBDIR}"
+    tasks = params.model_copy(deep=True)
+    tasks.run_dir = f"{work}/runs"
+    tasks.storage.cache_dir = f"{work}/cache"
+    return tasks
+
+
 def build_pipeline(params: Params, cluster: bool = True):
     """Create the pipeline function for ``params``.
 
     Args:
-        params: resolved settings; they are baked in as the ``params_json`` default, and ``params.kubeflow``
-            decides images and scheduling.
-        cluster: add Kubernetes-only settings (node selector, tolerations, secrets, config maps).
+        params: resolved settings; each task gets its step's slice of them as a constant
+            (:mod:`pipeline.step_params`), and ``params.kubeflow`` decides images and scheduling.
+        cluster: add Kubernetes-only settings (node selector, tolerations, secrets, config maps, volumes).
             ``kfp.local`` runs without them.
+
+    Raises:
+        ConfigError: a step's slice does not rebuild into valid params.
     """
+    from pipeline.step_params import slice_json
+
     kf = params.kubeflow
+    sliced = task_params(params, cluster)
+    slices = {step: slice_json(sliced, step) for step in STEPS}
     cpu_image = {"base_image": kf.image, "install_kfp_package": False}
     gpu_image = {"base_image": kf.gpu_image, "install_kfp_package": False}
+    check_c = dsl.component(check_params_op, **cpu_image)
     prepare_c = dsl.component(prepare_op, **cpu_image)
     synthesize_c = dsl.component(synthesize_op, **cpu_image)
     teacher_c = dsl.component(train_teacher_op, **gpu_image)
     student_c = dsl.component(distill_student_op, **gpu_image)
     evaluate_c = dsl.component(evaluate_op, **gpu_image)
     register_c = dsl.component(register_op, **cpu_image)
+    training = {"gpus": kf.gpus, "checkpoint_base": kf.checkpoint_base or ""}
 
-    def common(task, gpu: bool, name: str):
+    def common(task, gpu: bool, name: str, retries: int = kf.retries, trains: bool = False):
         task.set_display_name(name)
         task.set_caching_options(kf.caching)
-        if kf.retries:
-            task.set_retry(kf.retries, backoff_duration="60s", backoff_factor=2.0)
+        if retries:
+            task.set_retry(retries, backoff_duration="60s", backoff_factor=2.0)
         if not cluster:
             return task
         from kfp import kubernetes
@@ -166,6 +207,19 @@ def build_pipeline(params: Params, cluster: bool = True):
             "AWS_ENDPOINT_URL": "AWS_ENDPOINT_URL",
             "AWS_DEFAULT_REGION": "AWS_DEFAULT_REGION",
         }, optional=True)
+        scratch = kf.gpu_scratch_size if gpu else kf.scratch_size
+        if scratch:
+            # kfp has no ephemeral-storage request; a generic ephemeral volume is requested storage that lives
+            # and dies with the pod.
+            kubernetes.add_ephemeral_volume(task, "scratch", artifact_mount(kf.pipeline_root), ["ReadWriteOnce"],
+                                            scratch, storage_class_name=kf.scratch_storage_class)
+        if gpu:
+            # The container runtime's /dev/shm is 64 MB; DataLoader workers hand batches over through it.
+            kubernetes.empty_dir_mount(task, "dshm", "/dev/shm", medium="Memory", size_limit=kf.shm_size)
+        if trains:
+            from pipeline.kfp_training import RUN_ID_ENV, RUN_ID_LABEL
+
+            kubernetes.use_field_path_as_env(task, RUN_ID_ENV, f"metadata.labels['{RUN_ID_LABEL}']")
         if gpu and kf.gpus:
             task.set_accelerator_type(kf.accelerator_type).set_accelerator_limit(kf.gpus)
             for key, value in kf.gpu_node_selector.items():
@@ -175,31 +229,40 @@ def build_pipeline(params: Params, cluster: bool = True):
                                           value=tol.get("value"), effect=tol.get("effect"))
         return task
 
-    default_params = params.model_dump_json()
+    checked = json.dumps({step: text for step, text in slices.items() if step != "register"}, sort_keys=True)
 
-    @dsl.pipeline(name=PIPELINE_NAME,
+    @dsl.pipeline(name=PIPELINE_NAME, pipeline_root=kf.pipeline_root,
                   description="Cross-resolution face recognition: ResNet teacher, WaveResNet student (KD + "
                               "wavelet similarity), multi-resolution evaluation, MLflow registration.")
-    def crfr_pipeline(params_json: str = default_params, source_uri: str = kf.data_uri):
-        prep = common(prepare_c(params_json=params_json, source_uri=source_uri), False, "prepare")
-        synth = common(synthesize_c(params_json=params_json, prepared=prep.outputs["prepared"]), False,
+    def crfr_pipeline(source_uri: str = kf.data_uri):
+        # Not retried: what it refuses would be refused again. Not cached: the data it checks may have gone.
+        check = common(check_c(slices_json=checked, source_uri=source_uri), False, "check params and inputs",
+                       retries=0)
+        check.set_caching_options(False)
+        prep = common(prepare_c(params_json=slices["prepare"], source_uri=source_uri), False, "prepare")
+        prep.after(check)
+        synth = common(synthesize_c(params_json=slices["synthesize"], prepared=prep.outputs["prepared"]), False,
                        "synthesize LR probes")
-        teacher = common(teacher_c(params_json=params_json, prepared=prep.outputs["prepared"]), True,
-                         "train teacher")
-        student = common(student_c(params_json=params_json, row="default", prepared=prep.outputs["prepared"],
-                                   teacher=teacher.outputs["teacher"]), True, "distill student")
+        teacher = common(teacher_c(params_json=slices["train_teacher"], prepared=prep.outputs["prepared"],
+                                   **training), True, "train teacher", trains=True)
+        student = common(student_c(params_json=slices["distill_student"], row="default",
+                                   prepared=prep.outputs["prepared"], teacher=teacher.outputs["teacher"],
+                                   **training), True, "distill student", trains=True)
         rows = {}
         if params.ablation_rows:  # kfp refuses a loop over no items
             with dsl.ParallelFor(list(params.ablation_rows)) as row:
-                ablation = common(student_c(params_json=params_json, row=row, prepared=prep.outputs["prepared"],
-                                            teacher=teacher.outputs["teacher"]), True, "Table I row")
+                ablation = common(student_c(params_json=slices["distill_row"], row=row,
+                                            prepared=prep.outputs["prepared"], teacher=teacher.outputs["teacher"],
+                                            **training), True, "Table I row", trains=True)
             rows["rows"] = dsl.Collected(ablation.outputs["student"])
-        ev = common(evaluate_c(params_json=params_json, prepared=prep.outputs["prepared"],
-                               probes=synth.outputs["probes"], teacher=teacher.outputs["teacher"],
-                               student=student.outputs["student"], **rows), True, "evaluate")
-        reg = common(register_c(params_json=params_json, student=student.outputs["student"],
+        ev = common(evaluate_c(params_json=slices["evaluate"], row_order=list(params.ablation_rows),
+                               prepared=prep.outputs["prepared"], probes=synth.outputs["probes"],
+                               teacher=teacher.outputs["teacher"], student=student.outputs["student"], **rows),
+                    True, "evaluate")
+        # Not retried: an attempt that failed after registering would register a second version.
+        reg = common(register_c(params_json=slices["register"], student=student.outputs["student"],
                                 teacher=teacher.outputs["teacher"], report=ev.outputs["report"]), False,
-                     "register and gate")
+                     "register and gate", retries=0)
         # The registry is outside kfp's view: a cached registration would skip the promotion decision.
         reg.set_caching_options(False)
 
@@ -221,4 +284,4 @@ def run_local(params: Params, source_uri: str, pipeline_root: str | Path) -> obj
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(pipeline_root),
                raise_on_error=True)
     pipeline_func = build_pipeline(params, cluster=False)
-    return pipeline_func(params_json=params.model_dump_json(), source_uri=source_uri)
+    return pipeline_func(source_uri=source_uri)

@@ -12,14 +12,14 @@ import cv2
 import numpy as np
 import pytest
 
-from components.prepare import cap_pairs, prepare
+from components.prepare import prepare
 from components.synthesize import synthesize
 from crfr.cli import main as cli_main
 from crfr.config import load_params
 from crfr.data.align import Aligner
 from crfr.data.images import decode_image, read_image
 from crfr.data.lfw import LfwFolder, pair_identities, parse_pairs, select_folds
-from crfr.data.pairs import load_pair_set
+from crfr.data.pairs import cap_pairs, load_pair_set
 from crfr.data.recordio import InsightfaceRec
 from crfr.data.shards import ShardDataset
 from crfr.data.split import leak_free_split
@@ -164,7 +164,7 @@ def test_cli_prepare_and_synthesize(tmp_path, lfw_root, capsys):
 
 def test_recordio_training_and_bin_and_csv_eval_sets(tmp_path, lfw_root):
     """LFW exported to train.rec and lfw.bin (lossless PNG), then prepared back: identical pixels and labels."""
-    from crfr.commands.data import export_bin, export_rec
+    from crfr.data.export import export_bin, export_rec
 
     base = params("data.max_identities=3", "data.max_images_per_identity=4",
                   "data.eval_sets=[{name: lfw, kind: lfw, folds: [10]}]")
@@ -251,7 +251,7 @@ def test_corrupt_and_empty_training_data_are_counted_or_refused(tmp_path, lfw_ro
 
 
 def test_truncated_rec_and_malicious_bin_fail_without_a_traceback(tmp_path, lfw_root, capsys):
-    from crfr.commands.data import export_rec
+    from crfr.data.export import export_rec
 
     base = params("data.max_identities=2", "data.max_images_per_identity=4")
     export_rec(base, tmp_path / "rec", str(lfw_root), progress=False)

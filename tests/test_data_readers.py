@@ -148,7 +148,7 @@ def _subset_params(lfw_root, **over):
 
 @pytest.mark.parametrize("encoding", ["png", "jpg"])
 def test_lfw_to_rec_and_back(tmp_path, lfw_root, encoding):
-    from crfr.commands.data import export_rec
+    from crfr.data.export import export_rec
 
     params = _subset_params(lfw_root)
     out = export_rec(params, tmp_path, str(lfw_root), encoding=encoding, progress=False)
@@ -185,7 +185,7 @@ def test_lfw_to_rec_and_back(tmp_path, lfw_root, encoding):
 
 @pytest.mark.parametrize("encoding", ["png", "jpg"])
 def test_lfw_to_bin_and_back(tmp_path, lfw_root, encoding):
-    from crfr.commands.data import export_bin
+    from crfr.data.export import export_bin
 
     params = _subset_params(lfw_root)
     path = tmp_path / "lfw.bin"

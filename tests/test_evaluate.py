@@ -238,3 +238,93 @@ def test_probes_of_some_rows_are_those_of_the_whole_set(workspace):
     real = make_probes(images, "realistic", 28, params, rows=np.array([3]))
     lin = make_probes(images, "linear", 28, params, rows=np.array([3]))
     assert not np.array_equal(real, lin)  # the realistic protocol degrades, the linear one only resizes
+
+
+def test_cells_carry_intervals_and_the_student_its_paired_comparison(report):
+    """Each measured cell: its Wilson interval; the student: McNemar and the bootstrap against the teacher."""
+    from mlflow import MlflowClient
+
+    from crfr.evaluation.stats import accuracy_interval, mcnemar_exact_p
+
+    tmp, *_, result, _ = report
+    metrics = json.loads((tmp / "report" / "metrics.json").read_text())
+    evaluation = result["evaluation"]
+    for s in SETS:
+        for protocol in PROTOCOLS:
+            for res in RESOLUTIONS:
+                t = evaluation.result("teacher", s, protocol, res).correct
+                st = evaluation.result("student", s, protocol, res).correct
+                for model, outcomes in (("teacher", t), ("student", st)):
+                    cell = metrics[model][s][protocol][str(res)]
+                    assert len(outcomes) == (40 if s == "lfw" else 30)
+                    assert cell["acc"] == pytest.approx(100 * outcomes.mean(), abs=1e-3)  # equal folds: pooled
+                    assert [cell["acc_ci_low"], cell["acc_ci_high"]] == pytest.approx(accuracy_interval(outcomes),
+                                                                                      abs=1e-4)
+                    assert cell["acc_ci_low"] < cell["acc"] < cell["acc_ci_high"]
+                cell = metrics["student"][s][protocol][str(res)]
+                wins, losses = int((st & ~t).sum()), int((t & ~st).sum())
+                assert (cell["vs_teacher_wins"], cell["vs_teacher_losses"]) == (wins, losses)
+                assert cell["vs_teacher_discordant"] == wins + losses
+                assert cell["vs_teacher_delta"] == pytest.approx(100 * (wins - losses) / len(t), abs=1e-4)
+                assert cell["vs_teacher_delta"] == pytest.approx(
+                    cell["acc"] - metrics["teacher"][s][protocol][str(res)]["acc"], abs=1e-3)
+                assert cell["vs_teacher_p"] == pytest.approx(mcnemar_exact_p(wins, losses), abs=1e-6)
+                assert cell["vs_teacher_ci_low"] <= cell["vs_teacher_delta"] <= cell["vs_teacher_ci_high"]
+                assert not [k for k in metrics["teacher"][s][protocol][str(res)] if k.startswith("vs_")]
+    for model in metrics:  # averages over resolutions or sets have no per-pair outcomes behind them
+        assert "acc_ci_low" not in metrics[model]["lfw"]["linear"]["mean"]
+        assert "acc_ci_low" not in metrics[model]["average"]["linear"]["14"]
+
+    table = json.loads((tmp / "report" / "table.json").read_text())
+    for t in table["tables"]:
+        if t["dataset"] == "average":
+            assert t["paired"] is None and all(row["ci"] is None for row in t["rows"])
+            continue
+        student = metrics["student"][t["dataset"]][t["protocol"]]
+        assert t["paired"]["delta"] == {str(r): student[str(r)]["vs_teacher_delta"] for r in RESOLUTIONS}
+        assert t["rows"][0]["ci"]["14"] == [metrics["teacher"][t["dataset"]][t["protocol"]]["14"]["acc_ci_low"],
+                                            metrics["teacher"][t["dataset"]][t["protocol"]]["14"]["acc_ci_high"]]
+    md = (tmp / "report" / "table.md").read_text()
+    assert md.count("| student - teacher | ") == len(PROTOCOLS) * len(SETS)
+    cell = metrics["teacher"]["lfw"]["linear"]["14"]
+    assert f"{cell['acc']:.2f} [{cell['acc_ci_low']:.1f}, {cell['acc_ci_high']:.1f}]" in md
+    assert "95% interval" in md and "McNemar" in md
+
+    run = MlflowClient(tracking_uri=f"sqlite:///{tmp}/mlflow.db").get_run(result["run_id"])
+    logged = run.data.metrics
+    assert logged["acc_ci_low_lfw_linear_14_student"] == metrics["student"]["lfw"]["linear"]["14"]["acc_ci_low"]
+    assert logged["vs_teacher_p_lfw_b_realistic_28_student"] == metrics["student"]["lfw_b"]["realistic"]["28"][
+        "vs_teacher_p"]
+
+
+def test_antialias_changes_the_linear_probes_and_is_recorded(workspace, monkeypatch):
+    """degrade.antialias low-passes the linear probes: the 14 px files differ, index.json and MLflow say so."""
+    from mlflow import MlflowClient
+
+    from components.evaluate import evaluate
+    from components.synthesize import synthesize
+
+    tmp, prepared, models = workspace
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    small = ["data.eval_sets=[{name: lfw, kind: lfw}]", "evaluate.resolutions=[14, 112]",
+             "evaluate.protocols=[linear]"]
+    probes, run_ids = {}, {}
+    for antialias in (False, True):
+        params, _ = make_params(tmp, small + [f"degrade.antialias={str(antialias).lower()}"])
+        out = tmp / f"probes-antialias-{antialias}"
+        index = synthesize(str(prepared), str(out), params, progress=False)
+        assert index["antialias"] is antialias
+        assert json.loads((out / "index.json").read_text())["antialias"] is antialias
+        probes[antialias] = np.load(out / "lfw" / "linear" / "14.npy")
+        result = evaluate(str(prepared), str(out), {"teacher": models["teacher"]}, str(tmp / f"report-{antialias}"),
+                          params)
+        run_ids[antialias] = result["run_id"]
+    images = np.load(prepared / "eval" / "lfw" / "images.npy")
+    plain = np.stack([cv2.resize(img, (14, 14), interpolation=cv2.INTER_LINEAR) for img in images])
+    assert np.array_equal(probes[False], plain)  # the paper's protocol, unchanged by default
+    assert probes[True].shape == plain.shape and not np.array_equal(probes[True], plain)
+    # Low-passed first: less energy left in the highest frequencies (pixel-to-pixel differences).
+    assert np.abs(np.diff(probes[True].astype(int), axis=2)).mean() < np.abs(np.diff(plain.astype(int), axis=2)).mean()
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp}/mlflow.db")
+    for antialias, run_id in run_ids.items():
+        assert client.get_run(run_id).data.params["degrade.antialias"] == str(antialias)

@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from components.prepare import interleave_within_folds
+from crfr.data.pairs import interleave_within_folds
 from crfr.verification import verify
 
 

@@ -14,10 +14,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from components.prepare import downloads_default_lfw, prepare
+from components.prepare import prepare
 from crfr.cli import main
 from crfr.config import DataCfg, load_params
 from crfr.data.lfw import parse_pairs
+from crfr.data.prepare import downloads_default_lfw
 from crfr.data.shards import ShardDataset
 from crfr.errors import ConfigError, DataError
 from tests.test_data_prepare import _people, make_lfw_subset

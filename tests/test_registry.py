@@ -12,6 +12,7 @@ import uuid
 import numpy as np
 import pytest
 
+from crfr.cli import OFFLINE_DEFAULTS
 from crfr.errors import RegistryError
 from crfr.registry import (
     CHALLENGER,
@@ -34,7 +35,6 @@ from tests.facedata import (
     wait_for_health,
 )
 
-os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 THRESHOLDS = {"14": 1.31, "28": 1.22, "112": 1.15}
 
 
@@ -82,7 +82,7 @@ def mlflow_server(tmp_path_factory):
     """``mlflow server`` on 127.0.0.1 with a sqlite store and proxied artifacts, for this session."""
     root = tmp_path_factory.mktemp("mlflow-server")
     port = free_port()
-    env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false", MLFLOW_DISABLE_TELEMETRY="true")
+    env = {**os.environ, **OFFLINE_DEFAULTS, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     env.pop("MLFLOW_TRACKING_URI", None)
     log = open(root / "server.log", "wb")
     proc = subprocess.Popen(

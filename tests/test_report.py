@@ -94,3 +94,21 @@ def test_epoch_line_reports_holdout_accuracy_by_resolution():
     assert line == ("teacher epoch 2/4 done: loss 14.250, holdout accuracy 70.0% at 14 px, 72.5% at 112 px, "
                     "37.2 images/s")
     assert epoch_line("student", 1, 1, {"loss_total": 1.0}) == "student epoch 1/1 done: loss 1.000"
+
+
+def test_a_published_table_without_intervals_says_so(workdir):
+    """A run published before intervals existed is flagged in the README; one with intervals is not."""
+    params = load_params(REPO / "params.yaml")
+    _fake_run(workdir, acc="75.00")
+    old = {"tables": [{"protocol": "linear", "dataset": "lfw", "rows": [{"model": "teacher", "acc": {"14": 75.0},
+                                                                          "std": {"14": 4.0}, "average": 75.0}]}]}
+    new = {"tables": [{**old["tables"][0], "rows": [{**old["tables"][0]["rows"][0], "ci": {"14": [72.5, 77.4]}}]}]}
+    for name, table in (("old", old), ("new", new)):
+        (workdir / "reports/evaluate/table.json").write_text(json.dumps(table))
+        report.publish(workdir / f"docs/results/{name}", params, f"Run {name}")
+    report.update_readme(workdir / "README.md", params)
+    section = (workdir / "README.md").read_text().split(report.START)[1]
+    parts = {chunk.split("\n", 1)[0]: chunk for chunk in section.split("### Run ")[1:]}
+    assert set(parts) == {"old", "new"}
+    assert "Published before tables carried 95% intervals" in parts["old"]
+    assert "Published before" not in parts["new"]

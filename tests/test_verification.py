@@ -35,13 +35,14 @@ def reference_protocol(emb1, emb2, same, nfolds, far_targets):
 
     # Contiguous folds; the first n % nfolds folds are one longer (as sklearn's KFold).
     sizes = [n // nfolds + (1 if k < n % nfolds else 0) for k in range(nfolds)]
-    accs, chosen, start = [], [], 0
+    accs, chosen, correct, start = [], [], [], 0
     for size in sizes:
         test = list(range(start, start + size))
         train = [i for i in range(n) if i < start or i >= start + size]
         t = best(train)
         chosen.append(t)
         accs.append(100.0 * accuracy(test, t))
+        correct += [(dist[i] < t) == bool(same[i]) for i in test]
         start += size
     mean = sum(accs) / nfolds
     std = math.sqrt(sum((a - mean) ** 2 for a in accs) / nfolds)
@@ -59,7 +60,7 @@ def reference_protocol(emb1, emb2, same, nfolds, far_targets):
     wins = sum(1.0 if p < q else 0.5 if p == q else 0.0 for p in pos for q in neg)
     auc = wins / (len(pos) * len(neg))
     return {"acc": mean, "std": std, "folds": accs, "threshold": sum(chosen) / nfolds, "best": best(range(n)),
-            "tar": tars, "auc": auc}
+            "tar": tars, "auc": auc, "correct": correct}
 
 
 def assert_agrees(result, ref):
@@ -71,6 +72,7 @@ def assert_agrees(result, ref):
     assert result.auc == pytest.approx(ref["auc"], abs=1e-9)
     for far, tar in ref["tar"].items():
         assert result.tar_at_far[far] == pytest.approx(tar, abs=1e-9), far
+    assert result.correct.dtype == bool and result.correct.tolist() == ref["correct"]
 
 
 # ---------------------------------------------------------------------------------------- real LFW
@@ -155,6 +157,8 @@ def test_known_errors_per_fold_show_folds_are_contiguous():
     r = verify(*pairs_at(dist), np.array(same), nfolds=10, far_targets=(0.0, 0.5))
     # Any threshold in (0.5, 2.0] is best on every 9-fold training part; fold k then loses k of 20 pairs.
     assert r.fold_accuracies == pytest.approx([100.0 - 5.0 * k for k in range(10)])
+    # Per pair: exactly the impostors at 0.2 are wrong, each judged once, in its own fold.
+    assert r.correct.tolist() == [d != 0.2 for d in dist]
     assert r.accuracy == pytest.approx(77.5)
     assert r.threshold == pytest.approx(0.51) and r.best_threshold == pytest.approx(0.51)
     # 45 of 100 impostors sit below every genuine pair: AUC = 55 / 100; TAR is 0 at FAR 0, 1 at FAR 0.5.

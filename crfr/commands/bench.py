@@ -96,17 +96,18 @@ def _lfw_faces(count: int = 1) -> list:
     from crfr.config import load_params
 
     try:
-        root = load_params().data.root
+        data = load_params().data
         from pathlib import Path
 
-        paths = list(itertools.islice((Path(root) / "lfw-deepfunneled").glob("*/*_0001.jpg"), count))
+        paths = list(itertools.islice((Path(data.root) / "lfw-deepfunneled").glob("*/*_0001.jpg"), count))
     except Exception:  # no params or no LFW here: the synthetic image will do
         return []
+    top, bottom, left, right = data.crop_box
     faces = []
     for path in paths:
         bgr = cv2.imread(str(path))
         if bgr is not None:
-            faces.append(cv2.cvtColor(cv2.resize(bgr[64:186, 70:180], (112, 112)), cv2.COLOR_BGR2RGB))
+            faces.append(cv2.cvtColor(cv2.resize(bgr[top:bottom, left:right], (112, 112)), cv2.COLOR_BGR2RGB))
     return faces
 
 

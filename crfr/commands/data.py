@@ -3,8 +3,8 @@
 * ``crfr data check SOURCE [--json]``: is an LFW folder, ``.rec``, ``.bin`` or pairs ``.csv`` usable (exit 0)?
 * ``crfr data prepare --out DIR``: :func:`components.prepare.prepare`.
 * ``crfr data synthesize --prepared DIR --out DIR``: :func:`components.synthesize.synthesize`.
-* ``crfr data export --format bin|rec --out PATH``: LFW as an insightface ``.bin`` (the pairs of some folds) or
-  ``train.rec``/``train.idx`` (the leak-free training identities), aligned like ``prepare`` does.
+* ``crfr data export --format bin|rec --out PATH``: :mod:`crfr.data.export` (LFW as an insightface ``.bin`` or
+  ``train.rec``/``train.idx``, aligned like ``prepare`` does).
 * ``crfr data download [--root DIR]``: fetch LFW from the public mirror.
 """
 
@@ -14,11 +14,8 @@ import argparse
 import json
 from pathlib import Path
 
-import numpy as np
-from tqdm import tqdm
-
 from crfr.cli import add_params_args
-from crfr.config import Params, load_params
+from crfr.config import load_params
 
 
 def _check(args: argparse.Namespace) -> int:
@@ -48,83 +45,9 @@ def _synthesize(args: argparse.Namespace) -> int:
     return run(args)
 
 
-def _lfw(params: Params, source: str | None):
-    from crfr.data.lfw import LfwFolder
-
-    return LfwFolder(source or params.data.root, params.data.images_subdir)
-
-
-def export_bin(params: Params, out: str | Path, source: str | None = None, folds: list[int] | None = None,
-               max_pairs: int | None = None, encoding: str = "jpg", quality: int = 95, progress: bool = True) -> dict:
-    """Write the LFW View 2 pairs of ``folds`` (all when None) as an insightface ``.bin``, images aligned.
-
-    Returns:
-        ``{"pairs", "images", "path"}``.
-    """
-    from components.prepare import cap_pairs
-    from crfr.data.align import Aligner
-    from crfr.data.binset import write_bin
-    from crfr.data.images import encode_image, read_image
-    from crfr.data.lfw import select_folds
-
-    folder = _lfw(params, source)
-    pairs = select_folds(folder.pairs(), folds)
-    folder.check_pairs_exist(pairs)
-    keep = cap_pairs(np.array([p.same for p in pairs]), np.array([p.fold for p in pairs]), max_pairs)
-    pairs = [pairs[i] for i in keep.tolist()]
-    aligner = Aligner(params.data)
-    cache: dict = {}
-    blobs: list[bytes] = []
-    for pair in tqdm(pairs, desc="export .bin", unit="pair", disable=not progress, leave=False):
-        for ref in (pair.left, pair.right):
-            if ref not in cache:
-                face = aligner([read_image(folder.path(ref))], [ref.relpath()])[0]
-                cache[ref] = encode_image(face, encoding, quality)
-            blobs.append(cache[ref])
-    write_bin(out, blobs, [p.same for p in pairs])
-    return {"pairs": len(pairs), "images": len(blobs), "path": str(out)}
-
-
-def export_rec(params: Params, out: str | Path, source: str | None = None, encoding: str = "jpg", quality: int = 95,
-               progress: bool = True) -> dict:
-    """Write the leak-free LFW training split (as ``prepare`` chooses it) as ``train.rec`` + ``train.idx``.
-
-    Args:
-        out: the ``.rec`` path, or a folder to hold ``train.rec``.
-
-    Returns:
-        ``{"images", "classes", "path", "classes_list"}``; label ``i`` is ``classes_list[i]``.
-    """
-    from crfr.data.align import Aligner
-    from crfr.data.images import encode_image, read_image
-    from crfr.data.lfw import pair_identities, select_folds
-    from crfr.data.recordio import write_insightface_rec
-    from crfr.data.split import leak_free_split
-
-    cfg = params.data
-    folder = _lfw(params, source)
-    exclude: set[str] = set()
-    all_pairs = folder.pairs()
-    for es in cfg.eval_sets:
-        if es.kind == "lfw":
-            exclude |= pair_identities(select_folds(all_pairs, es.folds))
-    split = leak_free_split(folder.identities(), exclude, cfg.min_images_per_identity, cfg.max_images_per_identity,
-                            cfg.max_identities, params.seed)
-    out = Path(out)
-    rec = out / "train.rec" if out.suffix != ".rec" else out
-    rec.parent.mkdir(parents=True, exist_ok=True)
-    aligner = Aligner(cfg)
-    items = [(label, p) for label, name in enumerate(split.identities) for p in split.images[name]]
-
-    def encoded():
-        for _, path in tqdm(items, desc="export .rec", unit="img", disable=not progress, leave=False):
-            yield encode_image(aligner([read_image(path)], [str(path)])[0], encoding, quality)
-
-    n = write_insightface_rec(rec, encoded(), [label for label, _ in items])
-    return {"images": n, "classes": len(split.identities), "path": str(rec), "classes_list": split.identities}
-
-
 def _export(args: argparse.Namespace) -> int:
+    from crfr.data.export import export_bin, export_rec
+
     params = load_params(args.params, args.overrides)
     if args.format == "bin":
         result = export_bin(params, args.out, args.source, args.folds, args.max_pairs, args.encoding, args.quality)
@@ -157,10 +80,11 @@ def register(subparsers) -> None:
     parser.set_defaults(func=usage)
 
     check = sub.add_parser("check", help="validate an LFW folder, .rec, .bin or pairs .csv (exit 0 when usable)")
-    check.add_argument("source", help="LFW root, .rec, .bin or .csv")
+    check.add_argument("source", help="LFW root, .rec, .bin or .csv: a local path or s3:// URI")
     check.add_argument("--kind", default="auto", choices=["auto", "lfw", "rec", "bin", "csv"])
     check.add_argument("--json", action="store_true", help="print the report as JSON")
-    check.add_argument("--image-root", default=None, help="csv: folder the pair paths are relative to")
+    check.add_argument("--image-root", default=None,
+                       help="csv: folder (or s3:// prefix) the pair paths are relative to (default: the CSV's)")
     check.add_argument("--images-subdir", default=None, help="lfw: image folder inside the root")
     check.add_argument("--decode-sample", type=int, default=200, metavar="N",
                        help="decode N evenly spread images (default %(default)s)")
@@ -182,8 +106,8 @@ def register(subparsers) -> None:
     exp = sub.add_parser("export", help="write LFW as an insightface .bin (pairs) or train.rec (training split)")
     add_params_args(exp)
     exp.add_argument("--format", required=True, choices=["bin", "rec"])
-    exp.add_argument("--out", required=True, help=".bin file, or .rec file / folder for train.rec")
-    exp.add_argument("--source", default=None, help="LFW root (default: data.root)")
+    exp.add_argument("--out", required=True, help=".bin file, or .rec file / folder for train.rec (or s3://)")
+    exp.add_argument("--source", default=None, help="LFW root, local or s3:// (default: data.root)")
     exp.add_argument("--folds", type=int, nargs="+", default=None, help="bin: View 2 folds (default: all)")
     exp.add_argument("--max-pairs", type=int, default=None, help="bin: balanced cap on the number of pairs")
     exp.add_argument("--encoding", default="jpg", choices=["jpg", "png"], help="png is lossless (default jpg)")

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
-from crfr.cli import add_params_args
+from crfr.cli import add_params_args, positive_int
 
 DEFAULT_YAML = "pipeline/crfr_pipeline.yaml"
 
@@ -21,13 +22,26 @@ def register(sub) -> None:
     comp.add_argument("--out", default=DEFAULT_YAML, help="YAML to write (default: %(default)s)")
     comp.set_defaults(func=_compile)
 
-    sub_ = actions.add_parser("submit", help="compile and start a run on a Kubeflow Pipelines endpoint",
-                              description="Compile and submit with kfp.Client (auth from the environment).")
+    sub_ = actions.add_parser(
+        "submit", help="compile and start a run on a Kubeflow Pipelines endpoint (optionally wait for it)",
+        description="Compile and submit with kfp.Client. Auth from the environment, never printed: "
+                    "KF_PIPELINES_TOKEN (bearer token), KF_PIPELINES_COOKIES (Cookie header of a logged-in "
+                    "session), KF_PIPELINES_SA_TOKEN_PATH (service-account token file); else kfp's defaults. "
+                    "With --wait the exit code is the run's: 0 succeeded, 1 failed/canceled/skipped, "
+                    "124 still running at --timeout.")
     add_params_args(sub_)
-    sub_.add_argument("--host", required=True, help="Kubeflow Pipelines API URL, e.g. http://ml-pipeline-ui:80")
+    sub_.add_argument("--host", default=None,
+                      help="Kubeflow Pipelines API URL, e.g. http://ml-pipeline-ui:80 (default: $KF_PIPELINES_ENDPOINT)")
     sub_.add_argument("--experiment", default="crfr", help="kfp experiment (default: %(default)s)")
     sub_.add_argument("--namespace", default=None, help="Kubeflow profile namespace (multi-user installs)")
     sub_.add_argument("--run-name", default=None)
+    sub_.add_argument("--source", default=None, help="raw dataset URI (default: params kubeflow.data_uri)")
+    sub_.add_argument("--package", default="outputs/crfr_pipeline.yaml", help="compiled YAML (default: %(default)s)")
+    sub_.add_argument("--wait", action="store_true", help="wait for the run to end; exit non-zero unless it succeeded")
+    sub_.add_argument("--timeout", type=positive_int, default=7 * 24 * 3600, metavar="SECONDS",
+                      help="--wait: give up after this long (default: a week)")
+    sub_.add_argument("--poll", type=positive_int, default=30, metavar="SECONDS",
+                      help="--wait: seconds between state checks (default: %(default)s)")
     sub_.set_defaults(func=_submit)
 
     loc = actions.add_parser("local", help="run the kfp pipeline on this machine with kfp.local",
@@ -55,12 +69,20 @@ def _compile(args: argparse.Namespace) -> int:
 
 def _submit(args: argparse.Namespace) -> int:
     from crfr.config import load_params
-    from pipeline.submit import submit
+    from pipeline.submit import exit_code, submit, wait
 
-    run_id = submit(load_params(args.params, args.overrides), args.host, args.experiment, args.run_name,
-                    args.namespace)
-    print(f"submitted run {run_id}")
-    return 0
+    client, run_id = submit(load_params(args.params, args.overrides), args.host, args.experiment, args.run_name,
+                            args.namespace, args.package, args.source)
+    print(f"submitted run {run_id}", flush=True)
+    if not args.wait:
+        return 0
+    state = wait(client, run_id, args.timeout, args.poll, on_state=lambda s: print(f"run {run_id}: {s}", flush=True),
+                 host=args.host or "")
+    code = exit_code(state)
+    if code:
+        ended = f"ended {state}" if code != 124 else f"is still {state} after --timeout {args.timeout} s"
+        print(f"crfr: run {run_id} {ended}", file=sys.stderr)
+    return code
 
 
 def _local(args: argparse.Namespace) -> int:

@@ -136,12 +136,11 @@ def read_bin(path: str | Path) -> BinSet:
 
 
 def write_bin(path: str | Path, images: list[bytes], issame: list[bool] | np.ndarray) -> None:
-    """Write a ``.bin`` readable by insightface and by :func:`read_bin` (protocol 4: bytes need no global).
+    """Write a ``.bin`` (local path or s3:// URI) readable by insightface and :func:`read_bin` (protocol 4).
 
     The file is written under a temporary name and renamed (:func:`crfr.storage.output_file`), so a reader
     never sees half of it and a failed write (a full disk: StorageError naming ``path``) leaves nothing.
     """
-    path = Path(path)
     issame = [bool(x) for x in issame]
     if len(images) != 2 * len(issame):
         raise ValueError(f"{len(images)} images for {len(issame)} pairs: need exactly 2 per pair")

@@ -29,6 +29,7 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 
 from crfr import storage
+from crfr.data.pairs import cap_pairs, interleave_within_folds  # the cap and order prepare gives LFW
 from crfr.errors import DataError
 
 PROTOCOLS = ("FF", "FP")
@@ -74,17 +75,20 @@ class CfpPairs:
         return len(self.same)
 
 
-def _lines(path: Path) -> list[tuple[int, str]]:
-    """(1-based line number, stripped text) of every non-blank line."""
+def _text(path: Path) -> list[str]:
     if not path.is_file():
         raise DataError(f"CFP file {path} is missing (expected the dataset's own layout: Data/, Protocol/)")
     try:
-        text = path.read_text(encoding="utf-8")
+        return path.read_text(encoding="utf-8").splitlines()
     except UnicodeDecodeError as exc:
         raise DataError(f"{path}: not a UTF-8 text file ({exc.reason} at byte {exc.start})") from None
     except OSError as exc:
         raise DataError(f"{path}: cannot be read: {exc.strerror or exc}") from None
-    return [(i, line.strip()) for i, line in enumerate(text.splitlines(), 1) if line.strip()]
+
+
+def _lines(path: Path) -> list[tuple[int, str]]:
+    """(1-based line number, stripped text) of every non-blank line."""
+    return [(i, line.strip()) for i, line in enumerate(_text(path), 1) if line.strip()]
 
 
 def lfw_spelling(name: str) -> str:
@@ -99,12 +103,7 @@ def read_names(path: str | Path) -> list[str]:
         DataError: a blank line inside the list, a control character, or one name given twice.
     """
     path = Path(path)
-    if not path.is_file():
-        raise DataError(f"CFP file {path} is missing (expected the dataset's own layout: Data/, Protocol/)")
-    try:
-        raw = path.read_text(encoding="utf-8").splitlines()
-    except UnicodeDecodeError as exc:
-        raise DataError(f"{path}: not a UTF-8 text file ({exc.reason} at byte {exc.start})") from None
+    raw = _text(path)
     while raw and not raw[-1].strip():
         raw.pop()
     names: list[str] = []
@@ -218,8 +217,6 @@ def read_cfp(root: str | os.PathLike, protocol: str, folds: list[int] | None = N
         DataError: a file is missing or malformed (the message names the file and line), a same pair of two
             people or a different pair of one, an unknown protocol or fold.
     """
-    from components.prepare import cap_pairs, interleave_within_folds  # prepare's own rule for LFW
-
     if protocol not in PROTOCOLS:
         raise DataError(f"CFP protocol {protocol!r} is not one of {', '.join(PROTOCOLS)}")
     local = storage.local_input(root, kind="dir")
@@ -243,10 +240,9 @@ def read_cfp(root: str | os.PathLike, protocol: str, folds: list[int] | None = N
             for lineno, i, j in read_split(source, len(first), len(second)):
                 a, b = first[i - 1][1], second[j - 1][1]
                 if (a == b) != is_same:
-                    raise DataError(
-                        f"{source}, line {lineno}: images {i} and {j} are of "
-                        + (f"two people ({names[a - 1]}, {names[b - 1]})" if is_same else f"one person ({names[a - 1]})")
-                        + f" in a {'same' if is_same else 'different'}-person list")
+                    who = f"two people ({names[a - 1]}, {names[b - 1]})" if is_same else f"one person ({names[a - 1]})"
+                    raise DataError(f"{source}, line {lineno}: images {i} and {j} are of {who} in a "
+                                    f"{'same' if is_same else 'different'}-person list")
                 lefts.append(i - 1)
                 rights.append(j - 1)
                 same.append(is_same)

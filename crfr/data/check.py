@@ -1,7 +1,8 @@
 """``crfr data check SOURCE``: is a face data source usable, and what does it hold?
 
 Sources: an LFW root (image folder + pair files), an insightface ``.rec`` (with its ``.idx``), a ``.bin``
-verification set, or a pairs ``.csv``. Structure is checked completely (every record header, every pair line,
+verification set, or a pairs ``.csv``; each a local path or an ``s3://`` URI, mirrored first
+(:func:`crfr.storage.local_input`). Structure is checked completely (every record header, every pair line,
 every image file's signature); image decoding is checked on an evenly spread sample (``decode_sample``) or on
 everything (``decode_all``), since decoding a large set takes minutes.
 
@@ -18,12 +19,13 @@ from pathlib import Path
 
 import numpy as np
 
+from crfr import storage
 from crfr.data.binset import read_bin
 from crfr.data.images import decode_image, read_image_bytes
 from crfr.data.lfw import VIEW1_FILES, VIEW2_FILE, LfwFolder, pair_identities, parse_pairs
-from crfr.data.pairs_csv import read_pairs_csv
+from crfr.data.pairs_csv import csv_image_root, read_pairs_csv
 from crfr.data.recordio import InsightfaceRec, unpack
-from crfr.errors import DataError
+from crfr.errors import DataError, StorageError
 
 IMAGE_SUBDIRS = ("lfw-deepfunneled", "lfw_funneled", "lfw", "images")
 _SIGNATURES = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"BM", b"GIF8", b"RIFF")
@@ -211,19 +213,17 @@ def check_source(
     """Validate a data source; structural errors become problems in the report, never exceptions.
 
     Args:
-        source: LFW root, ``.rec``, ``.bin`` or ``.csv``.
+        source: LFW root, ``.rec``, ``.bin`` or ``.csv``: a local path or an s3:// URI.
         kind: ``auto`` (by suffix / folder), ``lfw``, ``rec``, ``bin`` or ``csv``.
-        image_root: csv only: the folder the pair paths are relative to (default: the CSV's folder).
+        image_root: csv only: the folder (or s3:// prefix) the pair paths are relative to (default: the CSV's).
         images_subdir: lfw only: the image folder inside the root (default: the first that exists of
             lfw-deepfunneled, lfw_funneled, lfw, images).
         decode_sample: images to decode (evenly spread); None decodes all.
         max_bad_fraction: unreadable images tolerated, as a fraction of those decoded.
     """
-    path = Path(source)
     report = CheckReport(str(source), kind)
     try:
-        if not path.exists():
-            raise DataError(f"{path} does not exist")
+        path = _local_source(source, kind, report)
         report.kind = detect_kind(path) if kind == "auto" else kind
         if report.kind == "lfw":
             check_lfw(path, report, images_subdir, decode_sample, max_bad_fraction)
@@ -232,10 +232,33 @@ def check_source(
         elif report.kind == "bin":
             check_bin(path, report, decode_sample, max_bad_fraction)
         elif report.kind == "csv":
-            check_csv(path, report, Path(image_root) if image_root else None, decode_sample, max_bad_fraction)
+            check_csv(path, report, _csv_root(source, image_root), decode_sample, max_bad_fraction)
         else:
             raise DataError(f"unknown source kind {kind!r}; allowed: auto, lfw, rec, bin, csv")
-    except DataError as exc:
+    except (DataError, StorageError) as exc:
         report.problems.append(str(exc))
     return report
+
+
+def _local_source(source: str | Path, kind: str, report: CheckReport) -> Path:
+    """The source as a local path: as given, or its mirror when it is an s3:// URI (a .rec with its .idx)."""
+    if not storage.is_s3(source):
+        path = Path(source)
+        if not path.exists():
+            raise DataError(f"{path} does not exist")
+        return path
+    uri = str(source)
+    path = storage.local_input(uri, kind="dir" if kind == "lfw" else "auto" if kind == "auto" else "file")
+    index = uri[: -len(".rec")] + ".idx"
+    if path.suffix == ".rec" and storage.exists(index):
+        storage.local_input(index, kind="file")  # mirrored beside the .rec, where the reader looks for it
+    report.counts["local_copy"] = str(path)
+    return path
+
+
+def _csv_root(source: str | Path, image_root: str | Path | None) -> Path | None:
+    """The folder a CSV's pair paths are relative to; None: the CSV's own (local) folder."""
+    if storage.is_s3(source) or (image_root is not None and storage.is_s3(image_root)):
+        return csv_image_root(source, image_root)
+    return Path(image_root) if image_root else None
 

@@ -1,6 +1,7 @@
 """LR probes: how a verification image is made low-resolution, the synthesize step's files, and reading them.
 
-* ``linear``: ``cv2.resize(INTER_LINEAR)`` down to the size (the paper's test protocol).
+* ``linear``: ``cv2.resize(INTER_LINEAR)`` down to the size (the paper's test protocol), low-passed first
+  when ``degrade.antialias`` is set (:func:`crfr.degrade.linear_down`).
 * ``realistic``: the Fig. 2 degradation model stopped at the size, seed ``evaluate.realistic_seed``,
   sample index = image row, so every run and every evaluator sees the same probes.
 
@@ -12,11 +13,11 @@ Sizes are ``evaluate.resolutions`` below the image size (the full size is the HR
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-import cv2
 import numpy as np
 from tqdm import tqdm
 
@@ -24,7 +25,7 @@ from crfr import storage
 from crfr.config import Params
 from crfr.data.pairs import PairSet, load_pair_set
 from crfr.data.shards import write_json
-from crfr.degrade import Degrader, resize, upsample
+from crfr.degrade import Degrader, linear_down, upsample
 from crfr.errors import DataError
 
 PREVIEW_ROWS_PER_SET = 3
@@ -43,7 +44,7 @@ def make_probes(images: np.ndarray, protocol: str, size: int, params: Params, ro
     for i, row in enumerate(tqdm(rows, desc=desc, unit="img", disable=not progress, leave=False)):
         img = np.asarray(images[row])
         if degrader is None:
-            out[i] = resize(img, size, cv2.INTER_LINEAR)
+            out[i] = linear_down(img, size, params.degrade.antialias)
         else:
             out[i] = degrader.apply_lr(img, index=int(row), size=size)[0]
     return out
@@ -68,6 +69,20 @@ class ProbeSource:
 
     def __init__(self, probes_dir: Path | None, params: Params) -> None:
         self.dir, self.params = probes_dir, params
+
+    @property
+    def antialias(self) -> bool:
+        """Whether the linear probes were low-passed before downscaling: as the stored probes record it
+        (``index.json``; probes without the record were not), else ``degrade.antialias``."""
+        if self.dir is None:
+            return self.params.degrade.antialias
+        index = self.dir / "index.json"
+        if not index.is_file():
+            return False
+        try:
+            return bool(json.loads(index.read_text()).get("antialias", False))
+        except (OSError, ValueError, AttributeError) as exc:
+            raise DataError(f"{index}: unreadable probes index: {exc}") from None
 
     def get(self, data: PairSet, protocol: str, size: int, rows: np.ndarray) -> np.ndarray:
         """uint8 (len(rows), size, size, 3): the LR versions of images ``rows``."""
@@ -149,6 +164,7 @@ def write_probes(prepared_dir: str, out_dir: str, params: Params, progress: bool
         "sizes": sizes,
         "out_size": out_size,
         "seed": params.evaluate.realistic_seed,
+        "antialias": params.degrade.antialias,
         "images": {name: int(len(ps.images)) for name, ps in sets.items()},
     }
     with storage.output_dir(out_dir) as stage:

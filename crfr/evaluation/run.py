@@ -105,7 +105,8 @@ def _write_report(out: Path, evaluation: Evaluation, tables: dict, thresholds: d
     write_plots(evaluation, out / "plots")
 
 
-def _log_to_mlflow(folder: Path, evaluation: Evaluation, models: dict[str, str], params: Params) -> str:
+def _log_to_mlflow(folder: Path, evaluation: Evaluation, models: dict[str, str], params: Params,
+                   antialias: bool) -> str:
     import mlflow
 
     from crfr.registry import mlflow_errors
@@ -113,6 +114,8 @@ def _log_to_mlflow(folder: Path, evaluation: Evaluation, models: dict[str, str],
     with mlflow_errors("logging the evaluation to MLflow"), mlflow.start_run(run_name="evaluate") as run:
         mlflow.set_tag("crfr.step", "evaluate")
         mlflow.log_params({f"evaluate.{k}": v for k, v in params.evaluate.model_dump(mode="json").items()})
+        # As the probes record it: a Kubeflow evaluate task's params hold no degrade section.
+        mlflow.log_param("degrade.antialias", antialias)
         mlflow.log_params({f"model.{_key(name)}": path for name, path in models.items()})
         mlflow.log_metrics(flat_mlflow_metrics(evaluation))
         mlflow.log_artifacts(str(folder), artifact_path="evaluation")
@@ -178,6 +181,6 @@ def evaluate_models(prepared_dir: str, probes_dir: str | None, models: dict[str,
         _write_report(report, evaluation, tables, thresholds)
         with storage.output_dir(out_dir) as out:
             shutil.copytree(report, out, dirs_exist_ok=True)
-        run_id = _log_to_mlflow(report, evaluation, models, params) if track else None
+        run_id = _log_to_mlflow(report, evaluation, models, params, probes.antialias) if track else None
     return {"evaluation": evaluation, "metrics": evaluation.metrics(), "tables": tables, "thresholds": thresholds,
             "run_id": run_id}

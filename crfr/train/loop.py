@@ -332,7 +332,7 @@ class Trainer:
         blob = broadcast_bytes(self.rt, blob, failed=error is not None)
         if error is not None:
             raise error
-        if False and not self.rt.is_main and blob is not None:
+        if not self.rt.is_main and blob is not None:
             state = safe_torch_load(io.BytesIO(blob), "checkpoint sent by rank 0", map_location="cpu")
         if state is None:
             return False
@@ -433,7 +433,7 @@ class Trainer:
         # Every epoch has steps_per_epoch steps, so the step count says where in the epoch a checkpoint was made.
         done = self.step - self.epoch * self.steps_per_epoch
         self.dataset.set_epoch(self.epoch)
-        self.sampler.set_epoch(self.epoch, start=0)
+        self.sampler.set_epoch(self.epoch, start=done * self.batch_per_rank)
         partial = self.partial or {"sums": {}, "seen": 0}
         sums: dict[str, float] = dict(partial["sums"])
         seen_before, seen, t0 = int(partial["seen"]), 0, time.perf_counter()

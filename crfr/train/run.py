@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -173,14 +174,22 @@ def _mlflow_hooks(trainer: Trainer, spec: TrainSpec, params: Params, is_main: bo
     import mlflow
 
     tracking.setup(params.tracking)
-    run = mlflow.start_run(run_id=trainer.mlflow_run_id if resumed else None, run_name=spec.name)
+    earlier = trainer.mlflow_run_id if resumed else None
+    run_id = earlier if earlier and _run_exists(earlier) else None
+    if earlier and run_id is None:
+        # The checkpoint outlived its store: a local sqlite on a pod's disk, or a checkpoint from another store.
+        logging.getLogger(__name__).warning(
+            "MLflow run %s of the checkpoint is not in %s: the rest of the training is logged to a new run",
+            earlier, redact.redact_uri(mlflow.get_tracking_uri()))
+    run = mlflow.start_run(run_id=run_id, run_name=spec.name)
     trainer.mlflow_run_id = run.info.run_id
-    if not resumed:
+    if run_id is None:
         flat = params.flat()
         flat.update({f"spec.{k}": v for k, v in vars(spec).items() if k != "optim"})
         flat.update({f"spec.optim.{k}": v for k, v in spec.optim.model_dump().items()})
         mlflow.log_params({k: redact.redact_text(str(v))[:500] for k, v in flat.items()})
-        mlflow.set_tags({"crfr.step": spec.name, "crfr.backbone": spec.backbone})
+        mlflow.set_tags({"crfr.step": spec.name, "crfr.backbone": spec.backbone}
+                        | ({"crfr.resumed_from_run": earlier} if earlier else {}))
 
     def log(metrics: dict, step: int) -> None:
         mlflow.log_metrics({f"step/{k}": v for k, v in metrics.items()}, step=step)
@@ -193,6 +202,19 @@ def _mlflow_hooks(trainer: Trainer, spec: TrainSpec, params: Params, is_main: bo
             mlflow.end_run(status=status)
 
     return log, log_epoch, finish
+
+
+def _run_exists(run_id: str) -> bool:
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    try:
+        MlflowClient().get_run(run_id)
+    except MlflowException as exc:
+        if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
+            raise
+        return False
+    return True
 
 
 def _log_artifacts(model_dir: Path, run_id: str | None) -> None:

@@ -12,6 +12,7 @@ import torch
 import torch.distributed as dist
 
 from crfr.config import RuntimeCfg
+from crfr.devices import choose_device
 from crfr.errors import ConfigError, TrainingError
 
 
@@ -70,11 +71,7 @@ def resolve_runtime(cfg: RuntimeCfg) -> Runtime:
     """Pick the device, set threads/determinism/cudnn flags and join torchrun's process group if launched by it."""
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    want = cfg.device
-    if want == "auto":
-        want = "cuda" if torch.cuda.is_available() else "cpu"
-    if want == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("runtime.device: cuda was requested but no CUDA device is available (use auto or cpu)")
+    want = choose_device(cfg.device)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
