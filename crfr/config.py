@@ -296,6 +296,10 @@ class EvaluateCfg(Section):
     batch_size: Int = Field(default=128, ge=1, le=65536)
     realistic_seed: Int = Field(default=1234, ge=0, le=MAX_SEED)
     far_targets: list[Annotated[Float, Field(gt=0.0, lt=1.0)]] = Field(default_factory=lambda: [1e-2, 1e-3])
+    identification: bool = Field(
+        default=True, description="also 1:N identification: rank-1/5 and FNIR at FPIR (crfr.evaluation.identification)"
+    )
+    fpir: Float = Field(default=0.01, gt=0.0, lt=1.0, description="the FPIR at which 1:N FNIR is reported")
 
 
 class RegisterCfg(Section):

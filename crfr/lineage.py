@@ -154,12 +154,14 @@ def find_evaluation_run(client, experiment: str, metrics_file: Path) -> str | No
         metrics_file: the evaluation's ``metrics.json``.
     """
     import mlflow.artifacts
+    from mlflow.exceptions import MlflowException
 
     want = hashlib.sha256(metrics_file.read_bytes()).hexdigest()
     found = client.get_experiment_by_name(experiment)
     if found is None:
         return None
-    runs = client.search_runs([found.experiment_id], "tags.`crfr.step` = 'evaluate' and attributes.status = 'FINISHED'",
+    runs = client.search_runs([found.experiment_id],
+                              "tags.`crfr.step` = 'evaluate' and attributes.status = 'FINISHED'",
                               order_by=["attributes.start_time DESC"], max_results=EVALUATION_RUNS_SEARCHED)
     with tempfile.TemporaryDirectory(prefix="crfr-lineage-") as tmp:
         for k, run in enumerate(runs):
@@ -167,7 +169,7 @@ def find_evaluation_run(client, experiment: str, metrics_file: Path) -> str | No
                 path = mlflow.artifacts.download_artifacts(run_id=run.info.run_id,
                                                            artifact_path="evaluation/metrics.json",
                                                            dst_path=f"{tmp}/{k}")
-            except Exception:  # noqa: BLE001 - a run whose artifacts are gone is simply not the one
+            except (MlflowException, OSError):  # a run whose artifacts are gone is simply not the one
                 continue
             if hashlib.sha256(Path(path).read_bytes()).hexdigest() == want:
                 return run.info.run_id

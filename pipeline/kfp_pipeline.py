@@ -28,6 +28,8 @@ from kfp import compiler, dsl
 from kfp.dsl import Artifact, Dataset, Input, Markdown, Metrics, Model, Output
 
 from crfr.config import Params
+from crfr.lineage import PIPELINE_RUN_ENV
+from pipeline.kfp_training import RUN_ID_ENV, RUN_ID_LABEL
 
 PIPELINE_NAME = "crfr-cross-resolution-face-recognition"
 # The steps whose params slices the tasks get (pipeline/step_params.py); distill_row: a Table I row.
@@ -119,14 +121,16 @@ def evaluate_op(params_json: str, row_order: List[str], prepared: Input[Dataset]
     print(json.dumps(summary["tables"], default=str)[:4000])
 
 
-def register_op(params_json: str, student: Input[Model], teacher: Input[Model], report: Input[Artifact],
-                registration: Output[Artifact]):
-    """Register both models in MLflow (alias challenger) and apply the promotion gate to the student."""
+def register_op(params_json: str, prepared: Input[Dataset], student: Input[Model], teacher: Input[Model],
+                report: Input[Artifact], registration: Output[Artifact]):
+    """Register both models in MLflow (alias challenger, lineage of code, params, data and runs) and apply the
+    promotion gate to the student."""
     from components.register import register
     from crfr.config import params_from_json
 
     params = params_from_json(params_json)
-    register(student.path, report.path, registration.path, params, role="student", teacher_dir=teacher.path)
+    register(student.path, report.path, registration.path, params, role="student", teacher_dir=teacher.path,
+             prepared_dir=prepared.path)
 
 
 # --------------------------------------------------------------------------------------------- pipeline
@@ -188,7 +192,7 @@ def build_pipeline(params: Params, cluster: bool = True):
     register_c = dsl.component(register_op, **cpu_image)
     training = {"gpus": kf.gpus, "checkpoint_base": kf.checkpoint_base or ""}
 
-    def common(task, gpu: bool, name: str, retries: int = kf.retries, trains: bool = False):
+    def common(task, gpu: bool, name: str, retries: int = kf.retries, run_id_env: str | None = None):
         task.set_display_name(name)
         task.set_caching_options(kf.caching)
         if retries:
@@ -216,10 +220,9 @@ def build_pipeline(params: Params, cluster: bool = True):
         if gpu:
             # The container runtime's /dev/shm is 64 MB; DataLoader workers hand batches over through it.
             kubernetes.empty_dir_mount(task, "dshm", "/dev/shm", medium="Memory", size_limit=kf.shm_size)
-        if trains:
-            from pipeline.kfp_training import RUN_ID_ENV, RUN_ID_LABEL
-
-            kubernetes.use_field_path_as_env(task, RUN_ID_ENV, f"metadata.labels['{RUN_ID_LABEL}']")
+        if run_id_env:
+            # The run id from the pod's label, not a task input: an input would enter the task's cache key.
+            kubernetes.use_field_path_as_env(task, run_id_env, f"metadata.labels['{RUN_ID_LABEL}']")
         if gpu and kf.gpus:
             task.set_accelerator_type(kf.accelerator_type).set_accelerator_limit(kf.gpus)
             for key, value in kf.gpu_node_selector.items():
@@ -244,25 +247,26 @@ def build_pipeline(params: Params, cluster: bool = True):
         synth = common(synthesize_c(params_json=slices["synthesize"], prepared=prep.outputs["prepared"]), False,
                        "synthesize LR probes")
         teacher = common(teacher_c(params_json=slices["train_teacher"], prepared=prep.outputs["prepared"],
-                                   **training), True, "train teacher", trains=True)
+                                   **training), True, "train teacher", run_id_env=RUN_ID_ENV)
         student = common(student_c(params_json=slices["distill_student"], row="default",
                                    prepared=prep.outputs["prepared"], teacher=teacher.outputs["teacher"],
-                                   **training), True, "distill student", trains=True)
+                                   **training), True, "distill student", run_id_env=RUN_ID_ENV)
         rows = {}
         if params.ablation_rows:  # kfp refuses a loop over no items
             with dsl.ParallelFor(list(params.ablation_rows)) as row:
                 ablation = common(student_c(params_json=slices["distill_row"], row=row,
                                             prepared=prep.outputs["prepared"], teacher=teacher.outputs["teacher"],
-                                            **training), True, "Table I row", trains=True)
+                                            **training), True, "Table I row", run_id_env=RUN_ID_ENV)
             rows["rows"] = dsl.Collected(ablation.outputs["student"])
         ev = common(evaluate_c(params_json=slices["evaluate"], row_order=list(params.ablation_rows),
                                prepared=prep.outputs["prepared"], probes=synth.outputs["probes"],
                                teacher=teacher.outputs["teacher"], student=student.outputs["student"], **rows),
                     True, "evaluate")
         # Not retried: an attempt that failed after registering would register a second version.
-        reg = common(register_c(params_json=slices["register"], student=student.outputs["student"],
-                                teacher=teacher.outputs["teacher"], report=ev.outputs["report"]), False,
-                     "register and gate", retries=0)
+        reg = common(register_c(params_json=slices["register"], prepared=prep.outputs["prepared"],
+                                student=student.outputs["student"], teacher=teacher.outputs["teacher"],
+                                report=ev.outputs["report"]), False, "register and gate", retries=0,
+                     run_id_env=PIPELINE_RUN_ENV)
         # The registry is outside kfp's view: a cached registration would skip the promotion decision.
         reg.set_caching_options(False)
 

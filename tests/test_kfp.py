@@ -114,9 +114,9 @@ ROWS = "ablation_rows=[resnet, kd]"
 
 
 @pytest.mark.parametrize("edit, expected", [
-    ("registry.max_drop=2.5", {"register-op"}),
-    ("registry.gate_protocol=realistic", {"evaluate-op", "register-op"}),  # thresholds follow the gate
-    ("evaluate.nfolds=5", {"evaluate-op"}),
+    ("registry.max_drop=2.5", set()),
+    ("registry.gate_protocol=realistic", {"evaluate-op"}),  # thresholds follow the gate
+    ("evaluate.nfolds=5", {"prepare-op", "evaluate-op"}),  # prepare: folds of a .bin set that has none
     ("evaluate.resolutions=[14, 112]", {"synthesize-op", "evaluate-op"}),
     ("teacher.lr=0.05", {"train-teacher-op", "distill-student-op-2"}),  # rows on the teacher's schedule
     ("student.lr=0.01", {"distill-student-op", "distill-student-op-2"}),
@@ -125,10 +125,10 @@ ROWS = "ablation_rows=[resnet, kd]"
     ("loss.lambda2=0.1", {"train-teacher-op", "distill-student-op", "distill-student-op-2"}),
 ])
 def test_an_edit_changes_only_the_tasks_that_read_it(tmp_path, edit, expected):
-    # With Table I rows the loop's body task is distill-student-op-2. The check task (never cached) validates
-    # every slice but register's, so it changes with any other edit.
-    if expected != {"register-op"}:
-        expected = expected | {"check-params-op"}
+    # With Table I rows the loop's body task is distill-student-op-2. Neither register (whose lineage records
+    # all params) nor the check (which validates every other slice) is ever cached: they change with any edit
+    # of what they hold.
+    expected = expected | {"register-op"} | ({"check-params-op"} if expected else set())
     assert changed_tasks(tmp_path, edit, ROWS) == expected
 
 
@@ -152,8 +152,7 @@ def test_each_slice_holds_its_steps_keys_and_no_other(tmp_path):
     def constant(task: str) -> dict:
         return json.loads(tasks[task]["parameters"]["params_json"]["runtimeValue"]["constant"])
 
-    assert set(constant("register-op")) == {"data", "registry", "storage", "tracking"}
-    assert set(constant("register-op")["data"]) == {"align", "crop_box", "min_face_size"}
+    assert constant("register-op") == task_params(params, True).model_dump(mode="json")  # its lineage: all
     assert "registry" not in constant("prepare-op") and "registry" not in constant("train-teacher-op")
     assert set(constant("evaluate-op")["registry"]) == {"gate_dataset", "gate_protocol"}
     (row_task,) = [n for n in tasks if n.endswith("/distill-student-op-2")]
@@ -307,3 +306,450 @@ def test_check_refuses_bad_params_and_missing_inputs(tmp_path, lfw_root):
     newer["teacher"]["epochs"] = 0
     with pytest.raises(ConfigError, match="pipeline step 'train_teacher'.*teacher.epochs"):
         check_slices({**slices, "train_teacher": json.dumps(newer)}, str(lfw_root))
+
+
+# ------------------------------------------------------------------------------------------------------
+# The steps, run as the kfp tasks run them, read nothing outside their slice
+
+
+class ParamsReads:
+    """Records the params fields read while active: ``section.key`` paths of every Params that
+    ``params_from_json`` (how a task body rebuilds its params) returns meanwhile, or that :meth:`track` names.
+
+    A value read counts as a read of its key (``data.eval_sets``, ``data.eval_sets.name``); ``model_dump`` /
+    ``model_copy`` of a section as a read of all of it (``section.*``), or of the keys it includes. A section
+    object that is only handed on (``storage.configure(params.storage)``) is ``touched``: its values are read
+    later, if at all, and then recorded. Whole-params dumps are records (``config.json``, MLflow params, the checkpoint fingerprint) and
+    do not count; nor do the validators' reads while params are built, nor sections made elsewhere (a model
+    folder's own ModelCfg, say).
+    """
+
+    DUMPS = ("model_dump", "model_dump_json", "model_copy")
+    REBUILDERS = ("crfr.config", "pipeline.kfp_training")  # modules whose params_from_json is watched
+
+    def __init__(self) -> None:
+        self.paths: dict[int, str] = {}
+        self.keep: list = []  # walked objects stay alive, so their ids are never reused
+        self.reads: set[str] = set()
+        self.touched: set[str] = set()
+
+    def _walk(self, obj, path: str) -> None:
+        from pydantic import BaseModel
+
+        if isinstance(obj, BaseModel):
+            self.paths[id(obj)] = path
+            self.keep.append(obj)
+            for name in type(obj).model_fields:
+                self._walk(object.__getattribute__(obj, name), f"{path}.{name}".lstrip("."))
+        elif isinstance(obj, (list, tuple)):
+            for item in obj:
+                self._walk(item, path)
+        elif isinstance(obj, dict):
+            for key, item in obj.items():
+                self._walk(item, f"{path}.{key}")
+
+    def track(self, params) -> None:
+        self._walk(params, "")
+
+    def __enter__(self) -> "ParamsReads":
+        import importlib
+
+        from pydantic import BaseModel
+
+        from crfr.config import Section
+
+        self._original = original = Section.__getattribute__
+        recorder = self
+        self._rebuilders = [(m, m.params_from_json) for m in map(importlib.import_module, self.REBUILDERS)]
+        for module, rebuild in self._rebuilders:
+            def watched(text, _rebuild=rebuild):
+                params = _rebuild(text)
+                recorder.track(params)
+                return params
+            module.params_from_json = watched
+
+        def getattribute(obj, name):
+            value = original(obj, name)
+            path = recorder.paths.get(id(obj))
+            if path is None:
+                return value
+            if name in type(obj).model_fields:
+                (recorder.touched if isinstance(value, BaseModel) else recorder.reads).add(f"{path}.{name}".lstrip("."))
+            elif name in ParamsReads.DUMPS and path:
+                def dump(*args, _dump=value, **kwargs):
+                    include = kwargs.get("include")
+                    recorder.reads.update([f"{path}.{k}" for k in include] if include else [f"{path}.*"])
+                    return _dump(*args, **kwargs)
+                return dump
+            return value
+
+        Section.__getattribute__ = getattribute
+        return self
+
+    def __exit__(self, *exc) -> None:
+        from crfr.config import Section
+
+        Section.__getattribute__ = self._original
+        for module, rebuild in self._rebuilders:
+            module.params_from_json = rebuild
+
+
+def outside(reads: set[str], keys: list[str]) -> list[str]:
+    """The reads that no slice key covers."""
+    if keys == ["*"]:
+        return []
+
+    def covered(read: str) -> bool:
+        whole = read.endswith(".*")
+        read = read.removesuffix(".*")
+        return any(read == k or read.startswith(k + ".") or (not whole and k.startswith(read + "."))
+                   for k in keys)
+    return sorted(r for r in reads if not covered(r))
+
+
+def unread(reads: set[str], keys: list[str]) -> list[str]:
+    """The slice keys that no read touched."""
+    if keys == ["*"]:
+        return []
+    return [k for k in keys if not any(r.removesuffix(".*") == k or r.startswith(k + ".")
+                                       or k.startswith(r.removesuffix(".*") + ".") for r in reads)]
+
+
+@pytest.fixture(scope="module")
+def task_run(tmp_path_factory, lfw_root, s3_server):
+    """Every step run through its kfp task body on tiny LFW data, with its slice, while recording reads."""
+    import boto3
+    from kfp.dsl import Artifact, Dataset, Markdown, Metrics, Model
+
+    from pipeline import kfp_pipeline as kp
+    from crfr.lineage import PIPELINE_RUN_ENV
+    from pipeline.kfp_training import RUN_ID_ENV
+    from pipeline.step_params import slice_json, step_keys
+
+    work = tmp_path_factory.mktemp("kfp-tasks")
+    params = load_params(REPO / "params.yaml", {**tiny_overrides(work), "ablation_rows": ["resnet"]})
+    slices = {step: slice_json(params, step) for step in kp.STEPS}
+    boto3.client("s3").create_bucket(Bucket="ckpt")
+    art = {name: kind(uri=str(work / name)) for name, kind in [
+        ("prepared", Dataset), ("probes", Dataset), ("teacher", Model), ("student", Model), ("row", Model),
+        ("report", Artifact), ("registration", Artifact)]}
+
+    art["row"].metadata["row"] = "resnet"
+    metrics = lambda name: Metrics(uri=str(work / f"{name}-metrics.json"))  # noqa: E731
+    reads = {}
+    training = {"gpus": 1, "checkpoint_base": "s3://ckpt/kfp"}
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv(RUN_ID_ENV, "run-1")
+        env.setenv(PIPELINE_RUN_ENV, "run-1")
+        kp.check_params_op(json.dumps({k: v for k, v in slices.items() if k != "register"}), str(lfw_root))
+        calls = [
+            ("prepare", lambda s: kp.prepare_op(s, str(lfw_root), art["prepared"])),
+            ("synthesize", lambda s: kp.synthesize_op(s, art["prepared"], art["probes"])),
+            ("train_teacher", lambda s: kp.train_teacher_op(s, prepared=art["prepared"], teacher=art["teacher"],
+                                                            metrics=metrics("teacher"), **training)),
+            ("distill_student", lambda s: kp.distill_student_op(s, "default", prepared=art["prepared"],
+                                                                teacher=art["teacher"], student=art["student"],
+                                                                metrics=metrics("student"), **training)),
+            ("distill_row", lambda s: kp.distill_student_op(s, "resnet", prepared=art["prepared"],
+                                                            teacher=art["teacher"], student=art["row"],
+                                                            metrics=metrics("row"), **training)),
+            ("evaluate", lambda s: kp.evaluate_op(s, ["resnet"], art["prepared"], art["probes"], art["teacher"],
+                                                  art["student"], art["report"], metrics("evaluate"),
+                                                  Markdown(uri=str(work / "table.md")), rows=[art["row"]])),
+            ("register", lambda s: kp.register_op(s, art["prepared"], art["student"], art["teacher"],
+                                                  art["report"], art["registration"])),
+        ]
+        for step, call in calls:
+            with ParamsReads() as recorder:
+                call(slices[step])
+            reads[step] = recorder.reads, recorder.touched
+    return {"params": params, "reads": reads, "keys": {s: step_keys(s, params) for s in kp.STEPS}, "work": work,
+            "artifacts": art}
+
+
+@pytest.mark.slow
+def test_every_step_reads_only_the_params_of_its_slice(task_run):
+    for step, (reads, touched) in task_run["reads"].items():
+        keys = task_run["keys"][step]
+        assert reads, f"{step}: nothing recorded"
+        assert outside(reads, keys) == [], f"{step} reads params its task is not given"
+        # ... and the table names nothing the step does not read or hand on (storage is read only for s3://).
+        assert unread(reads | touched, keys) == [], f"{step}'s slice holds params it does not use"
+    reg = json.loads((task_run["work"] / "registration" / "registration.json").read_text())
+    assert reg["name"] == "crfr-student" and "| resnet |" in (task_run["work"] / "table.md").read_text()
+    assert task_run["keys"]["register"] == ["*"]  # its lineage records all params, below
+
+
+@pytest.mark.slow
+def test_register_task_records_the_whole_params_the_data_and_the_run_in_the_lineage(task_run):
+    from crfr.lineage import describe
+    from crfr.registry import connect
+
+    reg = json.loads((task_run["work"] / "registration" / "registration.json").read_text())
+    info = describe(connect(task_run["params"], create=False), f"{reg['name']}/{reg['version']}")
+    assert info["pipeline_run_id"] == "run-1"
+    assert {d["context"] for d in info["datasets"]} >= {"training", "evaluation"}
+    assert info["params"]["registry"] == task_run["params"].registry.model_dump(mode="json")
+    assert info["params"]["data"]["max_identities"] == task_run["params"].data.max_identities
+
+
+def test_the_recorder_sees_a_read_outside_a_slice():
+    # The check above can fail: a read of a key that is not in the slice is reported.
+    from crfr import config
+
+    with ParamsReads() as recorder:
+        params = config.params_from_json('{"registry": {"max_drop": 2.0}}')  # as a task body rebuilds them
+        assert params.registry.max_drop == 2.0 and params.data.eval_sets[0].name == "lfw"
+        params.evaluate.model_dump()
+    assert recorder.reads == {"registry.max_drop", "data.eval_sets", "data.eval_sets.name", "evaluate.*"}
+    assert recorder.touched == {"registry", "data", "evaluate"}
+    assert outside(recorder.reads, ["registry"]) == ["data.eval_sets", "data.eval_sets.name", "evaluate.*"]
+    assert outside(recorder.reads, ["registry", "data.eval_sets", "evaluate.nfolds"]) == ["evaluate.*"]
+    assert outside(recorder.reads, ["registry", "data.eval_sets", "evaluate"]) == []
+    assert unread(recorder.reads, ["registry", "seed", "data.root"]) == ["seed", "data.root"]
+
+
+@pytest.mark.slow
+def test_training_tasks_mirror_checkpoints_to_the_run_prefix_and_a_retry_resumes(task_run, monkeypatch):
+    import boto3
+    import torch
+    from kfp.dsl import Model
+
+    from crfr.train import loop
+    from pipeline import kfp_pipeline as kp
+    from pipeline.kfp_training import RUN_ID_ENV
+    from pipeline.step_params import slice_json
+
+    keys = [o["Key"] for o in boto3.client("s3").list_objects_v2(Bucket="ckpt").get("Contents", [])]
+    assert "kfp/run-1/teacher/checkpoint.pt" in keys and "kfp/run-1/student-resnet/checkpoint.pt" in keys
+
+    work, art = task_run["work"], task_run["artifacts"]
+    over = {**tiny_overrides(work), "runtime": {"holdout_pairs": 0, "threads": 2, "deterministic": True,
+                                                "checkpoint_every_steps": 2},
+            "teacher": {"batch_size": 8, "max_steps_per_epoch": 2, "epochs": 2}}
+    pods = {name: work / name for name in ("pod-a", "pod-b", "pod-c")}
+
+    def attempt(pod: str, run_id: str, out: str):
+        monkeypatch.setenv(RUN_ID_ENV, run_id)
+        params = load_params(REPO / "params.yaml", {**over, "run_dir": str(pods[pod])})
+        kp.train_teacher_op(slice_json(params, "train_teacher"), 1, "s3://ckpt/kfp", art["prepared"],
+                            Model(uri=str(work / out)), Metrics_(work / f"{out}.json"))
+
+    class PodKilled(BaseException):
+        pass
+
+    first_save = loop.Trainer.save_checkpoint
+
+    def killed_after_first_checkpoint(self):
+        first_save(self)
+        raise PodKilled()
+
+    resumed = []
+    real_resume = loop.Trainer.try_resume
+
+    def recording_resume(self):
+        resumed.append(real_resume(self))
+        return resumed[-1]
+
+    monkeypatch.setattr(loop.Trainer, "try_resume", recording_resume)
+    attempt("pod-a", "run-2", "uninterrupted")
+    assert resumed == [False]  # --resume on a fresh run starts from scratch
+    with monkeypatch.context() as crash:
+        crash.setattr(loop.Trainer, "save_checkpoint", killed_after_first_checkpoint)
+        with pytest.raises(PodKilled):
+            attempt("pod-b", "run-3", "retried")
+    # The retry runs in a new pod: nothing of pod-b's disk, only the run's S3 prefix.
+    attempt("pod-c", "run-3", "retried")
+    assert resumed == [False, False, True]  # the first attempt of run-3 found nothing, its retry the checkpoint
+    for name in ("model.pt", "head.pt"):
+        a = torch.load(work / "uninterrupted" / name, map_location="cpu", weights_only=True)
+        b = torch.load(work / "retried" / name, map_location="cpu", weights_only=True)
+        a, b = (x.get("state_dict", x) for x in (a, b))
+        assert [k for k in a if torch.is_tensor(a[k]) and not torch.equal(a[k], b[k])] == [], name
+
+
+def Metrics_(path: Path):
+    from kfp.dsl import Metrics
+
+    return Metrics(uri=str(path))
+
+
+@pytest.mark.slow
+def test_more_than_one_gpu_runs_the_step_under_torchrun(task_run, capfd):
+    from kfp.dsl import Model
+
+    from pipeline import kfp_pipeline as kp
+    from pipeline.step_params import slice_json
+
+    work, art = task_run["work"], task_run["artifacts"]
+    params = load_params(REPO / "params.yaml", {**tiny_overrides(work), "run_dir": str(work / "ddp-runs"),
+                                                "runtime": {"holdout_pairs": 0, "threads": 1}})
+    out = Model(uri=str(work / "teacher-ddp"))
+    kp.train_teacher_op(slice_json(params, "train_teacher"), 2, "", art["prepared"], out, Metrics_(work / "ddp.json"))
+    printed = capfd.readouterr().out
+    assert printed.count('"world_size": 2') == 2, "two ranks should each report a world of 2"
+    assert (work / "teacher-ddp" / "model.pt").is_file()
+
+
+# ------------------------------------------------------------------------------------------------------
+# crfr pipeline submit: auth from the environment, never echoed; --wait's exit code is the run's
+
+TOKEN = "kfp-token-7d1f0c9a"
+COOKIE = "authservice_session=MTcwMDAwMDAwMHxk-cookie-5b2e"
+
+
+class FakeKfpApi:
+    """A local HTTP server answering the v2beta1 calls kfp.Client makes to submit and watch a run."""
+
+    def __init__(self, states: list[str], status: int = 200):
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        self.states, self.status, self.requests = list(states), status, []
+        api = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def _answer(self, method: str) -> None:
+                from urllib.parse import urlparse
+
+                length = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(length) if length else b""
+                path = urlparse(self.path).path
+                api.requests.append({"method": method, "path": path, "auth": self.headers.get("Authorization"),
+                                     "cookie": self.headers.get("Cookie"), "body": body})
+                code, reply = api.status, {"error": "denied", "code": 16}
+                if api.status == 200:
+                    code, reply = 200, api.reply(method, path)
+                data = json.dumps(reply).encode()
+                self.send_response(code)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def do_GET(self):
+                self._answer("GET")
+
+            def do_POST(self):
+                self._answer("POST")
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def reply(self, method: str, path: str) -> dict:
+        if path.endswith("/healthz"):
+            return {"multi_user": False}
+        if path.endswith("/experiments"):
+            return {"experiment_id": "exp-1", "display_name": "crfr"} if method == "POST" else {"experiments": []}
+        if method == "POST" and path.endswith("/runs"):
+            return {"run_id": "run-7", "state": "PENDING"}
+        if path.endswith("/runs/run-7"):
+            state = self.states.pop(0) if len(self.states) > 1 else self.states[0]
+            return {"run_id": "run-7", "state": state}
+        return {}
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture()
+def kfp_auth(monkeypatch):
+    for name in ("KF_PIPELINES_TOKEN", "KF_PIPELINES_COOKIES", "KF_PIPELINES_SA_TOKEN_PATH", "KF_PIPELINES_ENDPOINT"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("KF_PIPELINES_TOKEN", TOKEN)
+    monkeypatch.setenv("KF_PIPELINES_COOKIES", COOKIE)
+    return monkeypatch
+
+
+def submit_cli(tmp_path: Path, api: FakeKfpApi, *extra: str) -> int:
+    from crfr.cli import main
+
+    return main(["pipeline", "submit", "--params", str(REPO / "params.yaml"), "--host", api.url,
+                 "--package", str(tmp_path / "submitted.yaml"), *extra])
+
+
+@pytest.mark.parametrize("states, code", [
+    (["PENDING", "RUNNING", "SUCCEEDED"], 0),
+    (["RUNNING", "FAILED"], 1),
+    (["CANCELED"], 1),
+])
+def test_submit_waits_and_exits_with_the_runs_outcome(tmp_path, kfp_auth, capfd, states, code):
+    api = FakeKfpApi(states)
+    try:
+        assert submit_cli(tmp_path, api, "--wait", "--poll", "1", "--timeout", "60") == code
+    finally:
+        api.close()
+    out, err = capfd.readouterr()
+    assert "submitted run run-7" in out and f"run run-7: {states[-1]}" in out
+    assert (f"run-7 ended {states[-1]}" in err) == (code != 0)
+    # Every request carried the environment's credentials; none of them was printed.
+    assert api.requests and all(r["auth"] == f"Bearer {TOKEN}" and r["cookie"] == COOKIE for r in api.requests)
+    assert TOKEN not in out + err and "MTcwMDAwMDAwMHxk-cookie-5b2e" not in out + err
+    (create,) = [r for r in api.requests if r["method"] == "POST" and r["path"].endswith("/runs")]
+    spec = json.loads(create["body"])["pipeline_spec"]["pipeline_spec"]  # the compiled package, as sent
+    assert spec["pipelineInfo"]["name"] == "crfr-cross-resolution-face-recognition"
+
+
+def test_submit_without_wait_returns_at_once_and_a_run_still_going_at_the_timeout_is_124(tmp_path, kfp_auth,
+                                                                                        capfd):
+    api = FakeKfpApi(["RUNNING"])
+    try:
+        assert submit_cli(tmp_path, api) == 0
+        assert not [r for r in api.requests if r["path"].endswith("/runs/run-7")]
+        assert submit_cli(tmp_path, api, "--wait", "--poll", "1", "--timeout", "2") == 124
+    finally:
+        api.close()
+    assert "still RUNNING after --timeout 2 s" in capfd.readouterr().err
+
+
+def test_submit_refused_by_the_endpoint_is_one_line_without_the_token(tmp_path, kfp_auth, capfd):
+    api = FakeKfpApi(["RUNNING"], status=401)
+    try:
+        assert submit_cli(tmp_path, api, "--wait") == 2
+    finally:
+        api.close()
+    out, err = capfd.readouterr()
+    lines = [line for line in err.splitlines() if line.startswith("crfr: error:")]
+    assert len(lines) == 1 and "Kubeflow Pipelines at http://127.0.0.1" in lines[0] and "$KF_PIPELINES_TOKEN" in lines[0]
+    assert TOKEN not in out + err and "Traceback" not in err
+
+
+def test_submit_validates_params_before_contacting_the_cluster(tmp_path, kfp_auth, capfd):
+    api = FakeKfpApi(["SUCCEEDED"])
+    try:
+        assert submit_cli(tmp_path, api, "--set", "kubeflow.image=crfr:latest") == 2
+    finally:
+        api.close()
+    assert api.requests == []
+    assert "kubeflow.image" in capfd.readouterr().err
+
+
+def test_auth_from_env(tmp_path):
+    from pipeline.submit import auth_from_env
+
+    assert auth_from_env({}).client_kwargs() == {"existing_token": None, "cookies": None, "credentials": None}
+    both = auth_from_env({"KF_PIPELINES_TOKEN": " tok-123456 ", "KF_PIPELINES_COOKIES": "a=b-secret-1; c=d-secret-2"})
+    assert both.existing_token == "tok-123456" and both.cookies == "a=b-secret-1; c=d-secret-2"
+    assert both.describe == "$KF_PIPELINES_TOKEN + $KF_PIPELINES_COOKIES" and "tok-123456" not in both.describe
+    from crfr.redact import redact_text
+
+    assert redact_text("Bearer tok-123456 cookie a=b-secret-1") == "Bearer *** cookie a=***"
+    token_file = tmp_path / "token"
+    token_file.write_text("sa-token")
+    sa = auth_from_env({"KF_PIPELINES_SA_TOKEN_PATH": str(token_file)})
+    assert sa.credentials is not None and sa.existing_token is None and sa.describe == "$KF_PIPELINES_SA_TOKEN_PATH"
+    with pytest.raises(ConfigError, match="KF_PIPELINES_SA_TOKEN_PATH"):
+        auth_from_env({"KF_PIPELINES_SA_TOKEN_PATH": str(tmp_path / "missing")})
+
+
+def test_submit_needs_a_host(tmp_path, monkeypatch, capfd):
+    from crfr.cli import main
+
+    monkeypatch.delenv("KF_PIPELINES_ENDPOINT", raising=False)
+    assert main(["pipeline", "submit", "--package", str(tmp_path / "p.yaml")]) == 2
+    assert "--host" in capfd.readouterr().err

@@ -42,7 +42,8 @@ def made(tmp_path_factory, lfw_root):
 
     tmp = tmp_path_factory.mktemp("lineage")
     params_path = REPO / "params.yaml"  # the profiles live there
-    overrides = ["profile=tiny", f"run_dir={tmp}/run", f"tracking.artifact_location={tmp}/art", f"registry.teacher_name={NAME}",
+    overrides = ["profile=tiny", f"run_dir={tmp}/run", f"tracking.artifact_location={tmp}/art",
+                 f"registry.teacher_name={NAME}",
                  f"storage.cache_dir={tmp}/cache", f"kubeflow.data_uri=https://crfr:{CANARY}@data.example/lfw"]
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp}/mlflow.db")
@@ -55,14 +56,15 @@ def made(tmp_path_factory, lfw_root):
         registered = register(str(teacher), str(report), str(tmp / "registration"), params, role="teacher",
                               prepared_dir=str(prepared))
         # Right after registering: the state of the checkout the version must have recorded.
-        dirty = "true" if _git(REPO, "status", "--porcelain") else "false"
+        commit, dirty = _git(REPO, "rev-parse", "HEAD"), "true" if _git(REPO, "status", "--porcelain") else "false"
         from mlflow import MlflowClient
 
         version = MlflowClient().get_model_version(NAME, registered["version"])
-        yield SimpleNamespace(tmp=tmp, params=params, overrides=overrides, params_cli=["--params", str(params_path)] + sum(
-            (["--set", o] for o in overrides), []), prepared=prepared, report=report, teacher=teacher,
-            trained=trained, evaluated=evaluated, registered=registered, version=version,
-            commit=_git(REPO, "rev-parse", "HEAD"), dirty=dirty)
+        params_cli = ["--params", str(params_path)] + [w for o in overrides for w in ("--set", o)]
+        yield SimpleNamespace(tmp=tmp, params=params, overrides=overrides, params_cli=params_cli,
+                              prepared=prepared, report=report, teacher=teacher, trained=trained,
+                              evaluated=evaluated, registered=registered, version=version, commit=commit,
+                              dirty=dirty)
 
 
 # ------------------------------------------------------------------------------------------- recorded

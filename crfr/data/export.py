@@ -9,7 +9,6 @@ Every image is needed: an unreadable one fails the export, naming it.
 
 from __future__ import annotations
 
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -104,13 +103,5 @@ def export_rec(params: Params, out: str | Path, source: str | None = None, encod
         rec = str(Path(out) if Path(out).suffix == ".rec" else Path(out) / "train.rec")
     images = _encoded_faces([p for _, p in items], params, encoding, quality, "export .rec", progress)
     labels = [label for label, _ in items]
-    if storage.is_s3(rec):
-        with tempfile.TemporaryDirectory(prefix="crfr-export-") as tmp:
-            local = Path(tmp) / "train.rec"
-            n = write_insightface_rec(local, images, labels)
-            storage.upload(local.with_suffix(".idx"), rec[: -len(".rec")] + ".idx")
-            storage.upload(local, rec)
-    else:
-        Path(rec).parent.mkdir(parents=True, exist_ok=True)
-        n = write_insightface_rec(rec, images, labels)
+    n = write_insightface_rec(rec, images, labels)
     return {"images": n, "classes": len(split.identities), "path": rec, "classes_list": split.identities}

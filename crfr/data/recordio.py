@@ -20,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import os
 import struct
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -82,22 +81,27 @@ def _pad(n: int) -> int:
 class RecordWriter:
     """Appends records to a ``.rec`` and, when given keys, their offsets to a ``.idx``.
 
-    Both files are written under temporary names beside their targets and renamed on ``close()``, so a killed
-    writer leaves nothing that looks complete; any failure (``abort()``, an error in ``close()``) deletes the
-    temporary files. A full disk or read-only folder is a StorageError naming the ``.rec``.
+    Both files are staged by :func:`crfr.storage.output_file` and published on ``close()`` (renamed into
+    place, or uploaded to an s3:// URI), so a killed writer leaves nothing that looks complete; any failure
+    (``abort()``, an error in ``close()``) deletes the staged files. A full disk or read-only folder is a
+    StorageError naming the ``.rec``.
 
     Args:
-        rec_path: the ``.rec`` to create.
+        rec_path: the ``.rec`` to create (local path or s3:// URI).
         idx_path: the ``.idx`` to create; None writes no index.
     """
 
     def __init__(self, rec_path: str | Path, idx_path: str | Path | None = None) -> None:
-        self.rec_path = Path(rec_path)
-        self.idx_path = Path(idx_path) if idx_path is not None else None
-        with storage_faults(self.rec_path):
-            fd, tmp = tempfile.mkstemp(prefix=f".{self.rec_path.name}.", suffix=".tmp", dir=self.rec_path.parent)
-        self._tmp = Path(tmp)
-        self._file = os.fdopen(fd, "wb")
+        self.rec_path = rec_path if storage.is_s3(rec_path) else Path(rec_path)
+        self.idx_path = idx_path
+        self._output = storage.output_file(self.rec_path)
+        self._tmp = self._output.__enter__()
+        try:
+            with storage_faults(self.rec_path):
+                self._file = open(self._tmp, "wb")
+        except BaseException as exc:
+            self._output.__exit__(type(exc), exc, exc.__traceback__)
+            raise
         self._index: list[tuple[int, int]] = []
         self._closed = False
 
@@ -136,19 +140,22 @@ class RecordWriter:
                 if self.idx_path is not None:
                     with storage.output_file(self.idx_path) as tmp_idx:
                         tmp_idx.write_text("".join(f"{k}\t{o}\n" for k, o in self._index))
-                os.replace(self._tmp, self.rec_path)
-        except BaseException:
-            self.abort()
+            self._closed = True
+            self._output.__exit__(None, None, None)
+        except BaseException as exc:
+            self._closed = False
+            self.abort(exc)
             raise
-        self._closed = True
 
-    def abort(self) -> None:
+    def abort(self, reason: BaseException | None = None) -> None:
         """Drop everything written so far."""
         if not self._closed:
             self._closed = True
             with contextlib.suppress(OSError):  # a full disk can fail the final flush too
                 self._file.close()
-            self._tmp.unlink(missing_ok=True)
+            reason = reason or DataError(f"{self.rec_path}: writing aborted")
+            with contextlib.suppress(Exception):  # output_file deletes its staged file, then re-raises
+                self._output.__exit__(type(reason), reason, reason.__traceback__)
 
     def __enter__(self) -> "RecordWriter":
         return self
@@ -326,26 +333,33 @@ class InsightfaceRec:
             )
 
 
+def index_beside(rec_path: str | Path) -> str | Path:
+    """The ``.idx`` that belongs to a ``.rec``: same name, suffix ``.idx`` (an s3:// URI stays one)."""
+    if storage.is_s3(rec_path):
+        text = str(rec_path)
+        return (text[: -len(".rec")] if text.endswith(".rec") else text) + ".idx"
+    return Path(rec_path).with_suffix(".idx")
+
+
 def write_insightface_rec(
     rec_path: str | Path, images: list[bytes] | Iterator[bytes], labels: list[int] | np.ndarray
 ) -> int:
     """Write ``train.rec`` / ``train.idx`` as insightface does: header, images (keys 1..N), identity records.
 
     Args:
-        rec_path: the ``.rec`` to write; the ``.idx`` goes beside it.
+        rec_path: the ``.rec`` to write (local path or s3:// URI); the ``.idx`` goes beside it.
         images: encoded images (JPEG or PNG bytes), in the order of ``labels``.
         labels: class index per image, non-decreasing (identity records give contiguous key ranges).
 
     Returns:
         The number of images written.
     """
-    rec_path = Path(rec_path)
     labels = np.asarray(labels, dtype=np.int64)
     n = len(labels)
     if n and np.any(np.diff(labels) < 0):
         raise ValueError("write_insightface_rec needs images grouped by label in increasing label order")
     classes = np.unique(labels)
-    with RecordWriter(rec_path, rec_path.with_suffix(".idx")) as writer:
+    with RecordWriter(rec_path, index_beside(rec_path)) as writer:
         writer.write(pack(Header(2, np.array([n + 1, n + 1 + len(classes)], "<f4")), b""), key=0)
         count = 0
         for key, (image, label) in enumerate(zip(images, labels.tolist(), strict=True), start=1):

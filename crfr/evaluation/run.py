@@ -8,10 +8,16 @@ LR, brought back to 112 with the interpolation of its protocol, and the gallery 
 
 Work is shared: the HR embeddings of a set are computed once per model and serve the 112 column and every
 HR gallery side; the LR embeddings are computed once per (protocol, size) for the distinct probe images only.
+With ``evaluate.identification`` the same embeddings also give 1:N identification (HR gallery of one image per
+identity, LR searches of the other images; :mod:`crfr.evaluation.identification`), so its searches join the
+probe images.
 
 The report (written atomically to ``out_dir``): ``metrics.json``, ``table.md``, ``table.json``,
 ``thresholds.json``, ``plots/accuracy_vs_resolution.png``, ``plots/roc_<protocol>_<res>.png``,
-``plots/accuracy.csv`` and ``plots/accuracy_by_dataset.csv``; everything is also logged to one MLflow run.
+``plots/accuracy.csv`` and ``plots/accuracy_by_dataset.csv``; with identification ``identification.json``, its
+table at the end of ``table.md`` and its scalars under the top-level key ``identification`` of metrics.json
+(``identification -> model -> set -> protocol -> resolution``: apart from the model entries, which
+:meth:`Evaluation.cells` walks). Everything is also logged to one MLflow run.
 """
 
 from __future__ import annotations
@@ -32,10 +38,11 @@ from crfr.config import Params
 from crfr.data.pairs import PairSet, load_pair_set
 from crfr.devices import choose_device
 from crfr.errors import ConfigError, DataError
+from crfr.evaluation.identification import Identifications, OpenSetSplit, identify
 from crfr.evaluation.plots import write_plots
 from crfr.evaluation.probes import ProbeSource, upsampler
 from crfr.evaluation.results import AVERAGE, Evaluation
-from crfr.evaluation.tables import build_tables, render_markdown
+from crfr.evaluation.tables import build_tables, render_identification_markdown, render_markdown
 from crfr.evaluation.thresholds import build_thresholds
 
 log = logging.getLogger(__name__)
@@ -49,8 +56,9 @@ def load_pairs(set_dir: Path, name: str) -> PairSet:
 
 
 def evaluate_model(name: str, model, data: PairSet, params: Params, probes: ProbeSource, device: str,
-                   evaluation: Evaluation) -> None:
-    """Add every (protocol, resolution) result of model ``name`` on eval set ``data`` to ``evaluation``."""
+                   evaluation: Evaluation, identifications: Identifications | None = None) -> None:
+    """Add every (protocol, resolution) result of model ``name`` on eval set ``data`` to ``evaluation``, and its
+    identification results to ``identifications`` when the set has a split there."""
     cfg = params.evaluate
     hr_size = int(data.images.shape[1])
     progress = sys.stderr.isatty()
@@ -64,7 +72,11 @@ def evaluate_model(name: str, model, data: PairSet, params: Params, probes: Prob
     log.info("%s/%s: HR embeddings of %d images in %.1fs", name, data.name, len(hr), time.perf_counter() - t0)
     probe_rows = data.left if cfg.probe_side == "probe" else np.concatenate([data.left, data.right])
     unique_rows = np.unique(probe_rows)
-    hr_result = None
+    split = identifications.splits.get(data.name) if identifications is not None else None
+    if split is not None:
+        unique_rows = np.union1d(unique_rows, split.probe_rows)
+
+    hr_result = hr_identified = None
     for protocol in cfg.protocols:
         for res in cfg.resolutions:
             if res >= hr_size:
@@ -72,6 +84,10 @@ def evaluate_model(name: str, model, data: PairSet, params: Params, probes: Prob
                     hr_result = verification.verify(hr[data.left], hr[data.right], data.same, cfg.nfolds,
                                                     cfg.far_targets)
                 evaluation.add(name, data.name, protocol, res, hr_result)
+                if split is not None:  # HR searches, like the 112 column: the same for every protocol
+                    if hr_identified is None:
+                        hr_identified = _identify(hr, hr, split, cfg.fpir)
+                    identifications.add(name, data.name, protocol, res, hr_identified)
                 continue
             lr_images = probes.get(data, protocol, res, unique_rows)
             lr = np.zeros_like(hr)
@@ -80,6 +96,13 @@ def evaluate_model(name: str, model, data: PairSet, params: Params, probes: Prob
             result = verification.verify(lr[data.left], gallery, data.same, cfg.nfolds, cfg.far_targets)
             evaluation.add(name, data.name, protocol, res, result)
             log.info("%s/%s %s %dpx: %.2f%%", name, data.name, protocol, res, result.accuracy)
+            if split is not None:
+                identifications.add(name, data.name, protocol, res, _identify(hr, lr, split, cfg.fpir))
+
+
+def _identify(hr: np.ndarray, probes: np.ndarray, split: OpenSetSplit, fpir: float):
+    """Searches of ``probes`` (embeddings by image row) against the HR gallery rows of ``split``."""
+    return identify(hr[split.gallery], probes[split.mated], split.mate, probes[split.nonmated], fpir)
 
 
 def _key(text: str) -> str:
@@ -97,16 +120,41 @@ def flat_mlflow_metrics(evaluation: Evaluation) -> dict[str, float]:
     return flat
 
 
-def _write_report(out: Path, evaluation: Evaluation, tables: dict, thresholds: dict) -> None:
-    (out / "metrics.json").write_text(json.dumps(evaluation.metrics(), indent=2) + "\n")
+def flat_identification_metrics(identifications: Identifications) -> dict[str, float]:
+    """``id_{metric}_{set}_{protocol}_{res}_{model}``, e.g. ``id_rank1_lfw_linear_14_student``."""
+    flat = {}
+    for model, per_set in identifications.metrics().items():
+        for dataset, per_protocol in per_set.items():
+            for protocol, per_res in per_protocol.items():
+                for res, values in per_res.items():
+                    for metric, value in values.items():
+                        flat[_key(f"id_{metric}_{dataset}_{protocol}_{res}_{model}")] = float(value)
+    return flat
+
+
+def report_metrics(evaluation: Evaluation, identifications: Identifications | None) -> dict:
+    """metrics.json: the verification cells, and the identification results under their own top-level key."""
+    metrics = evaluation.metrics()
+    return {**metrics, "identification": identifications.metrics()} if identifications else metrics
+
+
+def _write_report(out: Path, evaluation: Evaluation, tables: dict, thresholds: dict,
+                  identifications: Identifications | None = None) -> None:
+    (out / "metrics.json").write_text(json.dumps(report_metrics(evaluation, identifications), indent=2) + "\n")
     (out / "table.json").write_text(json.dumps(tables, indent=2) + "\n")
-    (out / "table.md").write_text(render_markdown(tables))
+    table = render_markdown(tables)
+    if identifications is not None:  # also when every set was skipped: the file says why
+        report = identifications.report()
+        (out / "identification.json").write_text(json.dumps(report, indent=2) + "\n")
+        if identifications:
+            table += "\n" + render_identification_markdown(report, tables["resolutions"], evaluation.hr_size)
+    (out / "table.md").write_text(table)
     (out / "thresholds.json").write_text(json.dumps(thresholds, indent=2) + "\n")
     write_plots(evaluation, out / "plots")
 
 
 def _log_to_mlflow(folder: Path, evaluation: Evaluation, models: dict[str, str], params: Params,
-                   antialias: bool) -> str:
+                   antialias: bool, identifications: Identifications | None = None) -> str:
     import mlflow
 
     from crfr.registry import mlflow_errors
@@ -118,6 +166,8 @@ def _log_to_mlflow(folder: Path, evaluation: Evaluation, models: dict[str, str],
         mlflow.log_param("degrade.antialias", antialias)
         mlflow.log_params({f"model.{_key(name)}": path for name, path in models.items()})
         mlflow.log_metrics(flat_mlflow_metrics(evaluation))
+        if identifications:
+            mlflow.log_metrics(flat_identification_metrics(identifications))
         mlflow.log_artifacts(str(folder), artifact_path="evaluation")
         return run.info.run_id
 
@@ -136,7 +186,9 @@ def evaluate_models(prepared_dir: str, probes_dir: str | None, models: dict[str,
         device: overrides ``runtime.device``.
 
     Returns:
-        ``{"evaluation", "metrics", "tables", "thresholds", "run_id"}``; ``metrics`` is metrics.json.
+        ``{"evaluation", "metrics", "tables", "thresholds", "identification", "run_id"}``; ``metrics`` is
+        metrics.json, ``identification`` the :class:`Identifications` (None when ``evaluate.identification``
+        is off).
 
     Raises:
         ConfigError: no model, a reserved set name, or a resolution above the image size.
@@ -168,19 +220,24 @@ def evaluate_models(prepared_dir: str, probes_dir: str | None, models: dict[str,
         raise ConfigError(f"evaluate.resolutions {cfg.resolutions}: none may exceed the image size {hr_size}")
 
     evaluation = Evaluation(set_names, list(cfg.protocols), list(cfg.resolutions), hr_size)
+    identifications = Identifications(cfg.fpir) if cfg.identification else None
+    if identifications is not None:
+        for d in data.values():
+            identifications.prepare(prepared, d)
     for name, model_dir in models.items():
         model, _ = load_model(storage.local_input(model_dir, kind="dir"), device=device)
         for d in data.values():
-            evaluate_model(name, model, d, params, probes, device, evaluation)
+            evaluate_model(name, model, d, params, probes, device, evaluation, identifications)
         del model
 
     tables = build_tables(evaluation, cfg.probe_side)
     thresholds = build_thresholds(evaluation, params.registry)
     with tempfile.TemporaryDirectory(prefix="crfr-eval-") as tmp:
         report = Path(tmp)
-        _write_report(report, evaluation, tables, thresholds)
+        _write_report(report, evaluation, tables, thresholds, identifications)
         with storage.output_dir(out_dir) as out:
             shutil.copytree(report, out, dirs_exist_ok=True)
-        run_id = _log_to_mlflow(report, evaluation, models, params, probes.antialias) if track else None
-    return {"evaluation": evaluation, "metrics": evaluation.metrics(), "tables": tables, "thresholds": thresholds,
-            "run_id": run_id}
+        run_id = (_log_to_mlflow(report, evaluation, models, params, probes.antialias, identifications)
+                  if track else None)
+    return {"evaluation": evaluation, "metrics": report_metrics(evaluation, identifications), "tables": tables,
+            "thresholds": thresholds, "identification": identifications, "run_id": run_id}

@@ -2,10 +2,13 @@
 
 Each measured cell carries its 95% interval, and each table of one eval set ends with a "student - teacher"
 row: the paired difference on the same pairs, its interval and McNemar's p (:mod:`crfr.evaluation.stats`).
+The 1:N identification tables (rank-1, rank-5, FNIR at FPIR per model and resolution) follow them in
+``table.md`` (:func:`render_identification_markdown`).
 """
 
 from __future__ import annotations
 
+from crfr.evaluation.identification import TITLE, fnir_key
 from crfr.evaluation.results import AVERAGE, MEAN, PAIRED, REFERENCE, Evaluation
 
 COMPARED = "student"  # the row whose difference from the reference gets a row of its own
@@ -116,4 +119,72 @@ def render_markdown(tables: dict) -> str:
             lines.append(f"| {paired['model']} - {paired['reference']} | " + " | ".join(cells)
                          + f" | {paired['average']:+.2f} |")
         lines.append("")
+    return "\n".join(lines)
+
+
+def _id_rows(per_model: dict[str, dict], res: list[str], fnir: str) -> list[str]:
+    """Three lines per model (rank-1, rank-5, FNIR), the best model of each column in bold."""
+    metrics = [("rank1", "rank-1 (%)", max, "{:.2f}", "{:.1f}"), ("rank5", "rank-5 (%)", max, "{:.2f}", "{:.1f}"),
+               (fnir, fnir.replace("fnir_at_fpir_", "FNIR at FPIR="), min, "{:.3f}", "{:.3f}")]
+    lines = []
+    for model, cells in per_model.items():
+        for key, label, best, fmt, ci_fmt in metrics:
+            texts = []
+            for r in res:
+                cell = cells.get(r, {})
+                if key not in cell:
+                    texts.append("n/a")
+                    continue
+                low, high = cell[f"{key}_ci_low"], cell[f"{key}_ci_high"]
+                text = f"{fmt.format(cell[key])} [{ci_fmt.format(low)}, {ci_fmt.format(high)}]"
+                column = [c[r][key] for c in per_model.values() if key in c.get(r, {})]
+                if len(column) > 1 and cell[key] == best(column):
+                    text = f"**{text}**"
+                texts.append(text)
+            lines.append(f"| {model} | {label} | " + " | ".join(texts) + " |")
+    return lines
+
+
+def render_identification_markdown(report: dict, resolutions: list[int], hr_size: int) -> str:
+    """The 1:N section of ``table.md``, from ``identification.json`` (:mod:`crfr.evaluation.identification`)."""
+    fpir = report["fpir_target"]
+    fnir = fnir_key(fpir)
+    res = [str(r) for r in resolutions]
+    metrics = report["metrics"]
+    caption = (
+        "Gallery: the first image of every identity with at least two images, HR. Mated searches: that identity's "
+        "other images as LR probes; non-mated searches: identities with a single image, not enrolled. Rank-1 / "
+        "rank-5: closed-set identification rate (%) over the mated searches. "
+        f"FNIR at FPIR={fpir:g} (as NIST FRVT 1:N): the share of mated searches whose best candidate is not the "
+        f"mate or does not score above the threshold at which at most {100 * fpir:g}% of the non-mated searches "
+        "return a candidate (the largest FPIR not above it, no interpolation). [low, high]: Wilson 95% interval "
+        "over the mated searches, the threshold taken as fixed."
+    )
+    for dataset, why in report.get("skipped", {}).items():
+        caption += f" Not run on {dataset}: {why}."
+    lines = [f"# {TITLE}", "", caption, ""]
+    protocols = list(dict.fromkeys(p for per_set in metrics.values() for per_p in per_set.values() for p in per_p))
+    for protocol in protocols:
+        for dataset, sizes in report["sets"].items():
+            per_model = {m: per_set[dataset][protocol] for m, per_set in metrics.items()
+                         if protocol in per_set.get(dataset, {})}
+            if not per_model:
+                continue
+            n = sizes["n_nonmated"]
+            reached = sorted({c["fpir"] for cells in per_model.values() for c in cells.values() if "fpir" in c})
+            if n == 0:
+                note = "no non-mated searches: closed set only"
+            else:
+                note = f"FPIR moves in steps of 1/{n}"
+                if n * fpir < 1:
+                    note += f"; fewer than {1 / fpir:g} non-mated searches, so the operating point is FPIR = 0"
+                elif reached:
+                    note += f"; FPIR reached {reached[0]:.4f}" + (f" to {reached[-1]:.4f}" if len(reached) > 1 else "")
+            lines += [f"## {protocol} probes, {dataset}", "",
+                      f"{sizes['n_gallery']} identities enrolled; {sizes['n_mated']} mated and {n} non-mated "
+                      f"searches ({note}).", "",
+                      "| Model | Metric | " + " | ".join(_column(int(r), hr_size) for r in res) + " |",
+                      "|---|---|" + "---:|" * len(res)]
+            lines += _id_rows(per_model, res, fnir)
+            lines.append("")
     return "\n".join(lines)

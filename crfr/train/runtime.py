@@ -138,13 +138,15 @@ def _comm_device(runtime: Runtime) -> torch.device:
     return runtime.device if dist.get_backend() == "nccl" else torch.device("cpu")
 
 
-def broadcast_bytes(runtime: Runtime, payload: bytes | None, failed: bool = False) -> bytes | None:
+def broadcast_bytes(runtime: Runtime, payload: bytes | None, failed: bool = False,
+                    what: str = "decide the resume state") -> bytes | None:
     """Rank 0's ``payload`` (None: nothing) on every rank; a no-op in a single process.
 
     Args:
         runtime: the process group this rank belongs to.
         payload: what rank 0 sends; ignored on the other ranks.
-        failed: on rank 0, send a failure instead: the other ranks raise, rank 0 raises its own error.
+        failed: on rank 0, send a failure instead: the other ranks raise, rank 0 gets None (and raises its own).
+        what: what rank 0 was doing, for the other ranks' message.
 
     Raises:
         TrainingError: on ranks other than 0, when rank 0 sent a failure.
@@ -160,7 +162,7 @@ def broadcast_bytes(runtime: Runtime, payload: bytes | None, failed: bool = Fals
     if status == 2:
         if runtime.is_main:
             return None
-        raise TrainingError(f"rank {runtime.rank}: rank 0 could not resume (its log says why); stopping too")
+        raise TrainingError(f"rank {runtime.rank}: rank 0 failed to {what} (its log says why); stopping too")
     if status == 0:
         return None
     if runtime.is_main:
