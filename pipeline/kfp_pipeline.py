@@ -1,13 +1,15 @@
 """The Kubeflow Pipelines (kfp v2) pipeline: the six steps as lightweight components on the crfr image.
 
-Each component body only imports and calls the step function of ``components/`` (no step logic here).
+Each component body only imports and calls the step function of ``components/`` (the training steps through
+``pipeline/kfp_training.py``, which adds resuming and torchrun); no step logic here.
 Everything cluster-specific comes from ``params.kubeflow``: images, pipeline root, GPU accelerator type and
 count, the GPU node pool's node selector and tolerations, resource requests, /dev/shm and scratch volumes,
 retries, caching, and the Secret / ConfigMap that give every step its S3 credentials and MLflow tracking URI.
 
 Cache keys: each task's ``params_json`` is a constant holding only the params its step reads
 (``pipeline/step_params.py``), so an edit re-runs exactly the steps that read the edited key and those
-downstream of their outputs. There is no pipeline-level params input that every task would share.
+downstream of their outputs. There is no pipeline-level params input that every task would share. (The
+register task, never cached, gets them all: the model version's lineage records them.)
 
 Retries never repeat a configuration error: kfp's retry policy cannot filter on the kind of failure, so the
 first task (``check-params``, no retries) validates every step's params with the image's own crfr and checks

@@ -239,7 +239,9 @@ def test_retries_skip_the_check_and_register_tasks(tmp_path):
     spec, _ = compiled(tmp_path, "kubeflow.retries=3", ROWS)
     tasks = task_inputs(spec)
     root = spec["root"]["dag"]["tasks"]
-    every = {**root, **{n: t for c in spec["components"].values() for n, t in c.get("dag", {}).get("tasks", {}).items()}}
+    every = dict(root)
+    for component in spec["components"].values():
+        every.update(component.get("dag", {}).get("tasks", {}))
     assert set(tasks) >= {"check-params-op", "register-op"}
     for name, task in every.items():
         if name.startswith("for-loop"):
@@ -319,9 +321,9 @@ class ParamsReads:
     A value read counts as a read of its key (``data.eval_sets``, ``data.eval_sets.name``); ``model_dump`` /
     ``model_copy`` of a section as a read of all of it (``section.*``), or of the keys it includes. A section
     object that is only handed on (``storage.configure(params.storage)``) is ``touched``: its values are read
-    later, if at all, and then recorded. Whole-params dumps are records (``config.json``, MLflow params, the checkpoint fingerprint) and
-    do not count; nor do the validators' reads while params are built, nor sections made elsewhere (a model
-    folder's own ModelCfg, say).
+    later, if at all, and then recorded. Whole-params dumps are records (``config.json``, MLflow params, the
+    checkpoint fingerprint) and do not count; nor do the validators' reads while params are built, nor sections
+    made elsewhere (a model folder's own ModelCfg, say).
     """
 
     DUMPS = ("model_dump", "model_dump_json", "model_copy")
@@ -715,7 +717,8 @@ def test_submit_refused_by_the_endpoint_is_one_line_without_the_token(tmp_path, 
         api.close()
     out, err = capfd.readouterr()
     lines = [line for line in err.splitlines() if line.startswith("crfr: error:")]
-    assert len(lines) == 1 and "Kubeflow Pipelines at http://127.0.0.1" in lines[0] and "$KF_PIPELINES_TOKEN" in lines[0]
+    assert len(lines) == 1 and "Kubeflow Pipelines at http://127.0.0.1" in lines[0]
+    assert "$KF_PIPELINES_TOKEN" in lines[0]  # which credentials were used, by name
     assert TOKEN not in out + err and "Traceback" not in err
 
 

@@ -14,7 +14,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from components.prepare import prepare
 from crfr.cli import main
 from crfr.config import DataCfg, load_params
 from crfr.data.lfw import parse_pairs

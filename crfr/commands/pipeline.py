@@ -31,7 +31,8 @@ def register(sub) -> None:
                     "124 still running at --timeout.")
     add_params_args(sub_)
     sub_.add_argument("--host", default=None,
-                      help="Kubeflow Pipelines API URL, e.g. http://ml-pipeline-ui:80 (default: $KF_PIPELINES_ENDPOINT)")
+                      help="Kubeflow Pipelines API URL, e.g. http://ml-pipeline-ui:80 "
+                           "(default: $KF_PIPELINES_ENDPOINT)")
     sub_.add_argument("--experiment", default="crfr", help="kfp experiment (default: %(default)s)")
     sub_.add_argument("--namespace", default=None, help="Kubeflow profile namespace (multi-user installs)")
     sub_.add_argument("--run-name", default=None)

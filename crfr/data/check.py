@@ -261,4 +261,3 @@ def _csv_root(source: str | Path, image_root: str | Path | None) -> Path | None:
     if storage.is_s3(source) or (image_root is not None and storage.is_s3(image_root)):
         return csv_image_root(source, image_root)
     return Path(image_root) if image_root else None
-

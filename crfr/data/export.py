@@ -44,7 +44,7 @@ def _encoded_faces(files: list[str], params: Params, encoding: str, quality: int
         for _, face, _ in aligned_faces([(f, None) for f in files], aligner, bad, workers, pool, desc=desc,
                                         progress=progress):
             if face is None:
-                raise DataError(f"{bad.reasons[-1]} (an export needs every image)")
+                raise DataError(f"{bad.reasons[0]} (an export needs every image)")
             yield encode_image(face, encoding, quality)
     finally:
         if pool is not None:

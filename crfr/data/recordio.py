@@ -140,12 +140,11 @@ class RecordWriter:
                 if self.idx_path is not None:
                     with storage.output_file(self.idx_path) as tmp_idx:
                         tmp_idx.write_text("".join(f"{k}\t{o}\n" for k, o in self._index))
-            self._closed = True
-            self._output.__exit__(None, None, None)
+            self._output.__exit__(None, None, None)  # publishes the .rec
         except BaseException as exc:
-            self._closed = False
             self.abort(exc)
             raise
+        self._closed = True
 
     def abort(self, reason: BaseException | None = None) -> None:
         """Drop everything written so far."""
