@@ -375,11 +375,14 @@ class KubeflowCfg(Section):
     )
     scratch_size: str | None = Field(
         default="50Gi", pattern=_QUANTITY,
-        description="ephemeral volume requested per CPU step for kfp's artifact copies, run_dir and the S3 "
-                    "cache; null: the node's root disk, unrequested",
+        description="generic ephemeral volume requested per CPU step at /scratch, for TMPDIR and (with "
+                    "gpu_scratch_size) run_dir's checkpoints and the S3 cache; null: none, the node's disk unrequested",
     )
     gpu_scratch_size: str | None = Field(default="200Gi", pattern=_QUANTITY, description="the same for GPU steps")
-    scratch_storage_class: str | None = Field(default=None, description="of the scratch volumes; null: the default")
+    scratch_storage_class: str | None = Field(
+        default=None, description="of the scratch volumes (null: the cluster's default); its volumes must be "
+                                  "writable by the image's uid, which the pipeline's first task checks"
+    )
     gpu_node_selector: dict[str, str] = Field(default_factory=lambda: {"nvidia.com/gpu.present": "true"})
     gpu_tolerations: list[dict[str, str]] = Field(
         default_factory=lambda: [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]

@@ -41,13 +41,14 @@ STEPS = ("prepare", "synthesize", "train_teacher", "distill_student", "distill_r
 # ------------------------------------------------------------------------------------------- step bodies
 # kfp ships each body's source to the pod: imports must live inside, and the image must contain crfr.
 
-def check_params_op(slices_json: str, source_uri: str):
-    """Refuse invalid params or missing input data once, before any retried step starts."""
+def check_params_op(slices_json: str, source_uri: str, scratch: str):
+    """Refuse invalid params, missing input data or an unwritable scratch volume once, before any retried step."""
     import json
 
     from pipeline.step_params import check_slices
 
-    print(json.dumps({"inputs_found": check_slices(json.loads(slices_json), source_uri or None)}))
+    found = check_slices(json.loads(slices_json), source_uri or None, scratch or None)
+    print(json.dumps({"inputs_found": found}))
 
 
 def prepare_op(params_json: str, source_uri: str, prepared: Output[Dataset]):
@@ -137,32 +138,20 @@ def register_op(params_json: str, prepared: Input[Dataset], student: Input[Model
 
 # --------------------------------------------------------------------------------------------- pipeline
 
-# Where kfp's launcher copies a task's input and output artifacts, by the pipeline root's scheme (kfp's
-# /gcs/, /minio/, /s3/ local prefixes). The scratch volume is mounted there so those copies, which hold the
-# whole prepared dataset in every training task, land on requested storage instead of the node's root disk.
-ARTIFACT_MOUNTS = {"s3://": "/s3", "minio://": "/minio", "gs://": "/gcs"}
-DEFAULT_ARTIFACT_MOUNT = "/minio"  # Kubeflow Pipelines' own default store is MinIO
-# S3 bucket names cannot start with a dot, so the steps' own files never meet an artifact copy.
-WORK_SUBDIR = ".crfr-work"
-
-
-def artifact_mount(pipeline_root: str | None) -> str:
-    """The local folder kfp stages artifacts in for ``pipeline_root``."""
-    for scheme, mount in ARTIFACT_MOUNTS.items():
-        if pipeline_root and pipeline_root.startswith(scheme):
-            return mount
-    return DEFAULT_ARTIFACT_MOUNT
+# The requested scratch volume of every task. Not over kfp's own artifact staging folders (/s3, /minio, /gcs):
+# the backend mounts world-writable emptyDirs there itself, and a volume of a storage class whose root only
+# root may write would stop the launcher of our non-root image.
+SCRATCH = "/scratch"
 
 
 def task_params(params: Params, cluster: bool) -> Params:
     """The params the tasks are cut from: on a cluster, run_dir and the S3 cache live on the scratch volume."""
     kf = params.kubeflow
-    if not cluster or not (kf.scratch_size or kf.gpu_scratch_size):
+    if not cluster or not (kf.scratch_size and kf.gpu_scratch_size):
         return params
-    work = f"{artifact_mount(kf.pipeline_root)}/{WORK_SUBDIR}"
     tasks = params.model_copy(deep=True)
-    tasks.run_dir = f"{work}/runs"
-    tasks.storage.cache_dir = f"{work}/cache"
+    tasks.run_dir = f"{SCRATCH}/runs"
+    tasks.storage.cache_dir = f"{SCRATCH}/cache"
     return tasks
 
 
@@ -215,10 +204,11 @@ def build_pipeline(params: Params, cluster: bool = True):
         }, optional=True)
         scratch = kf.gpu_scratch_size if gpu else kf.scratch_size
         if scratch:
-            # kfp has no ephemeral-storage request; a generic ephemeral volume is requested storage that lives
-            # and dies with the pod.
-            kubernetes.add_ephemeral_volume(task, "scratch", artifact_mount(kf.pipeline_root), ["ReadWriteOnce"],
-                                            scratch, storage_class_name=kf.scratch_storage_class)
+            # kfp cannot request ephemeral-storage (its ResourceSpec has no such field); a generic ephemeral
+            # volume is storage requested per pod, living and dying with it: checkpoints, the S3 cache, TMPDIR.
+            kubernetes.add_ephemeral_volume(task, "scratch", SCRATCH, ["ReadWriteOnce"], scratch,
+                                            storage_class_name=kf.scratch_storage_class)
+            task.set_env_variable("TMPDIR", SCRATCH)
         if gpu:
             # The container runtime's /dev/shm is 64 MB; DataLoader workers hand batches over through it.
             kubernetes.empty_dir_mount(task, "dshm", "/dev/shm", medium="Memory", size_limit=kf.shm_size)
@@ -235,14 +225,15 @@ def build_pipeline(params: Params, cluster: bool = True):
         return task
 
     checked = json.dumps({step: text for step, text in slices.items() if step != "register"}, sort_keys=True)
+    scratch_check = SCRATCH if cluster and kf.scratch_size and kf.gpu_scratch_size else ""
 
     @dsl.pipeline(name=PIPELINE_NAME, pipeline_root=kf.pipeline_root,
                   description="Cross-resolution face recognition: ResNet teacher, WaveResNet student (KD + "
                               "wavelet similarity), multi-resolution evaluation, MLflow registration.")
     def crfr_pipeline(source_uri: str = kf.data_uri):
         # Not retried: what it refuses would be refused again. Not cached: the data it checks may have gone.
-        check = common(check_c(slices_json=checked, source_uri=source_uri), False, "check params and inputs",
-                       retries=0)
+        check = common(check_c(slices_json=checked, source_uri=source_uri, scratch=scratch_check), False,
+                       "check params and inputs", retries=0)
         check.set_caching_options(False)
         prep = common(prepare_c(params_json=slices["prepare"], source_uri=source_uri), False, "prepare")
         prep.after(check)

@@ -82,8 +82,9 @@ def slice_json(params: Params, step: str) -> str:
     return text
 
 
-def check_slices(slices: dict[str, str], source_uri: str | None = None) -> list[str]:
-    """Validate every step's params with this installation's crfr, and that the data they name exists.
+def check_slices(slices: dict[str, str], source_uri: str | None = None, scratch: str | None = None) -> list[str]:
+    """Validate every step's params with this installation's crfr, that the data they name exist, and that
+    the scratch volume can be written.
 
     The Kubeflow pipeline runs this in its first task, which has no retries: a configuration error fails
     the run there, once, before a retried (and GPU) step has started.
@@ -91,6 +92,8 @@ def check_slices(slices: dict[str, str], source_uri: str | None = None) -> list[
     Args:
         slices: step name -> :func:`slice_json` text.
         source_uri: the raw dataset the prepare step reads (empty: the prepare slice's ``data.root``).
+        scratch: the tasks' scratch volume (the same kind of volume as every step's): it must be writable by
+            this process's user, which no Kubernetes fsGroup set through kfp can ensure.
 
     Returns:
         The inputs found (for the task's log).
@@ -98,8 +101,21 @@ def check_slices(slices: dict[str, str], source_uri: str | None = None) -> list[
     Raises:
         ConfigError: a step's params are invalid here (e.g. the image's crfr is older than the compiler's).
         DataError: the source dataset, the RecordIO training file or an evaluation set is missing.
+        ConfigError: the scratch volume is not writable (its storage class makes root-owned volumes).
     """
+    import os
+    import tempfile
+
     from crfr import storage
+
+    if scratch:
+        try:
+            with tempfile.NamedTemporaryFile(dir=scratch):
+                pass
+        except OSError as exc:
+            raise ConfigError(f"the scratch volume {scratch} is not writable by uid {os.getuid()} ({exc.strerror}): "
+                              "set kubeflow.scratch_storage_class to a class whose volumes this user may write, "
+                              "or kubeflow.scratch_size / gpu_scratch_size: null") from None
 
     rebuilt = {}
     for step, text in sorted(slices.items()):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -221,10 +222,15 @@ def evaluated(tmp_path_factory):
     mp = pytest.MonkeyPatch()
     mp.delenv("MLFLOW_TRACKING_URI", raising=False)
     mp.setattr(verification, "embed_images", counting)
+    before = {k: v for k, v in os.environ.items() if k.startswith("MLFLOW_")}
     try:
         result = evaluate(str(prepared), None, models, str(tmp / "report"), make_params(tmp))
     finally:
         mp.undo()
+        # MLflow exports the store and experiment it was pointed at; later modules must not inherit this one's.
+        for key in [k for k in os.environ if k.startswith("MLFLOW_") and k not in before]:
+            del os.environ[key]
+        os.environ.update(before)
     return tmp, prepared, models, pairs, result, calls
 
 

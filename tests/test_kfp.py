@@ -181,12 +181,15 @@ def test_gpu_steps_mount_shm_and_every_step_requests_scratch_storage(tmp_path):
         else:
             assert shm == [], name
         (scratch,) = cfg["genericEphemeralVolume"]
-        # kfp stages artifacts under /s3/ for an s3:// pipeline root: the volume must hold them.
-        assert scratch["mountPath"] == "/s3" and scratch["storageClassName"] == "fast-local"
+        assert scratch["mountPath"] == "/scratch" and scratch["storageClassName"] == "fast-local"
         assert scratch["size"] == ("300Gi" if name in gpu else "40Gi"), name
-    teacher = json.loads(spec["root"]["dag"]["tasks"]["train-teacher-op"]["inputs"]["parameters"]["params_json"]
-                         ["runtimeValue"]["constant"])
-    assert teacher["run_dir"].startswith("/s3/") and teacher["storage"]["cache_dir"].startswith("/s3/")
+    tasks = spec["root"]["dag"]["tasks"]
+    teacher = json.loads(tasks["train-teacher-op"]["inputs"]["parameters"]["params_json"]["runtimeValue"]["constant"])
+    assert teacher["run_dir"] == "/scratch/runs" and teacher["storage"]["cache_dir"] == "/scratch/cache"
+    executors = spec["deploymentSpec"]["executors"]
+    assert {"name": "TMPDIR", "value": "/scratch"} in executors["exec-train-teacher-op"]["container"]["env"]
+    # The first task finds out whether the storage class gives volumes this image's user can write.
+    assert tasks["check-params-op"]["inputs"]["parameters"]["scratch"]["runtimeValue"]["constant"] == "/scratch"
 
 
 def test_without_scratch_size_no_volume_and_params_paths_stay(tmp_path):
@@ -196,6 +199,8 @@ def test_without_scratch_size_no_volume_and_params_paths_stay(tmp_path):
     teacher = json.loads(spec["root"]["dag"]["tasks"]["train-teacher-op"]["inputs"]["parameters"]["params_json"]
                          ["runtimeValue"]["constant"])
     assert teacher["run_dir"] == "runs"
+    assert spec["root"]["dag"]["tasks"]["check-params-op"]["inputs"]["parameters"]["scratch"]["runtimeValue"][
+        "constant"] == ""
 
 
 def test_accelerator_limit_is_kubeflow_gpus_and_reaches_the_training_tasks(tmp_path):
@@ -308,6 +313,11 @@ def test_check_refuses_bad_params_and_missing_inputs(tmp_path, lfw_root):
     newer["teacher"]["epochs"] = 0
     with pytest.raises(ConfigError, match="pipeline step 'train_teacher'.*teacher.epochs"):
         check_slices({**slices, "train_teacher": json.dumps(newer)}, str(lfw_root))
+    assert check_slices(slices, str(lfw_root), scratch=str(tmp_path)) == [str(lfw_root)]
+    # A volume the user cannot write (as a root-owned one is for the image's uid 10001): a file stands in.
+    (tmp_path / "not-a-folder").write_text("")
+    with pytest.raises(ConfigError, match="scratch volume .*not-a-folder is not writable.*scratch_storage_class"):
+        check_slices(slices, str(lfw_root), scratch=str(tmp_path / "not-a-folder"))
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -443,7 +453,8 @@ def task_run(tmp_path_factory, lfw_root, s3_server):
     with pytest.MonkeyPatch.context() as env:
         env.setenv(RUN_ID_ENV, "run-1")
         env.setenv(PIPELINE_RUN_ENV, "run-1")
-        kp.check_params_op(json.dumps({k: v for k, v in slices.items() if k != "register"}), str(lfw_root))
+        kp.check_params_op(json.dumps({k: v for k, v in slices.items() if k != "register"}), str(lfw_root),
+                           str(work))
         calls = [
             ("prepare", lambda s: kp.prepare_op(s, str(lfw_root), art["prepared"])),
             ("synthesize", lambda s: kp.synthesize_op(s, art["prepared"], art["probes"])),
