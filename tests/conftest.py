@@ -39,3 +39,15 @@ def lfw_face(lfw_root) -> np.ndarray:
     """A real LFW face, loosely centre-cropped to 112x112 RGB uint8."""
     bgr = cv2.imread(str(lfw_image_path("Aaron_Eckhart", 1)))
     return cv2.cvtColor(cv2.resize(bgr[64:186, 70:180], (112, 112), interpolation=cv2.INTER_AREA), cv2.COLOR_BGR2RGB)
+
+
+@pytest.fixture()
+def prefect_home(tmp_path, monkeypatch):
+    """Prefect 3 with no server: a private home and a temporary server per test process (NOTES.md)."""
+    monkeypatch.setenv("PREFECT_HOME", str(tmp_path / "prefect-home"))
+    monkeypatch.setenv("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+    monkeypatch.setenv("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    # INFO lines logged while the temporary server stops at exit would hit pytest's closed capture stream.
+    monkeypatch.setenv("PREFECT_LOGGING_LEVEL", "WARNING")
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    return tmp_path

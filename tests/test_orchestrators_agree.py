@@ -18,7 +18,6 @@ from argparse import ArgumentParser
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import pytest
 import yaml
 
 from crfr.config import load_params
@@ -208,15 +207,6 @@ def prefect_plan(tmp_path: Path, params, monkeypatch) -> Plan:
         getattr(plan, {"train": "trained", "evaluate": "evaluated", "register": "registered"}[step]).update(models)
     return plan
 
-
-@pytest.fixture()
-def prefect_home(tmp_path, monkeypatch):
-    monkeypatch.setenv("PREFECT_HOME", str(tmp_path / "prefect-home"))
-    monkeypatch.setenv("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
-    monkeypatch.setenv("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    monkeypatch.setenv("PREFECT_LOGGING_LEVEL", "WARNING")
-    monkeypatch.delenv("PREFECT_API_URL", raising=False)
-    return tmp_path
 
 
 # --------------------------------------------------------------------------------------------- the test

@@ -11,16 +11,6 @@ from crfr.config import load_params
 from tests.pipeline_support import REPO, tiny_overrides
 
 
-@pytest.fixture()
-def prefect_home(tmp_path, monkeypatch):
-    monkeypatch.setenv("PREFECT_HOME", str(tmp_path / "prefect-home"))
-    monkeypatch.setenv("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
-    monkeypatch.setenv("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    # INFO lines logged while the temporary server stops at exit would hit pytest's closed capture stream.
-    monkeypatch.setenv("PREFECT_LOGGING_LEVEL", "WARNING")
-    monkeypatch.delenv("PREFECT_API_URL", raising=False)
-    return tmp_path
-
 
 @pytest.mark.slow
 def test_flow_runs_then_caches(lfw_root, prefect_home, tmp_path):
