@@ -28,8 +28,9 @@ def student_spec(params: Params, teacher_dir: str | None, row: str = "default") 
         kd=cfg.kd,
         wavesim=cfg.wavesim,
         teacher_dir=teacher_dir,
-        # A row without distillation is trained from scratch on LR data, as in Table I.
-        init_from_teacher=cfg.init_from_teacher and cfg.kd,
+        # Every Table I row starts alike (from the teacher, unless student.init_from_teacher is off): rows
+        # with and without distillation then differ only in what they learn from, not in their budget.
+        init_from_teacher=cfg.init_from_teacher,
     )
 
 

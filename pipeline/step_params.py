@@ -28,7 +28,7 @@ STEP_PARAMS: dict[str, tuple[str, ...]] = {
     # evaluate.nfolds: the folds given to a .bin or CSV evaluation set that has none of its own.
     "prepare": ("seed", "data", "evaluate.nfolds", "storage"),
     "synthesize": ("data.eval_sets", "degrade", "evaluate.resolutions", "evaluate.protocols",
-                   "evaluate.realistic_seed", "storage"),
+                   "evaluate.realistic_seed", "evaluate.realistic", "storage"),
     "train_teacher": _TRAINING + ("teacher",),
     "distill_student": _TRAINING + ("degrade", "student"),
     # A Table I row: its student overrides, and the teacher's schedule for rows that learn from scratch.

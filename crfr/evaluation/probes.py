@@ -2,8 +2,10 @@
 
 * ``linear``: ``cv2.resize(INTER_LINEAR)`` down to the size (the paper's test protocol), low-passed first
   when ``degrade.antialias`` is set (:func:`crfr.degrade.linear_down`).
-* ``realistic``: the Fig. 2 degradation model stopped at the size, seed ``evaluate.realistic_seed``,
-  sample index = image row, so every run and every evaluator sees the same probes.
+* ``realistic``: the Fig. 2 degradation model stopped at the size, with the test corruptions of
+  ``evaluate.realistic`` (not training's ``degrade``: a row trained on exactly the probes' corruption would be
+  favoured), seed ``evaluate.realistic_seed``, sample index = image row, so every run and every evaluator
+  sees the same probes.
 
 Either way the network sees the probe brought back to its input size with the interpolation of its
 protocol (:func:`crfr.degrade.upsample`). :func:`make_probes` is the one definition: :func:`write_probes`
@@ -22,13 +24,19 @@ import numpy as np
 from tqdm import tqdm
 
 from crfr import storage
-from crfr.config import Params
+from crfr.config import DegradeCfg, Params
 from crfr.data.pairs import PairSet, load_pair_set
 from crfr.data.shards import write_json
 from crfr.degrade import Degrader, linear_down, upsample
 from crfr.errors import DataError
 
 PREVIEW_ROWS_PER_SET = 3
+
+
+def realistic_degrade(params: Params) -> DegradeCfg:
+    """The realistic protocol's corruptions: ``evaluate.realistic``, downscaled as every probe is
+    (``degrade.antialias``)."""
+    return params.evaluate.realistic.model_copy(update={"antialias": params.degrade.antialias})
 
 
 def make_probes(images: np.ndarray, protocol: str, size: int, params: Params, rows: np.ndarray | None = None,
@@ -40,7 +48,7 @@ def make_probes(images: np.ndarray, protocol: str, size: int, params: Params, ro
     """
     rows = np.arange(len(images)) if rows is None else np.asarray(rows)
     out = np.empty((len(rows), size, size, 3), np.uint8)
-    degrader = Degrader(params.degrade, seed=params.evaluate.realistic_seed) if protocol == "realistic" else None
+    degrader = Degrader(realistic_degrade(params), seed=params.evaluate.realistic_seed) if protocol == "realistic" else None
     for i, row in enumerate(tqdm(rows, desc=desc, unit="img", disable=not progress, leave=False)):
         img = np.asarray(images[row])
         if degrader is None:
@@ -165,6 +173,7 @@ def write_probes(prepared_dir: str, out_dir: str, params: Params, progress: bool
         "out_size": out_size,
         "seed": params.evaluate.realistic_seed,
         "antialias": params.degrade.antialias,
+        "realistic": params.evaluate.realistic.model_dump(mode="json"),
         "images": {name: int(len(ps.images)) for name, ps in sets.items()},
     }
     with storage.output_dir(out_dir) as stage:

@@ -1,0 +1,229 @@
+"""The ``evidence`` profile: the whole pipeline once per seed, in sequence, and the spread across seeds.
+
+    python -m pipeline.evidence --params params.yaml            # seeds from params evidence.seeds
+    python -m pipeline.evidence --seeds 0 --workdir runs/evidence  # one seed; run again to add the others
+
+Prepare and synthesize run once (the data and the probes do not depend on the training seed: prepare runs
+with ``evidence.data_seed``); then per seed: the teacher, the student, every row of ``ablation_rows``, and
+evaluate, under ``<workdir>/seed-<N>/``. Every step calls the same component function as DVC, Kubeflow and
+Prefect. It is resumable at two levels: a step whose output exists is skipped (outputs are published
+atomically, so an output that exists is complete), and a training killed half-way continues from its last
+checkpoint (``run_dir`` is per seed). MLflow goes to its own store in the workdir, so evidence runs never
+touch the registry of the main job.
+
+After each seed the seeds complete so far are aggregated (:mod:`crfr.evaluation.seeds`) into
+``<workdir>/summary.json`` and ``summary.md``; ``--publish DIR`` copies them, each seed's table and a record of
+what ran (hardware, wall time per seed) to DIR (e.g. docs/results/evidence).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+from crfr.cli import add_params_args, run_guarded
+from crfr.config import Params, load_params
+from crfr.errors import ConfigError
+
+RECORD = "evidence.json"
+EXPECTED_REPORTS = "reports.json"  # per seed: the evaluate folders that make the seed complete
+
+
+def _done(path: Path, marker: str) -> bool:
+    return (path / marker).is_file()
+
+
+def _step(name: str, out: Path, marker: str, fn, record: dict) -> None:
+    if _done(out, marker):
+        print(f"evidence: {name}: done earlier ({out})", file=sys.stderr)
+        return
+    print(f"evidence: {name} -> {out}", file=sys.stderr)
+    t = time.perf_counter()
+    fn()
+    record.setdefault("steps_s", {})[name] = round(time.perf_counter() - t, 1)
+
+
+def seed_params(base: Params, seed: int, seed_dir: Path) -> Params:
+    """``base`` with the training seed and this seed's run folder and MLflow store."""
+    update = {"seed": seed, "run_dir": str(seed_dir / "runs")}
+    return base.model_copy(update=update)
+
+
+def run_evidence(params: Params, workdir: Path, seeds: list[int], publish: Path | None = None,
+                 source: str | None = None) -> dict:
+    """Run (or resume) every seed and aggregate; see the module docstring.
+
+    Args:
+        params: the evidence settings (``--set profile=evidence`` is applied by the CLI).
+        workdir: all outputs; reusing it resumes.
+        seeds: training seeds, run in this order.
+        publish: copy the summary here after each seed.
+        source: LFW root given to prepare (None: ``data.root``).
+
+    Returns:
+        The aggregated summary (:func:`crfr.evaluation.seeds.aggregate`).
+    """
+    from components.distill_student import distill_student
+    from components.evaluate import evaluate
+    from components.prepare import prepare
+    from components.synthesize import synthesize
+    from components.train_teacher import train_teacher
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    tracking = params.tracking.model_copy(update={
+        "uri": f"sqlite:///{(workdir / 'mlflow.db').resolve()}",
+        "artifact_location": str((workdir / "mlartifacts").resolve()),
+    })
+    params = params.model_copy(update={"tracking": tracking})
+    record_path = workdir / RECORD
+    record = json.loads(record_path.read_text()) if record_path.is_file() else {"seeds": {}}
+    data_params = params.model_copy(update={"seed": params.evidence.data_seed})
+    prepared, probes = workdir / "prepared", workdir / "probes"
+    shared: dict = record.setdefault("shared", {})
+    _step("prepare", prepared, "report.json", lambda: prepare(source, str(prepared), data_params), shared)
+    _step("synthesize", probes, "index.json", lambda: synthesize(str(prepared), str(probes), data_params), shared)
+    record_path.write_text(json.dumps(record, indent=2) + "\n")
+
+    for seed in seeds:
+        seed_dir = workdir / f"seed-{seed}"
+        p = seed_params(params, seed, seed_dir)
+        rec = record["seeds"].setdefault(str(seed), {})
+        t0 = time.perf_counter()
+        models = seed_dir / "models"
+        _step(f"seed {seed} teacher", models / "teacher", "model.pt",
+              lambda: train_teacher(str(prepared), str(models / "teacher"), p,
+                                    str(seed_dir / "reports" / "teacher"), resume=True), rec)
+        teacher = str(models / "teacher")
+        (seed_dir / EXPECTED_REPORTS).parent.mkdir(parents=True, exist_ok=True)
+        (seed_dir / EXPECTED_REPORTS).write_text(json.dumps(list(evaluation_groups(p))))
+        rows = {"student": "default", **{row: row for row in p.ablation_rows}}
+        for name, row in rows.items():
+            out = models / name
+            _step(f"seed {seed} {name}", out, "model.pt",
+                  lambda out=out, row=row, name=name: distill_student(
+                      str(prepared), teacher, str(out), p, row=row,
+                      report_dir=str(seed_dir / "reports" / name), resume=True), rec)
+        model_dirs = {"teacher": teacher, **{name: str(models / name) for name in rows}}
+        for report, (sets, names) in evaluation_groups(p).items():
+            group = {name: model_dirs[name] for name in names}
+            q = only_sets(p, sets)
+            _step(f"seed {seed} {report}", seed_dir / report, "metrics.json",
+                  lambda q=q, group=group, report=report: evaluate(str(prepared), str(probes), group,
+                                                                   str(seed_dir / report), q), rec)
+        rec["wall_time_s"] = round(rec.get("wall_time_s", 0.0) + time.perf_counter() - t0, 1)
+        rec["finished"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+        record_path.write_text(json.dumps(record, indent=2) + "\n")
+        summarize(workdir, params)
+        if publish is not None:
+            publish_evidence(workdir, publish, params)
+    return summarize(workdir, params)
+
+
+def evaluation_groups(params: Params) -> dict[str, tuple[list[str], list[str]]]:
+    """report folder -> (eval sets, models): Table I rows on ``evidence.row_sets``, teacher and student on the
+    rest too, each model scored once per set."""
+    every = [s.name for s in params.data.eval_sets]
+    rows = table_rows(params)
+    chosen = params.evidence.row_sets
+    if chosen is None:
+        return {"evaluate": (every, rows)}
+    unknown = sorted(set(chosen) - set(every))
+    if unknown:
+        raise ConfigError(f"evidence.row_sets names {unknown}, not in data.eval_sets ({', '.join(every)})")
+    groups = {"evaluate": ([n for n in every if n in chosen], rows)}
+    rest = [n for n in every if n not in chosen]
+    if rest:
+        groups["evaluate-more"] = (rest, ["teacher", "student"])
+    return groups
+
+
+def only_sets(params: Params, names: list[str]) -> Params:
+    """``params`` evaluating the sets ``names`` only."""
+    data = params.data.model_copy(update={"eval_sets": [s for s in params.data.eval_sets if s.name in names]})
+    return params.model_copy(update={"data": data})
+
+
+def completed_runs(workdir: Path) -> dict[int, dict]:
+    """seed -> its metrics (every report of the seed merged), for each seed whose evaluations all finished."""
+    runs = {}
+    for seed_dir in sorted(workdir.glob("seed-*")):
+        reports = sorted(seed_dir.glob("evaluate*/metrics.json"))
+        if not (seed_dir / "evaluate" / "metrics.json").is_file() or not _all_evaluated(seed_dir):
+            continue
+        merged: dict = {}
+        for metrics in reports:
+            for model, per_set in json.loads(metrics.read_text()).items():
+                if isinstance(per_set, dict):
+                    merged.setdefault(model, {}).update(per_set)
+        runs[int(seed_dir.name.split("-", 1)[1])] = merged
+    return runs
+
+
+def _all_evaluated(seed_dir: Path) -> bool:
+    record = seed_dir / EXPECTED_REPORTS
+    if not record.is_file():
+        return False
+    return all((seed_dir / name / "metrics.json").is_file() for name in json.loads(record.read_text()))
+
+
+def table_rows(params: Params) -> list[str]:
+    """Table I order: the teacher, the rows, the full student (the paper's last row, wavelet similarity)."""
+    return ["teacher", *params.ablation_rows, "student"]
+
+
+def summarize(workdir: Path, params: Params) -> dict:
+    from crfr.evaluation.seeds import aggregate, render_markdown
+
+    summary = aggregate(completed_runs(workdir))
+    (workdir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (workdir / "summary.md").write_text(render_markdown(summary, table_rows(params)))
+    return summary
+
+
+def publish_evidence(workdir: Path, dest: Path, params: Params) -> None:
+    """Copy the summary, each finished seed's table and the run record to ``dest``."""
+    from crfr.report import describe_run, hardware
+
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in ("summary.json", "summary.md", RECORD):
+        if (workdir / name).is_file():
+            shutil.copyfile(workdir / name, dest / name)
+    for table in sorted(workdir.glob("seed-*/evaluate/table.md")):
+        shutil.copyfile(table, dest / f"{table.parent.parent.name}-table.md")
+    info = {"description": describe_run(params), "hardware": hardware(),
+            "seeds_planned": list(params.evidence.seeds), "seeds_complete": sorted(completed_runs(workdir))}
+    (dest / "run.json").write_text(json.dumps(info, indent=2) + "\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m pipeline.evidence",
+        description=__doc__.split("\n\n")[0] + " Applies profile=evidence unless --set profile=... says otherwise.",
+    )
+    add_params_args(parser)
+    parser.add_argument("--seeds", type=int, nargs="+", default=None, help="default: params evidence.seeds")
+    parser.add_argument("--workdir", type=Path, default=Path("runs/evidence"), help="outputs; reuse to resume")
+    parser.add_argument("--publish", type=Path, default=None, help="copy the summary here after every seed")
+    parser.add_argument("--source", default=None, help="LFW root for prepare (default data.root)")
+    args = parser.parse_args(argv)
+
+    def work() -> int:
+        overrides = list(args.overrides or [])
+        if not any(o.startswith("profile=") for o in overrides):
+            overrides.insert(0, "profile=evidence")
+        params = load_params(args.params, overrides)
+        seeds = args.seeds if args.seeds is not None else list(params.evidence.seeds)
+        summary = run_evidence(params, args.workdir, seeds, args.publish, args.source)
+        print((args.workdir / "summary.md").read_text())
+        print(f"evidence: {len(summary['seeds'])} seed(s) complete: {summary['seeds']}", file=sys.stderr)
+        return 0
+
+    return run_guarded(work)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,74 @@
+"""The evidence driver: the whole pipeline per seed, resumable, aggregated across seeds."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from crfr.config import load_params
+from crfr.evaluation.seeds import aggregate, render_markdown
+from pipeline.evidence import evaluation_groups, run_evidence
+
+
+def _cell(acc, low, high, delta=None):
+    cell = {"acc": acc, "acc_ci_low": low, "acc_ci_high": high}
+    if delta is not None:
+        cell |= {"vs_teacher_delta": delta[0], "vs_teacher_ci_low": delta[1], "vs_teacher_ci_high": delta[2]}
+    return cell
+
+
+def test_aggregate_mean_spread_and_paired_counts():
+    runs = {
+        0: {"teacher": {"lfw": {"linear": {"14": _cell(70.0, 67, 73)}}},
+            "student": {"lfw": {"linear": {"14": _cell(74.0, 71, 77, (4.0, 1.0, 7.0))}}}, "identification": {}},
+        1: {"teacher": {"lfw": {"linear": {"14": _cell(72.0, 69, 75)}}},
+            "student": {"lfw": {"linear": {"14": _cell(73.0, 70, 76, (1.0, -2.0, 4.0))}}}},
+    }
+    out = aggregate(runs)
+    assert out["seeds"] == [0, 1]
+    student = out["cells"]["student"]["lfw"]["linear"]["14"]
+    assert student["acc"]["per_seed"] == [74.0, 73.0]
+    assert student["acc"]["mean"] == pytest.approx(73.5)
+    assert student["acc"]["sd"] == pytest.approx(0.7071, abs=1e-3)
+    assert student["paired"]["mean"] == pytest.approx(2.5) and student["paired"]["seeds_above_zero"] == 1
+    assert "paired" not in out["cells"]["teacher"]["lfw"]["linear"]["14"]
+    md = render_markdown(out, ["teacher", "student"])
+    assert "| student | 73.50 ± 0.71 |" in md and "+2.50 ± 2.12 (1/2 > 0)" in md
+
+
+def test_aggregate_keeps_only_cells_every_seed_has():
+    runs = {0: {"teacher": {"lfw": {"linear": {"14": _cell(70, 60, 80)}}}, "kd": {"lfw": {"linear": {"14": _cell(71, 60, 80)}}}},
+            1: {"teacher": {"lfw": {"linear": {"14": _cell(70, 60, 80)}}}}}
+    assert set(aggregate(runs)["cells"]) == {"teacher"}
+
+
+def test_groups_put_table_rows_on_row_sets_only():
+    params = load_params("params.yaml", ["profile=evidence"])
+    groups = evaluation_groups(params)
+    assert groups["evaluate"] == (["lfw", "cfp_fp"], ["teacher", "resnet", "waveresnet", "degradation", "kd",
+                                                       "student"])
+    assert groups["evaluate-more"] == (["cfp_ff"], ["teacher", "student"])
+
+
+def test_evidence_runs_two_seeds_and_resumes(tmp_path, lfw_root):
+    params = load_params("params.yaml", ["profile=tiny", "ablation_rows=[kd]", "evaluate.protocols=[linear]",
+                                         "evaluate.identification=false", f"data.root={lfw_root}",
+                                         f"storage.cache_dir={tmp_path / 'cache'}"])
+    work = tmp_path / "evidence"
+    summary = run_evidence(params, work, [0, 1], publish=tmp_path / "published")
+    assert summary["seeds"] == [0, 1]
+    cell = summary["cells"]["kd"]["lfw"]["linear"]["14"]
+    assert len(cell["acc"]["per_seed"]) == 2 and "paired" in cell
+    # Different seeds train different nets (else the spread would say nothing about training noise).
+    w0 = (work / "seed-0" / "models" / "teacher" / "model.pt").read_bytes()
+    assert w0 != (work / "seed-1" / "models" / "teacher" / "model.pt").read_bytes()
+    assert (tmp_path / "published" / "summary.md").is_file()
+    assert json.loads((tmp_path / "published" / "run.json").read_text())["seeds_complete"] == [0, 1]
+
+    # A second call finds every output and trains nothing.
+    stamps = {p: p.stat().st_mtime_ns for p in work.glob("seed-*/models/*/model.pt")}
+    record_before = json.loads((work / "evidence.json").read_text())
+    run_evidence(params, work, [0, 1])
+    assert {p: p.stat().st_mtime_ns for p in work.glob("seed-*/models/*/model.pt")} == stamps
+    assert json.loads((work / "evidence.json").read_text())["seeds"]["0"]["steps_s"] == record_before["seeds"]["0"]["steps_s"]
