@@ -70,10 +70,15 @@ def parse_model_args(items: Sequence[str]) -> dict[str, str]:
     return models
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Arguments shared by ``python -m components.evaluate`` and ``crfr evaluate``."""
+def add_arguments(parser: argparse.ArgumentParser, prepared_required: bool = True) -> None:
+    """Arguments shared by ``python -m components.evaluate`` and ``crfr evaluate``.
+
+    Args:
+        prepared_required: False for ``crfr evaluate``, whose other form (MODEL BENCHMARK) needs no --prepared.
+    """
     add_params_args(parser)
-    parser.add_argument("--prepared", required=True, help="prepare step output (holds eval/<set>/)")
+    parser.add_argument("--prepared", required=prepared_required, default=None,
+                        help="prepare step output (holds eval/<set>/)")
     parser.add_argument("--probes", default=None, help="synthesize step output; omit to make LR probes in memory")
     parser.add_argument("--models-dir", default=None,
                         help="take teacher, student and params ablation_rows (ablation/<row>) from this folder")

@@ -66,15 +66,46 @@ class EvalSetCfg(Section):
     """One verification benchmark."""
 
     name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
-    kind: Literal["lfw", "bin", "csv"]
+    kind: Literal["lfw", "bin", "csv", "cfp"]
     path: str | None = Field(
-        default=None, description="Folder, .bin or .csv (local path or s3:// URI); null means data.root"
+        default=None,
+        description="LFW or CFP folder, .bin or .csv (local path or s3:// URI); null means data.root (lfw only)",
     )
     image_root: str | None = Field(default=None, description="csv only: root the pair paths are relative to")
-    folds: list[Int] | None = Field(
-        default=None, description="lfw only: View 2 folds (1-10) to evaluate; null means all"
+    protocol: Literal["FF", "FP"] | None = Field(
+        default=None, description="cfp only (required): FF frontal-frontal or FP frontal-profile"
     )
-    max_pairs: Int | None = Field(default=None, ge=2, description="evaluate only the first N pairs (smoke runs)")
+    folds: list[Int] | None = Field(
+        default=None, description="lfw: View 2 folds (1-10); cfp: its folds (1-10); null means all"
+    )
+    max_pairs: Int | None = Field(
+        default=None, ge=2, description="keep N pairs spread evenly over folds and labels (time budgets, smoke runs)"
+    )
+    align: Literal["fixed", "detect", "none"] | None = Field(
+        default=None,
+        description="fixed: data.align as training images get it (same framing as the training data); detect: "
+                    "MTCNN finds each face, then data.align is placed on it (photos framed otherwise, as "
+                    "serving does); none: already aligned. null: fixed for lfw, none for bin, detect for cfp/csv",
+    )
+
+    @model_validator(mode="after")
+    def _kind_options(self) -> "EvalSetCfg":
+        if self.kind == "cfp" and self.protocol is None:
+            raise ValueError(f"eval set {self.name!r}: kind cfp needs protocol: FF or FP")
+        if self.kind != "cfp" and self.protocol is not None:
+            raise ValueError(f"eval set {self.name!r}: protocol applies to kind cfp only")
+        if self.kind in ("bin", "csv", "cfp") and self.path is None:
+            raise ValueError(f"eval set {self.name!r}: kind {self.kind} needs a path (local or s3://)")
+        if self.folds is not None and self.kind not in ("lfw", "cfp"):
+            raise ValueError(f"eval set {self.name!r}: folds applies to kinds lfw and cfp (a CSV has a fold column)")
+        return self
+
+    @property
+    def alignment(self) -> str:
+        """The effective ``align`` (its null resolved by kind)."""
+        if self.align is not None:
+            return self.align
+        return {"lfw": "fixed", "bin": "none"}.get(self.kind, "detect")
 
 
 class DataCfg(Section):
@@ -108,6 +139,16 @@ class DataCfg(Section):
     )
     shard_size: Int = Field(default=4096, ge=1)
     num_workers: Int = Field(default=0, ge=0)
+    validation_identities: Int = Field(
+        default=0, ge=0,
+        description="people (>= 2 images, outside every eval set) held out of training for validation pairs: the "
+                    "per-epoch accuracy and the choice of settings; 0: no validation split",
+    )
+    validation_pairs: Int = Field(default=600, ge=2, description="validation pairs, half same, half different")
+    align_cache: Bool = Field(
+        default=True, description="cache detect-aligned faces under storage.cache_dir (keyed by image bytes and "
+                                  "alignment settings): MTCNN runs once per image, not once per run",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> "DataCfg":
@@ -271,7 +312,7 @@ class RuntimeCfg(Section):
     threads: Int | None = Field(default=None, ge=1, description="torch CPU threads; null: all cores")
     num_workers: Int = Field(default=0, ge=0)
     log_every: Int = Field(default=10, ge=1)
-    holdout_pairs: Int = Field(default=300, ge=0, description="pairs checked at 14 and 112 px after each epoch")
+    holdout_pairs: Int = Field(default=300, ge=0, description="validation pairs (data.validation_identities) checked at 14 and 112 px after each epoch")
     checkpoint_uri: str | None = Field(
         default=None, description="also mirror each checkpoint here (s3:// on a cluster: a retried pod resumes)"
     )
@@ -282,6 +323,14 @@ class RuntimeCfg(Section):
         default=600, ge=10, le=86400,
         description="torchrun: a collective that waits longer for a dead or stuck rank fails the run",
     )
+
+
+# Surveillance-like test corruption, deliberately unlike training's degrade defaults: more often blurred
+# (more of it Gaussian defocus), Poisson shot noise in half of the noisy probes, and JPEG at middling quality.
+REALISTIC_TEST_DEGRADE = {
+    "p_blur": 0.7, "motion_blur_fraction": 0.3, "gaussian_sigma": (0.8, 2.0), "motion_kernel": (3, 9),
+    "p_noise": 0.7, "noise_sigma": (4.0, 12.0), "p_poisson": 0.5, "p_jpeg": 0.7, "jpeg_quality": (40, 85),
+}
 
 
 class EvaluateCfg(Section):
@@ -295,6 +344,12 @@ class EvaluateCfg(Section):
     nfolds: Int = Field(default=10, ge=2)
     batch_size: Int = Field(default=128, ge=1, le=65536)
     realistic_seed: Int = Field(default=1234, ge=0, le=MAX_SEED)
+    # The test corruption is its own distribution, not the training one (degrade): a row trained on exactly
+    # the probes' corruption would be favoured by the protocol rather than by generalising to it.
+    realistic: DegradeCfg = Field(
+        default_factory=lambda: DegradeCfg(**REALISTIC_TEST_DEGRADE),
+        description="the realistic protocol's corruptions (blur, noise, JPEG); its sizes are the resolutions",
+    )
     far_targets: list[Annotated[Float, Field(gt=0.0, lt=1.0)]] = Field(default_factory=lambda: [1e-2, 1e-3])
     identification: bool = Field(
         default=True, description="also 1:N identification: rank-1/5 and FNIR at FPIR (crfr.evaluation.identification)"
@@ -465,6 +520,19 @@ class ServeCfg(Section):
     )
 
 
+class EvidenceCfg(Section):
+    """``python -m pipeline.evidence``: the whole pipeline once per seed (:mod:`pipeline.evidence`)."""
+
+    seeds: list[Annotated[int, Strict(), Field(ge=0, le=MAX_SEED)]] = Field(
+        default_factory=lambda: [0, 1, 2], min_length=1, description="training seeds, run in sequence"
+    )
+    data_seed: Int = Field(default=0, ge=0, le=MAX_SEED, description="seed of the one shared prepare step")
+    row_sets: list[str] | None = Field(
+        default=None, description="eval sets of the Table I rows; the teacher and student get every set. "
+                                  "null: every set for every row",
+    )
+
+
 class Params(Section):
     """All of params.yaml, after the profile is applied."""
 
@@ -488,6 +556,7 @@ class Params(Section):
     storage: StorageCfg = Field(default_factory=StorageCfg)
     kubeflow: KubeflowCfg = Field(default_factory=KubeflowCfg)
     gallery: GalleryCfg = Field(default_factory=GalleryCfg)
+    evidence: EvidenceCfg = Field(default_factory=EvidenceCfg)
     serve: ServeCfg = Field(default_factory=ServeCfg)
 
     @model_validator(mode="after")

@@ -91,8 +91,8 @@ def prepare_face(rgb: np.ndarray, align: dict | None = None, size: int = 112, wh
     Raises:
         DataError: no face found in the image, a face smaller than ``min_face_size``, or not an RGB image.
     """
-    from crfr.data.align import ARCFACE_TEMPLATE, LFW_FUNNELED_LANDMARKS, crop_at_face, crop_has_face, find_face
-    from crfr.data.align import similarity_scale, warp_to_template
+    from crfr.data.align import ARCFACE_TEMPLATE, LFW_FUNNELED_LANDMARKS, crop_has_face, find_face, place_face
+    from crfr.data.align import similarity_scale
 
     align = align or DEFAULT_ALIGN
     if rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[2] != 3:
@@ -125,9 +125,8 @@ def prepare_face(rgb: np.ndarray, align: dict | None = None, size: int = 112, wh
     across = span / similarity_scale(landmarks, dst)
     if across < min_face:
         raise DataError(too_small % round(across))
-    if mode == "mtcnn":
-        return warp_to_template(rgb, landmarks, size)
-    return crop_at_face(rgb, landmarks, tuple(align.get("crop_box", DEFAULT_ALIGN["crop_box"])), size)
+    # The code prepare's detect alignment runs on an eval photo (crfr.data.align.Aligner).
+    return place_face(rgb, landmarks, mode, tuple(align.get("crop_box", DEFAULT_ALIGN["crop_box"])), size)
 
 
 def _as_image(value: Any, index: int) -> np.ndarray:

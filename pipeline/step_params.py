@@ -21,9 +21,10 @@ from crfr.errors import ConfigError, DataError
 
 ROWS = "ablation.<rows>"  # stands for ablation.<name> for every name in ablation_rows
 ALL = "*"  # every key
+TEACHER_SCHEDULE = "teacher<if a row trains on its schedule>"  # `teacher`, when a row has schedule: teacher
 
 # Dotted keys: a section, or one key of a section (a list such as data.eval_sets counts as one key).
-_TRAINING = ("seed", "run_dir", "data.eval_sets", "model", "loss", "runtime", "storage", "tracking")
+_TRAINING = ("seed", "run_dir", "model", "loss", "runtime", "storage", "tracking")
 STEP_PARAMS: dict[str, tuple[str, ...]] = {
     # evaluate.nfolds: the folds given to a .bin or CSV evaluation set that has none of its own.
     "prepare": ("seed", "data", "evaluate.nfolds", "storage"),
@@ -31,8 +32,8 @@ STEP_PARAMS: dict[str, tuple[str, ...]] = {
                    "evaluate.realistic_seed", "evaluate.realistic", "storage"),
     "train_teacher": _TRAINING + ("teacher",),
     "distill_student": _TRAINING + ("degrade", "student"),
-    # A Table I row: its student overrides, and the teacher's schedule for rows that learn from scratch.
-    "distill_row": _TRAINING + ("degrade", "student", "teacher", ROWS),
+    # A Table I row: its student overrides, and the teacher's schedule for a row that asks for it.
+    "distill_row": _TRAINING + ("degrade", "student", TEACHER_SCHEDULE, ROWS),
     # registry.gate_*: the thresholds are calibrated on the dataset and protocol the gate compares on.
     "evaluate": ("data.eval_sets", "evaluate", "registry.gate_dataset", "registry.gate_protocol", "runtime.device",
                  "storage", "tracking"),
@@ -48,7 +49,12 @@ def step_keys(step: str, params: Params) -> list[str]:
         raise KeyError(f"no params table for step {step!r}; known: {sorted(STEP_PARAMS)}")
     keys: list[str] = []
     for key in STEP_PARAMS[step]:
-        keys += [f"ablation.{row}" for row in params.ablation_rows] if key == ROWS else [key]
+        if key == ROWS:
+            keys += [f"ablation.{row}" for row in params.ablation_rows]
+        elif key == TEACHER_SCHEDULE:
+            keys += ["teacher"] if any(params.ablation[r].schedule == "teacher" for r in params.ablation_rows) else []
+        else:
+            keys.append(key)
     return keys
 
 
@@ -132,6 +138,8 @@ def check_slices(slices: dict[str, str], source_uri: str | None = None, scratch:
             inputs.append(("data.train_rec", data.train_rec))
         inputs += [(f"data.eval_sets[{s.name}].path", s.path) for s in data.eval_sets if s.path]
         for what, uri in inputs:
+            if uri in found:  # CFP FF and FP read one folder
+                continue
             if not storage.exists(uri):
                 raise DataError(f"{what} {uri} does not exist")
             found.append(uri)

@@ -45,7 +45,7 @@ def test_bad_values_name_the_key(override, message):
 
 
 def test_unknown_profile_lists_the_allowed_ones():
-    with pytest.raises(ConfigError, match=r"profile 'x' is not defined; allowed: \['demo', 'long', 'paper', 'tiny'\]"):
+    with pytest.raises(ConfigError, match=r"profile 'x' is not defined; allowed: \['demo', 'evidence', 'long', 'paper', 'tiny'\]"):
         load_params("params.yaml", ["profile=x"])
 
 
@@ -76,14 +76,19 @@ def test_ablation_rows_and_json_round_trip():
     assert isinstance(p, Params) and p.flat()["model.depth"] == 18
 
 
-def test_rows_learning_from_scratch_take_the_teacher_schedule():
+def test_every_table_row_has_the_student_budget_unless_it_asks_for_the_teacher_schedule():
+    from components.distill_student import student_spec
+
     p = load_params("params.yaml", ["teacher.epochs=7", "teacher.lr=0.2", "student.epochs=3"])
-    scratch, distilled = p.student_for_row("resnet"), p.student_for_row("kd")
-    assert p.ablation["resnet"].schedule == "teacher" and not p.ablation["resnet"].kd
+    specs = {row: student_spec(p, "models/teacher", row) for row in p.ablation}
+    # Same start, same epochs for all five rows: they differ only in backbone, LR data and losses.
+    assert {(s.optim.epochs, s.optim.lr, s.init_from_teacher) for s in specs.values()} == {(3, p.student.lr, True)}
+    assert specs["resnet"].backbone == "iresnet" and specs["resnet"].lr_data == "bicubic" and not specs["resnet"].kd
+    own = load_params("params.yaml", ["teacher.epochs=7", "teacher.lr=0.2", "ablation.resnet.schedule=teacher"])
+    scratch = own.student_for_row("resnet")
     assert (scratch.epochs, scratch.lr, scratch.warmup_epochs, scratch.milestones) == (
-        7, 0.2, p.teacher.warmup_epochs, p.teacher.milestones)
+        7, 0.2, own.teacher.warmup_epochs, own.teacher.milestones)
     assert scratch.backbone == "iresnet" and scratch.lr_data == "bicubic"  # the row's own switches stay
-    assert (distilled.epochs, distilled.lr) == (3, p.student.lr)
     with pytest.raises(ConfigError, match="schedule"):
         load_params("params.yaml", ["ablation.kd.schedule=mentor"])
 

@@ -24,6 +24,7 @@ from crfr.data.recordio import InsightfaceRec
 from crfr.data.shards import ShardDataset
 from crfr.data.split import leak_free_split
 from crfr.degrade import Degrader
+from crfr.evaluation.probes import realistic_degrade
 from crfr.errors import DataError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -71,7 +72,9 @@ def tiny(tmp_path_factory, lfw_root):
 def test_prepared_layout_follows_formats_md(tiny, lfw_root):
     out, p, report, _ = tiny
     prepared = out / "prepared"
-    assert sorted(x.name for x in prepared.iterdir()) == ["eval", "manifest.csv", "report.json", "train"]
+    validation = ["validation"] if p.data.validation_identities else []
+    expected = ["eval", "manifest.csv", "report.json", "train", *validation]
+    assert sorted(x.name for x in prepared.iterdir()) == expected
     index = json.loads((prepared / "train" / "index.json").read_text())
     assert index["format"] == "crfr-shards/1" and index["num_classes"] == 10 and index["image_size"] == 112
     assert len(index["classes"]) == 10 and index["shards"][0]["file"] == "shard-00000.npy"
@@ -91,8 +94,9 @@ def test_prepared_layout_follows_formats_md(tiny, lfw_root):
     ps = load_pair_set(prepared / "eval" / "lfw")
     assert ps.num_pairs == 40 and ps.same.sum() == 20 and set(ps.fold.tolist()) == {9, 10}
     assert ps.images.shape == (len(ps.images), 112, 112, 3) and ps.meta["kind"] == "lfw"
-    assert {r["split"] for r in rows} == {"train", "eval:lfw"}
-    assert len(rows) == len(ds) + len(ps.images)
+    validation = len(load_pair_set(prepared / "validation").images) if p.data.validation_identities else 0
+    assert {r["split"] for r in rows} == {"train", "eval:lfw"} | ({"validation"} if validation else set())
+    assert len(rows) == len(ds) + len(ps.images) + validation
     assert all(len(r["sha256"]) == 64 for r in rows)
     rep = json.loads((prepared / "report.json").read_text())
     assert rep["train"]["images_per_identity"]["identities"] == 10
@@ -136,7 +140,10 @@ def test_probes_follow_the_protocols(tiny):
     assert json.loads((probes / "index.json").read_text())["seed"] == p.evaluate.realistic_seed
     assert (probes / "preview.png").stat().st_size > 10_000
     ps = load_pair_set(out / "prepared" / "eval" / "lfw")
-    degrader = Degrader(p.degrade, seed=p.evaluate.realistic_seed)
+    # The realistic protocol corrupts with its own settings, not training's (else it favours the rows trained
+    # on exactly that corruption).
+    assert p.evaluate.realistic.p_poisson != p.degrade.p_poisson
+    degrader = Degrader(realistic_degrade(p), seed=p.evaluate.realistic_seed)
     for size in (14, 28, 56):
         lin = np.load(probes / "lfw" / "linear" / f"{size}.npy")
         real = np.load(probes / "lfw" / "realistic" / f"{size}.npy")
@@ -177,7 +184,8 @@ def test_recordio_training_and_bin_and_csv_eval_sets(tmp_path, lfw_root):
         f.write("path1,path2,same\n" + "".join(f"{a},{b},{s}\n" for a, b, s in rows))
     sets = (f"data.eval_sets=[{{name: lfwbin, kind: bin, path: {tmp_path / 'lfw.bin'}}}, "
             f"{{name: mine, kind: csv, path: {tmp_path / 'pairs.csv'}, image_root: {lfw_root / 'lfw-deepfunneled'}}}]")
-    p = params("data.train=recordio", f"data.train_rec={tmp_path / 'rec' / 'train.rec'}", "data.align=none", sets)
+    p = params("data.train=recordio", f"data.train_rec={tmp_path / 'rec' / 'train.rec'}", "data.align=none", sets,
+               "data.validation_identities=0")
     report = prepare(None, str(tmp_path / "prep"), p, progress=False)
     ds = ShardDataset(tmp_path / "prep" / "train")
     assert len(ds) == rec["images"] == 12 and ds.classes == ["0", "1", "2"]
@@ -236,7 +244,9 @@ def test_corrupt_and_empty_training_data_are_counted_or_refused(tmp_path, lfw_ro
         f.unlink()
         f.write_bytes(b"garbage")
     sets = "data.eval_sets=[{name: lfw, kind: lfw}]"
+    # The subset has no person with 2-3 images to validate on.
     report = prepare(str(root), str(tmp_path / "ok"), params(sets, "data.max_bad_fraction=0.2",
+                                                             "data.validation_identities=0",
                                                              "data.min_images_per_identity=4"), progress=False)
     t = report["train"]
     assert t["bad_images"]["unreadable"] == 3
@@ -246,7 +256,7 @@ def test_corrupt_and_empty_training_data_are_counted_or_refused(tmp_path, lfw_ro
     assert train[1] not in ShardDataset(tmp_path / "ok" / "train").classes
     refused = rf"3 of \d+ images are unreadable, more than data.max_bad_fraction=0.01: .*{train[0]}_9999.jpg"
     with pytest.raises(DataError, match=refused):
-        prepare(str(root), str(tmp_path / "bad"), params(sets), progress=False)
+        prepare(str(root), str(tmp_path / "bad"), params(sets, "data.validation_identities=0"), progress=False)
     assert not (tmp_path / "bad").exists()  # nothing half-written
 
 
@@ -257,7 +267,7 @@ def test_truncated_rec_and_malicious_bin_fail_without_a_traceback(tmp_path, lfw_
     export_rec(base, tmp_path / "rec", str(lfw_root), progress=False)
     rec = tmp_path / "rec" / "train.rec"
     rec.write_bytes(rec.read_bytes()[:-100])
-    p = params("data.train=recordio", f"data.train_rec={rec}", "data.align=none",
+    p = params("data.train=recordio", f"data.train_rec={rec}", "data.align=none", "data.validation_identities=0",
                "data.eval_sets=[{name: lfw, kind: lfw, folds: [10], max_pairs: 4}]")
     with pytest.raises(DataError, match=r"train.rec: truncated record at offset \d+"):
         prepare(str(lfw_root), str(tmp_path / "out"), p, progress=False)

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from crfr.degrade import Degrader
+from crfr.evaluation.probes import realistic_degrade
 from tests.facedata import interleaved_pairs, params_file, require_lfw, save_random_model, write_eval_set
 
 SETS = ("lfw", "lfw_b")
@@ -36,7 +37,7 @@ def make_params(tmp: Path, extra: list[str] | None = None):
 
 def write_probes(probes: Path, prepared: Path, params) -> None:
     """The synthesize step's layout, made here from its documented definition."""
-    degrader = Degrader(params.degrade, seed=params.evaluate.realistic_seed)
+    degrader = Degrader(realistic_degrade(params), seed=params.evaluate.realistic_seed)
     for name in SETS:
         images = np.load(prepared / "eval" / name / "images.npy")
         for size in (r for r in RESOLUTIONS if r < 112):

@@ -88,10 +88,10 @@ def test_readme_without_markers_is_an_error_not_a_rewrite(workdir, capsys):
     assert (workdir / "README.md").read_text() == "# no markers\n"
 
 
-def test_epoch_line_reports_holdout_accuracy_by_resolution():
-    line = epoch_line("teacher", 2, 4, {"loss_total": 14.25, "holdout_acc_112": 72.5, "holdout_acc_14": 70.0,
+def test_epoch_line_reports_validation_accuracy_by_resolution():
+    line = epoch_line("teacher", 2, 4, {"loss_total": 14.25, "val_acc_112": 72.5, "val_acc_14": 70.0,
                                         "images_per_s": 37.21})
-    assert line == ("teacher epoch 2/4 done: loss 14.250, holdout accuracy 70.0% at 14 px, 72.5% at 112 px, "
+    assert line == ("teacher epoch 2/4 done: loss 14.250, validation accuracy 70.0% at 14 px, 72.5% at 112 px, "
                     "37.2 images/s")
     assert epoch_line("student", 1, 1, {"loss_total": 1.0}) == "student epoch 1/1 done: loss 1.000"
 

@@ -23,7 +23,7 @@ from tests.builders import make_prepared
 
 @pytest.fixture(scope="module")
 def prepared(lfw_root, tmp_path_factory):
-    return make_prepared(lfw_root, tmp_path_factory.mktemp("prepared"))
+    return make_prepared(lfw_root, tmp_path_factory.mktemp("prepared"), validation_ids=4)
 
 
 def tiny_params(tmp_path, *extra):
@@ -61,7 +61,11 @@ def test_teacher_run_writes_model_reports_and_mlflow_run(teacher_dir):
     for name in ("metrics.json", "epochs.csv", "steps.csv"):
         assert (teacher_dir / name).is_file()
     metrics = json.loads((teacher_dir / "metrics.json").read_text())
-    assert {"loss_arcface", "images_per_s", "holdout_acc_14", "holdout_acc_112"} <= set(metrics)
+    assert {"loss_arcface", "images_per_s", "val_acc_14", "val_acc_112"} <= set(metrics)
+    assert not any(k.startswith("holdout") for k in metrics)
+    header = (teacher_dir / "epochs.csv").read_text().splitlines()[0].split(",")
+    assert {"val_acc_14", "val_acc_112"} <= set(header)
+    assert "teacher_soft_targets" not in metrics  # a teacher distils from nothing
     import mlflow
 
     run = mlflow.get_run(info["meta"]["mlflow_run_id"])
@@ -160,3 +164,57 @@ def test_a_nan_loss_stops_with_the_term_and_step(prepared, teacher_dir, tmp_path
         distill_student(str(prepared), str(teacher_dir), str(tmp_path / "s"), params)
     assert (tmp_path / "runs" / "checkpoints" / "student" / "checkpoint.pt").is_file()
     assert not (tmp_path / "s").exists()
+
+
+def test_the_per_epoch_accuracy_reads_the_validation_split_never_eval(prepared, tmp_path, caplog):
+    import shutil
+
+    from crfr.data.pairs import load_pair_set
+    from crfr.train.run import load_holdout
+
+    params = tiny_params(tmp_path)  # runtime.holdout_pairs=20
+    only_validation = tmp_path / "only-validation"
+    shutil.copytree(prepared, only_validation, ignore=shutil.ignore_patterns("eval"))
+    holdout = load_holdout(only_validation, params)
+    val = load_pair_set(prepared / "validation")
+    assert len(holdout.same) == 20 and holdout.same.sum() == 10
+    assert np.array_equal(holdout.images[holdout.left], val.images[val.left[:20]])
+    assert np.array_equal(holdout.images[holdout.right], val.images[val.right[:20]])
+
+    only_eval = tmp_path / "only-eval"
+    shutil.copytree(prepared, only_eval, ignore=shutil.ignore_patterns("validation"))
+    with caplog.at_level("WARNING"):
+        assert load_holdout(only_eval, params) is None
+    assert "no validation/ split" in caplog.text and "no per-epoch validation accuracy" in caplog.text
+    summary = train_teacher(str(only_eval), str(tmp_path / "teacher"), params)
+    assert not any(k.startswith("val_acc") for k in summary["final"])
+
+
+def test_student_reports_the_teachers_soft_targets_on_validation_faces(prepared, teacher_dir, tmp_path):
+    import math
+
+    import mlflow
+
+    from crfr.train.run import _teacher_soft_targets
+
+    params = tiny_params(tmp_path, "loss.temperature=3.0", "runtime.holdout_pairs=0")
+    summary = distill_student(str(prepared), str(teacher_dir), str(tmp_path / "student"), params)
+    soft = json.loads((tmp_path / "student" / "metrics.json").read_text())["teacher_soft_targets"]
+    assert summary["teacher_soft_targets"] == soft
+    c = soft["num_classes"]
+    assert c == 6 and soft["images"] == 12 and math.isclose(soft["log_num_classes"], math.log(6))
+    assert soft["s"] == params.loss.arcface_s and soft["temperature"] == 3.0
+    by_t = soft["by_temperature"]
+    assert list(by_t) == ["T1", "T2", "T3", "T4"]
+    for stats in by_t.values():
+        assert 1 / c - 1e-9 <= stats["top1"] <= 1 and 0 <= stats["entropy"] <= math.log(c) + 1e-9
+    entropies = [by_t[k]["entropy"] for k in by_t]
+    top1 = [by_t[k]["top1"] for k in by_t]
+    assert entropies == sorted(entropies) and len(set(entropies)) == 4  # sharper as T falls
+    assert top1 == sorted(top1, reverse=True)
+    run = mlflow.get_run(summary["mlflow_run_id"])
+    assert math.isclose(run.data.metrics["teacher_soft_targets/T3/entropy"], by_t["T3"]["entropy"])
+
+    plain = Trainer(student_spec(params, str(teacher_dir), "waveresnet"), params, ShardDataset(prepared / "train"),
+                    resolve_runtime(params.runtime), tmp_path / "p")
+    assert _teacher_soft_targets(plain, prepared, params) is None  # no KD: nothing to measure

@@ -7,6 +7,10 @@
   back to the centre crop and are counted.
 * ``none``: the images are already aligned (insightface .bin / .rec); only resized when their size differs.
 
+An eval set framed unlike the training data (CFP, a user's CSV of photos) is aligned in the :class:`Aligner`'s
+``detect`` mode: MTCNN finds each face as serving finds it (:func:`find_faces`), then the training alignment
+``data.align`` is placed on it (:func:`place_face`); a photo with no face gives its central square, counted.
+
 Serving (:mod:`crfr.serving`) aligns one photo at a time as the model's training data was aligned, but from the
 face MTCNN finds rather than from fixed pixel positions: :func:`find_face` gives its landmarks,
 :func:`warp_to_template` (``mtcnn``) or :func:`crop_at_face` (``center-crop``: the photo is first mapped onto
@@ -116,12 +120,32 @@ def center_crop(img: np.ndarray, box: tuple[int, int, int, int], size: int) -> t
     top, bottom, left, right = box
     fits = 0 <= top < bottom <= h and 0 <= left < right <= w
     if not fits:
-        side = min(h, w)
-        top, left = (h - side) // 2, (w - side) // 2
-        bottom, right = top + side, left + side
+        return central_square(img, size), False
     crop = img[top:bottom, left:right]
     interp = cv2.INTER_AREA if max(crop.shape[:2]) > size else cv2.INTER_LINEAR
-    return cv2.resize(crop, (size, size), interpolation=interp), fits
+    return cv2.resize(crop, (size, size), interpolation=interp), True
+
+
+def central_square(img: np.ndarray, size: int) -> np.ndarray:
+    """The central square of the shorter side, resized to ``size``: the fallback when no face is placed."""
+    h, w = img.shape[:2]
+    side = min(h, w)
+    top, left = (h - side) // 2, (w - side) // 2
+    crop = img[top : top + side, left : left + side]
+    interp = cv2.INTER_AREA if side > size else cv2.INTER_LINEAR
+    return cv2.resize(crop, (size, size), interpolation=interp)
+
+
+def place_face(img: np.ndarray, landmarks: np.ndarray, align: str, crop_box: tuple[int, int, int, int],
+               size: int) -> np.ndarray:
+    """The network input cut around a found face as the model's training data was aligned (``align``).
+
+    ``center-crop``: :func:`crop_at_face` (``crop_box`` where it sits on deep-funneled LFW); ``mtcnn`` and
+    ``none`` (already aligned training data, ArcFace-style): :func:`warp_to_template`.
+    """
+    if align == "center-crop":
+        return crop_at_face(img, landmarks, tuple(crop_box), size)
+    return warp_to_template(img, landmarks, size)
 
 
 def pick_face(boxes: np.ndarray, shape: tuple[int, int]) -> int:
@@ -140,7 +164,7 @@ class AlignStats:
     aligned: int = 0
     detected: int = 0
     multiple_faces: int = 0
-    fallbacks: int = 0  # mtcnn found no face: centre crop used instead
+    fallbacks: int = 0  # mtcnn found no face: centre crop (detect: central square) used instead
     crop_box_outside: int = 0  # crop_box did not fit the image: central square used instead
     resized: int = 0  # align: none, image not at image_size
     fallback_examples: list[str] = field(default_factory=list)
@@ -154,17 +178,21 @@ class Aligner:
 
     Args:
         cfg: data settings (align, crop_box, image_size).
-        mode: overrides ``cfg.align`` (e.g. ``none`` for already aligned .bin images).
+        mode: overrides ``cfg.align``: ``none`` for already aligned .bin images, ``detect`` for photos framed
+            unlike the training data (each face found by :func:`find_faces`, then ``cfg.align`` placed on it).
         min_face: mtcnn's smallest face; None uses 1/8 of the image's shorter side, at least 20 px: faces
             smaller than that are not the subject of a face-recognition photo and searching for them
-            costs most of the detector's time.
+            costs most of the detector's time. ``detect`` always searches as serving does.
+        cache: ``detect`` only: an :class:`crfr.data.align_cache.AlignCache` of earlier results, looked up by
+            the ``keys`` given with the images.
     """
 
-    def __init__(self, cfg: DataCfg, mode: str | None = None, min_face: int | None = None) -> None:
+    def __init__(self, cfg: DataCfg, mode: str | None = None, min_face: int | None = None, cache=None) -> None:
         self.cfg = cfg
         self.mode = mode or cfg.align
         self.size = cfg.image_size
         self.min_face = min_face
+        self.cache = cache if self.mode == "detect" else None
         self.stats = AlignStats(self.mode)
         self._detectors: dict[int, object] = {}
 
@@ -183,10 +211,50 @@ class Aligner:
         self.stats.crop_box_outside += not fits
         return face
 
-    def __call__(self, images: list[np.ndarray], names: list[str] | None = None) -> list[np.ndarray]:
-        """Align each image; ``names`` (for reports) label the images that fell back to a centre crop."""
+    def _fell_back(self, names: list[str] | None, i: int) -> None:
+        self.stats.fallbacks += 1
+        if names is not None and len(self.stats.fallback_examples) < 20:
+            self.stats.fallback_examples.append(names[i])
+
+    def _detect(self, images: list[np.ndarray], names: list[str] | None, keys: list[str] | None) -> list[np.ndarray]:
+        out: list[np.ndarray] = [None] * len(images)  # type: ignore[list-item]
+        counts = [0] * len(images)
+        todo = []
+        for i in range(len(images)):
+            hit = self.cache.get(keys[i]) if self.cache is not None and keys and keys[i] else None
+            if hit is None:
+                todo.append(i)
+            else:
+                out[i], counts[i] = hit
+        for i, (marks, found) in zip(todo, find_faces([images[i] for i in todo])):
+            counts[i] = found
+            if marks is None:
+                out[i] = central_square(images[i], self.size)
+            else:
+                out[i] = place_face(images[i], marks, self.cfg.align, self.cfg.crop_box, self.size)
+            if self.cache is not None and keys and keys[i]:
+                self.cache.put(keys[i], out[i], found)
+        for i, found in enumerate(counts):
+            if found:
+                self.stats.detected += 1
+                self.stats.multiple_faces += found > 1
+            else:
+                self._fell_back(names, i)
+        return out
+
+    def __call__(self, images: list[np.ndarray], names: list[str] | None = None,
+                 keys: list[str] | None = None) -> list[np.ndarray]:
+        """Align each image.
+
+        Args:
+            images: uint8 RGB images.
+            names: label the images that fell back to a centre crop, for reports.
+            keys: ``detect`` with a cache: each image's cache key (the sha256 of its bytes); "" is not cached.
+        """
         out: list[np.ndarray]
-        if self.mode == "center-crop":
+        if self.mode == "detect":
+            out = self._detect(images, names, keys)
+        elif self.mode == "center-crop":
             out = [self._crop(img) for img in images]
         elif self.mode == "none":
             out = []
@@ -206,9 +274,7 @@ class Aligner:
                 for i, (boxes, marks) in zip(idx, found):
                     img = images[i]
                     if len(boxes) == 0:
-                        self.stats.fallbacks += 1
-                        if names is not None and len(self.stats.fallback_examples) < 20:
-                            self.stats.fallback_examples.append(names[i])
+                        self._fell_back(names, i)
                         out[i] = self._crop(img)
                         continue
                     self.stats.detected += 1
@@ -246,31 +312,51 @@ def _shared_detector(weights: str | None, min_face: int):
     return _with_min_face(_DETECTORS[key], min_face)
 
 
+def _detect_view(rgb: np.ndarray) -> np.ndarray:
+    h, w = rgb.shape[:2]
+    factor = min(1.0, DETECT_SIDE / min(h, w))
+    if factor == 1.0:
+        return rgb
+    # The pyramid would only resample the whole photo again and again.
+    return cv2.resize(rgb, (max(1, round(w * factor)), max(1, round(h * factor))), interpolation=cv2.INTER_AREA)
+
+
+def find_faces(images: list[np.ndarray], weights: str | None = None) -> list[tuple[np.ndarray | None, int]]:
+    """For each photo: the 5 landmarks (x, y) of the face to use (None if none) and how many faces were found.
+
+    The face kept is the largest central one (:func:`pick_face`). Faces are searched down to 1/8 of the
+    shorter side (at least 20 px), the :class:`Aligner`'s default: the search scales with the photo, so an
+    upscaled copy is searched the same way; a photo larger than ``DETECT_SIDE`` is searched on an
+    area-averaged copy of that size. Photos searched from the same smallest face go through MTCNN together.
+
+    Args:
+        images: uint8 RGB images.
+        weights: folder of the MTCNN weights; None finds them (:func:`crfr.data.mtcnn.weights_dir`).
+    """
+    views = [_detect_view(rgb) for rgb in images]
+    groups: dict[int, list[int]] = {}
+    for i, view in enumerate(views):
+        groups.setdefault(max(20, min(view.shape[:2]) // 8), []).append(i)
+    out: list[tuple[np.ndarray | None, int]] = [(None, 0)] * len(images)
+    for min_face, idx in groups.items():
+        found = _shared_detector(weights, min_face).detect([views[i] for i in idx])
+        for i, (boxes, marks) in zip(idx, found):
+            if len(boxes) == 0:
+                continue
+            view, (h, w) = views[i], images[i].shape[:2]
+            picked = marks[pick_face(boxes, view.shape)]
+            if view is not images[i]:  # back to the photo's pixels (resizing maps pixel centres: x + 0.5 scales)
+                picked = (picked + 0.5) * np.array([w / view.shape[1], h / view.shape[0]]) - 0.5
+            out[i] = (picked, len(boxes))
+    return out
+
+
 def find_face(rgb: np.ndarray, weights: str | None = None) -> np.ndarray | None:
     """The 5 landmarks (x, y) of the face to use in a photo, as prepare's mtcnn alignment picks it; None if none.
 
-    Faces are searched down to 1/8 of the shorter side (at least 20 px), the :class:`Aligner`'s default: the
-    search scales with the photo, so an upscaled copy is searched the same way; a photo larger than
-    ``DETECT_SIDE`` is searched on an area-averaged copy of that size.
-
-    Args:
-        rgb: uint8 RGB image.
-        weights: folder of the MTCNN weights; None finds them (:func:`crfr.data.mtcnn.weights_dir`).
+    One photo through :func:`find_faces`.
     """
-    h, w = rgb.shape[:2]
-    factor = min(1.0, DETECT_SIDE / min(h, w))
-    view = rgb
-    if factor < 1.0:  # the pyramid would only resample the whole photo again and again
-        view = cv2.resize(rgb, (max(1, round(w * factor)), max(1, round(h * factor))), interpolation=cv2.INTER_AREA)
-    det = _shared_detector(weights, max(20, min(view.shape[:2]) // 8))
-    boxes, marks = det.detect([view])[0]
-    if len(boxes) == 0:
-        return None
-    found = marks[pick_face(boxes, view.shape)]
-    if view is rgb:
-        return found
-    # Back to the photo's pixels (resizing maps pixel centres: x + 0.5 scales).
-    return (found + 0.5) * np.array([w / view.shape[1], h / view.shape[0]]) - 0.5
+    return find_faces([rgb], weights)[0][0]
 
 
 def crop_has_face(face: np.ndarray, weights: str | None = None) -> bool:

@@ -97,7 +97,8 @@ def aligned_faces(
     Args:
         jobs: ``(where, bytes)``: ``where`` names the image in reports (a file path, ``lfw.bin#12``); with
             bytes None it is a file, read here.
-        aligner: aligns the readable images, named by ``where`` in its fallback examples.
+        aligner: aligns the readable images, named by ``where`` in its fallback examples and keyed by
+            their sha256 in its cache (``detect``).
         bad: counts every image (``seen``) and records the unreadable ones with their reasons.
         workers: the size of ``pool``.
         pool: :func:`worker_pool`'s processes to decode in; None decodes in this process.
@@ -127,7 +128,8 @@ def aligned_faces(
             faces: dict[int, np.ndarray] = {}
             for b in range(0, len(readable), ALIGN_BATCH):
                 sel = readable[b : b + ALIGN_BATCH]
-                faces.update(zip(sel, aligner([results[k][1] for k in sel], [batch[k][0] for k in sel])))
+                faces.update(zip(sel, aligner([results[k][1] for k in sel], [batch[k][0] for k in sel],
+                                              [results[k][0] for k in sel])))  # sha256: the cache key
             for k in range(len(batch)):
                 yield start + k, faces.get(k), results[k][0]
             start += len(batch)

@@ -1,9 +1,16 @@
 """The verification sets of the prepare step: read from their source, aligned, written as ``eval/<set>/``.
 
 Kinds (``data.eval_sets``): ``lfw`` (View 2 folds of ``pairs.txt``), ``bin`` (insightface, already aligned),
-``csv`` (``path1,path2,same[,fold]``). ``max_pairs`` keeps a balanced subset (:func:`crfr.data.pairs.cap_pairs`:
+``csv`` (``path1,path2,same[,fold][,id1,id2]``, :mod:`crfr.data.pairs_csv`), ``cfp`` (CFP's official FF or FP
+protocol, :mod:`crfr.data.cfp`). ``max_pairs`` keeps a balanced subset (:func:`crfr.data.pairs.cap_pairs`:
 pairs in file order, round-robin over (fold, same/different)), so a smoke run still has both labels in every
-fold. Every person named in a set's pairs is kept out of training (``EvalData.exclude``).
+fold. Every person named in a set's pairs is kept out of training (``EvalData.exclude``), by name: CFP names
+and CSV ``id1``/``id2`` are LFW spellings, so a person in both datasets is left out of LFW training.
+
+Each set is aligned per its ``align`` (``EvalSetCfg.alignment``): ``fixed`` as the training images are
+(``data.align``), ``none`` (already aligned), or ``detect``: MTCNN finds each face and ``data.align`` is placed
+on it as serving does (:class:`crfr.data.align.Aligner`), cached under ``storage.cache_dir/aligned/`` when
+``data.align_cache`` is on (:mod:`crfr.data.align_cache`).
 
 A pairs line naming a missing image fails, naming the line and the path; an image that exists but cannot be
 read is dropped with its pairs and counted, up to ``data.max_bad_fraction``.
@@ -19,12 +26,15 @@ import numpy as np
 from crfr import storage
 from crfr.config import DataCfg, EvalSetCfg
 from crfr.data.align import Aligner
+from crfr.data.align_cache import AlignCache, settings_for
 from crfr.data.binset import read_bin
+from crfr.data.cfp import read_cfp
 from crfr.data.decode import BadImages, aligned_faces
 from crfr.data.lfw import LfwFolder, pair_identities, select_folds
 from crfr.data.manifest import Manifest
 from crfr.data.pairs import cap_pairs, contiguous_folds, interleave_within_folds, write_pair_set
-from crfr.data.pairs_csv import check_images_exist, csv_image_root, read_pairs_csv
+from crfr.data.pairs_csv import check_identities, check_images_exist, csv_image_root, pair_identity
+from crfr.data.pairs_csv import read_pairs_csv
 from crfr.errors import DataError
 
 
@@ -42,8 +52,12 @@ class EvalData:
     source: str
     exclude: set[str]  # identities never to train on
     base: Path | None = None  # manifest paths are relative to this
-    align_mode: str | None = None
+    align_mode: str | None = None  # Aligner mode: None = data.align, "detect", "none"
     notes: dict = field(default_factory=dict)
+
+
+# EvalSetCfg.alignment -> Aligner mode
+ALIGN_MODES = {"fixed": None, "detect": "detect", "none": "none"}
 
 
 def _unique_refs(
@@ -77,7 +91,8 @@ def lfw_eval(es: EvalSetCfg, lfw_root: Path | None, subdir: str) -> EvalData:
         [((str(folder.path(p.left)), p.left.name), (str(folder.path(p.right)), p.right.name)) for p in picked]
     )
     return EvalData("lfw", refs, None, left, right, same[keep], fold[keep], str(folder.root / "pairs.txt"),
-                    pair_identities(chosen), base=folder.root, notes={"pairs_in_folds": len(chosen)})
+                    pair_identities(chosen), base=folder.root, align_mode=ALIGN_MODES[es.alignment],
+                    notes={"pairs_in_folds": len(chosen)})
 
 
 def bin_eval(es: EvalSetCfg, nfolds: int) -> EvalData:
@@ -95,7 +110,7 @@ def bin_eval(es: EvalSetCfg, nfolds: int) -> EvalData:
             refs.append((f"{Path(local).name}#{2 * i + side}", ""))
             blobs.append(data.images[2 * i + side])
     return EvalData("bin", refs, blobs, np.asarray(left), np.asarray(right), data.issame[keep], fold[keep],
-                    str(es.path), set(), align_mode="none",
+                    str(es.path), set(), align_mode=ALIGN_MODES[es.alignment],
                     notes={"pairs_in_file": n, "identities": "unknown (.bin has no names)"})
 
 
@@ -106,6 +121,7 @@ def csv_eval(es: EvalSetCfg, nfolds: int) -> EvalData:
     image_root = csv_image_root(es.path, es.image_root)
     pairs = read_pairs_csv(local)
     check_images_exist(pairs, image_root, local)
+    check_identities(pairs, local)
     same = np.asarray([p.same for p in pairs])
     given = [p.fold for p in pairs]
     if all(f is not None for f in given):
@@ -115,17 +131,26 @@ def csv_eval(es: EvalSetCfg, nfolds: int) -> EvalData:
     else:
         fold = contiguous_folds(len(pairs), nfolds)
     keep = cap_pairs(same, fold, es.max_pairs)
-
-    def ident(rel: str) -> str:  # LFW-style layout: the folder an image sits in names the person
-        return Path(rel).parent.name
-
     picked = [pairs[i] for i in keep.tolist()]
     refs, left, right = _unique_refs(
-        [((str(image_root / p.path1), ident(p.path1)), (str(image_root / p.path2), ident(p.path2))) for p in picked]
+        [((str(image_root / p.path1), pair_identity(p, 1)), (str(image_root / p.path2), pair_identity(p, 2)))
+         for p in picked]
     )
-    exclude = {ident(r) for p in pairs for r in (p.path1, p.path2)} - {""}
+    exclude = {pair_identity(p, side) for p in pairs for side in (1, 2)} - {""}
     return EvalData("csv", refs, None, left, right, same[keep], fold[keep], str(es.path), exclude, base=image_root,
+                    align_mode=ALIGN_MODES[es.alignment],
                     notes={"pairs_in_file": len(pairs), "image_root": str(image_root)})
+
+
+def cfp_eval(es: EvalSetCfg) -> EvalData:
+    """CFP's ``es.protocol`` (FF or FP) pairs of ``es.folds``; every person of those folds is excluded by name."""
+    if es.path is None or es.protocol is None:
+        raise DataError(f"eval set {es.name!r} has kind cfp but no path or protocol (the CFP folder, FF or FP)")
+    cfp = read_cfp(es.path, es.protocol, es.folds, es.max_pairs)
+    refs = [(str(path), name) for path, name in zip(cfp.paths, cfp.names)]
+    return EvalData("cfp", refs, None, cfp.left, cfp.right, cfp.same, cfp.fold, str(es.path), set(cfp.identities),
+                    base=cfp.root, align_mode=ALIGN_MODES[es.alignment],
+                    notes={"protocol": cfp.protocol, "pairs_in_folds": cfp.pairs_in_folds})
 
 
 def read_eval_set(es: EvalSetCfg, lfw_root: Path | None, subdir: str, nfolds: int) -> EvalData:
@@ -141,6 +166,8 @@ def read_eval_set(es: EvalSetCfg, lfw_root: Path | None, subdir: str, nfolds: in
         return lfw_eval(es, lfw_root, subdir)
     if es.kind == "bin":
         return bin_eval(es, nfolds)
+    if es.kind == "cfp":
+        return cfp_eval(es)
     return csv_eval(es, nfolds)
 
 
@@ -151,7 +178,10 @@ def write_eval_set(name: str, data: EvalData, out: Path, cfg: DataCfg, manifest:
     Returns:
         The set's entry of ``report.json``.
     """
-    aligner = Aligner(cfg, mode=data.align_mode)
+    cache = None
+    if data.align_mode == "detect" and cfg.align_cache:
+        cache = AlignCache(storage.cache_dir(), settings_for(data.align_mode, cfg))
+    aligner = Aligner(cfg, mode=data.align_mode, cache=cache)
     bad = BadImages(f"eval set {name!r}")
     m = len(data.refs)
     images = np.zeros((m, cfg.image_size, cfg.image_size, 3), np.uint8)
@@ -175,7 +205,8 @@ def write_eval_set(name: str, data: EvalData, out: Path, cfg: DataCfg, manifest:
         manifest.add(data.refs[i][0], data.refs[i][1], f"eval:{name}", shas[i], data.base)
     ps = write_pair_set(
         out / "eval" / name, name, images[keep_rows], left, right, data.same[usable], data.fold[usable],
-        kind=data.kind, source=data.source, extra_meta={"align": aligner.mode},
+        kind=data.kind, source=data.source,
+        extra_meta={"align": aligner.mode, **({"placed_as": cfg.align} if aligner.mode == "detect" else {})},
     )
     return {
         "kind": data.kind,
@@ -188,5 +219,6 @@ def write_eval_set(name: str, data: EvalData, out: Path, cfg: DataCfg, manifest:
         "dropped": {"pairs_with_unreadable_images": dropped_pairs},
         "bad_images": bad.as_dict(),
         "align": aligner.stats.as_dict(),
+        "align_cache": cache.as_dict() if cache is not None else None,
         **data.notes,
     }

@@ -1,8 +1,9 @@
 """``manifest.csv`` of the prepared data, and the training images left out as copies of evaluation images.
 
-One row per stored image: ``path,identity,split,sha256`` (split ``train`` or ``eval:<set>``; the sha256 of
-the source bytes). Evaluation sets are written first, so that a training image whose bytes equal an
-evaluation image's (a copy filed under another name) is found by its hash and kept out of training.
+One row per stored image: ``path,identity,split,sha256`` (split ``train``, ``eval:<set>`` or ``validation``;
+the sha256 of the source bytes). Evaluation sets and the validation split are written first, so that a training
+image whose bytes equal one of their images' (a copy filed under another name) is found by its hash and kept
+out of training.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ class Manifest:
 
     def add(self, path: str, identity: str, split: str, sha256: str, base: Path | None = None) -> None:
         path = relative_path(path, base)
-        if split.startswith("eval:") and sha256:
+        if (split.startswith("eval:") or split == "validation") and sha256:
             self.eval_images.setdefault(sha256, str(path))
         self.writer.writerow([path, identity, split, sha256])
 

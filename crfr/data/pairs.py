@@ -21,6 +21,7 @@ from crfr.errors import DataError, storage_faults
 IMAGES = "images.npy"
 PAIRS = "pairs.npz"
 META = "meta.json"
+VALIDATION_DIR = "validation"  # the prepared validation split (crfr.data.validation), a pair set beside eval/
 
 
 @dataclass

@@ -1,9 +1,10 @@
 """The prepare step's work: aligned training shards and verification sets from raw face data.
 
 :func:`write_prepared` reads the sources, writes the verification sets first (:mod:`crfr.data.eval_sets`),
-then the training set (:mod:`crfr.data.train_set`), recording every image in ``manifest.csv``
+then the validation split when ``data.validation_identities`` asks for one (:mod:`crfr.data.validation`), then
+the training set (:mod:`crfr.data.train_set`), recording every image in ``manifest.csv``
 (:mod:`crfr.data.manifest`) and the counts in ``report.json``. Output layout: docs/formats.md (``train/``,
-``eval/<set>/``, ``manifest.csv``, ``report.json``), published atomically through
+``eval/<set>/``, ``validation/``, ``manifest.csv``, ``report.json``), published atomically through
 :func:`crfr.storage.output_dir`.
 
 Unreadable images are skipped and counted; above ``data.max_bad_fraction`` of a split the step fails naming
@@ -28,6 +29,7 @@ from crfr.data.lfw import LfwFolder
 from crfr.data.manifest import Manifest
 from crfr.data.shards import write_json
 from crfr.data.train_set import lfw_train, recordio_train
+from crfr.data.validation import write_validation
 from crfr.errors import DataError
 
 
@@ -85,6 +87,7 @@ def write_prepared(source: str | None, out_dir: str, params: Params, progress: b
     """
     storage.configure(params.storage)
     cfg = params.data
+    _no_validation_for_recordio(cfg)  # before any work
     t0 = time.perf_counter()
     timings: dict[str, float] = {}
     report: dict = {
@@ -119,7 +122,14 @@ def write_prepared(source: str | None, out_dir: str, params: Params, progress: b
                 t = time.perf_counter()
                 if cfg.train == "lfw":
                     folder = LfwFolder(lfw_root, subdir)
-                    report["train"] = lfw_train(folder, exclude, params, stage, manifest, workers, progress, pool)
+                    held_out: set[str] = set()
+                    if cfg.validation_identities:
+                        report["validation"], held_out = write_validation(folder, exclude, params, stage, manifest,
+                                                                          workers, progress, pool)
+                        timings["validation"] = round(time.perf_counter() - t, 2)
+                        t = time.perf_counter()
+                    report["train"] = lfw_train(folder, exclude, params, stage, manifest, workers, progress, pool,
+                                                held_out)
                 else:
                     report["train"] = recordio_train(str(rec_source), params, stage, manifest, workers, progress, pool)
                 timings["train"] = round(time.perf_counter() - t, 2)
@@ -134,6 +144,13 @@ def write_prepared(source: str | None, out_dir: str, params: Params, progress: b
             pool.close()
             pool.join()
     return report
+
+
+def _no_validation_for_recordio(cfg: DataCfg) -> None:
+    if cfg.train == "recordio" and cfg.validation_identities:
+        # RecordIO labels are numbers: nothing tells which of them are evaluated people, nor any LFW names.
+        raise DataError(f"data.validation_identities={cfg.validation_identities}: the validation split is "
+                        "built from LFW people (data.train: lfw) only for now; set it to 0 with data.train: recordio")
 
 
 def _warn_eval_copies(copies: dict) -> None:

@@ -2,10 +2,13 @@
 
 Exclusion is by identity over every pair of the evaluated folds, both sides, before any ``max_pairs`` cap: a
 person seen only in a pair that a smoke run skips is still excluded, so the same training set serves any cap.
+
+The validation split (:func:`validation_people`) is held out the same way: its people are never trained on.
 """
 
 from __future__ import annotations
 
+import hashlib
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,6 +49,7 @@ def leak_free_split(
     max_images: int,
     max_identities: int | None = None,
     seed: int = 0,
+    held_out: set[str] | None = None,
 ) -> TrainSplit:
     """Pick training identities from ``people`` (name -> images).
 
@@ -56,14 +60,19 @@ def leak_free_split(
         max_images: cap per identity (seeded, deterministic choice).
         max_identities: keep only the first N eligible identities in name order.
         seed: the run seed for the per-identity cap.
+        held_out: the validation identities; never trained on either.
     """
-    dropped = {"identities_in_eval_pairs": 0, "identities_empty": 0, "identities_below_min_images": 0,
-               "identities_over_max_identities": 0, "images_over_max_per_identity": 0}
+    held_out = held_out or set()
+    dropped = {"identities_in_eval_pairs": 0, "identities_in_validation": 0, "identities_empty": 0,
+               "identities_below_min_images": 0, "identities_over_max_identities": 0,
+               "images_over_max_per_identity": 0}
     chosen: dict[str, list[Path]] = {}
     for name in sorted(people):
         paths = people[name]
         if name in exclude:
             dropped["identities_in_eval_pairs"] += 1
+        elif name in held_out:
+            dropped["identities_in_validation"] += 1
         elif not paths:
             dropped["identities_empty"] += 1
         elif len(paths) < min_images:
@@ -74,4 +83,38 @@ def leak_free_split(
             kept = cap_images(name, paths, max_images, seed)
             dropped["images_over_max_per_identity"] += len(paths) - len(kept)
             chosen[name] = kept
-    return TrainSplit(list(chosen), chosen, set(exclude), dropped)
+    return TrainSplit(list(chosen), chosen, set(exclude) | held_out, dropped)
+
+
+# People with this many images form the validation split: below the training minimum (4 by default), so
+# holding them out costs no training class, and fixed, so runs with another min_images_per_identity are
+# compared on the same validation pairs.
+VALIDATION_IMAGES = (2, 3)
+
+
+def name_rank(name: str, seed: int) -> int:
+    """A seeded pseudo-random rank of one name that no other name affects (stable as the data grows)."""
+    digest = hashlib.blake2b(f"{seed}/{name}".encode("utf-8"), digest_size=8).digest()
+    return int.from_bytes(digest, "little")
+
+
+def validation_people(people: dict[str, list[Path]], exclude: set[str], count: int,
+                      seed: int = 0) -> tuple[list[str], int]:
+    """The held-out validation identities: ``count`` people outside ``exclude`` with 2 or 3 images.
+
+    Picked by :func:`name_rank` (the ``count`` lowest ranks), so whether a person is chosen depends on their
+    name, the seed and the other eligible people only, never on the training settings.
+
+    Args:
+        people: every identity with its images.
+        exclude: identities in any evaluated pair (never validated on either).
+        count: how many to pick; fewer when fewer are eligible.
+        seed: the run seed.
+
+    Returns:
+        The chosen names (sorted) and how many people were eligible.
+    """
+    lo, hi = VALIDATION_IMAGES
+    eligible = [name for name, paths in people.items() if name not in exclude and lo <= len(paths) <= hi]
+    ranked = sorted(eligible, key=lambda name: (name_rank(name, seed), name))
+    return sorted(ranked[:count]), len(eligible)

@@ -2,13 +2,13 @@
 
 ``data.train``:
 
-* ``lfw``: identities outside every evaluated pair (:mod:`crfr.data.split`), at least
+* ``lfw``: identities outside every evaluated pair and the validation split (:mod:`crfr.data.split`), at least
   ``min_images_per_identity`` readable images each, capped at ``max_images_per_identity``, aligned.
 * ``recordio``: an insightface ``train.rec`` streamed once into shards, labels from its record headers.
 
-A training image whose bytes are identical to an evaluation image (same sha256, as ``manifest.csv`` records)
-is left out and listed in ``identical_to_eval``: a copy filed under another name would otherwise leak an
-evaluation face into training.
+A training image whose bytes are identical to an evaluation or validation image (same sha256, as
+``manifest.csv`` records) is left out and listed in ``identical_to_eval``: a copy filed under another name would
+otherwise leak an evaluation face into training.
 """
 
 from __future__ import annotations
@@ -49,16 +49,18 @@ def _histogram(counts: Iterable[int]) -> dict:
 
 
 def lfw_train(folder: LfwFolder, exclude: set[str], params: Params, out: Path, manifest: Manifest, workers: int,
-              progress: bool, pool=None) -> dict:
+              progress: bool, pool=None, held_out: set[str] | None = None) -> dict:
     """Write the leak-free LFW training split of ``folder`` to ``out/train``; returns its ``report.json`` entry.
 
     Args:
         exclude: identities of the evaluation pairs, never trained on.
+        held_out: the validation identities (:mod:`crfr.data.validation`), never trained on either.
     """
     cfg = params.data
     people = folder.identities()
+    held_out = held_out or set()
     split = leak_free_split(people, exclude, cfg.min_images_per_identity, cfg.max_images_per_identity,
-                            cfg.max_identities, params.seed)
+                            cfg.max_identities, params.seed, held_out)
     items = [(str(p), name) for name in split.identities for p in split.images[name]]
     aligner = Aligner(cfg)
     bad = BadImages("training images")
@@ -93,9 +95,9 @@ def lfw_train(folder: LfwFolder, exclude: set[str], params: Params, out: Path, m
             f"the evaluated pairs; dropped: {split.dropped})"
         )
     index = writer.close(classes, extra={"source": str(folder.images_dir), "align": aligner.mode})
-    leaked = set(classes) & exclude
+    leaked = set(classes) & (exclude | held_out)
     if leaked:  # a guard against a future bug in the split, never expected to fire
-        raise DataError(f"identity leak: {sorted(leaked)[:5]} are both trained on and evaluated")
+        raise DataError(f"identity leak: {sorted(leaked)[:5]} are both trained on and evaluated or validated")
     counts = np.bincount(np.load(out / "train" / "labels.npy"), minlength=len(classes))
     return {
         "kind": "lfw",

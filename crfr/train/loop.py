@@ -66,7 +66,7 @@ class TrainSpec:
 
 @dataclass
 class Holdout:
-    """A few verification pairs checked at 14 and 112 px after each epoch (monitoring only, no selection)."""
+    """Validation pairs (held-out people, never the test pairs) checked at 14 and 112 px after each epoch."""
 
     images: np.ndarray
     left: np.ndarray
@@ -179,7 +179,7 @@ class Trainer:
         faces: indexable of (uint8 HxWx3 RGB, label) with ``num_classes``.
         runtime: device, precision and distributed context.
         work_dir: where checkpoints live while training (survives a killed run).
-        holdout: pairs checked each epoch, or None.
+        holdout: validation pairs checked each epoch (``val_acc_<px>`` in the history), or None.
     """
 
     def __init__(self, spec: TrainSpec, params: Params, faces, runtime: Runtime, work_dir: str | Path,
@@ -480,7 +480,7 @@ class Trainer:
         return out
 
     def check_holdout(self) -> dict:
-        """Verification accuracy on the holdout pairs with the probe at 14 px and at 112 px."""
+        """Verification accuracy on the validation pairs with the probe at 14 px and at 112 px (``val_acc_*``)."""
         if self.holdout is None or not self.rt.is_main:
             return {}
         from crfr.degrade import linear_probe
@@ -498,7 +498,7 @@ class Trainer:
             probes = h.images[h.left] if size == 112 else np.stack([linear_probe(im, size) for im in h.images[h.left]])
             emb = embed_images(backbone, probes, batch_size=128, device=device, progress=False)
             result = verify(emb, gallery, h.same, nfolds=min(10, max(2, len(h.same) // 20)))
-            out[f"holdout_acc_{size}"] = result.accuracy
+            out[f"val_acc_{size}"] = result.accuracy
         if self.rt.channels_last:
             backbone.to(memory_format=torch.channels_last)
         backbone.train()
@@ -563,9 +563,9 @@ class Trainer:
 def epoch_line(name: str, epoch: int, epochs: int, metrics: dict) -> str:
     """One line per finished epoch, kept in the log after the progress bar moves on."""
     parts = [f"{name} epoch {epoch}/{epochs} done: loss {metrics.get('loss_total', float('nan')):.3f}"]
-    holdout = sorted((int(k.rsplit("_", 1)[1]), v) for k, v in metrics.items() if k.startswith("holdout_acc_"))
-    if holdout:
-        parts.append("holdout accuracy " + ", ".join(f"{v:.1f}% at {size} px" for size, v in holdout))
+    val = sorted((int(k.rsplit("_", 1)[1]), v) for k, v in metrics.items() if k.startswith("val_acc_"))
+    if val:
+        parts.append("validation accuracy " + ", ".join(f"{v:.1f}% at {size} px" for size, v in val))
     if metrics.get("images_per_s"):
         parts.append(f"{metrics['images_per_s']:.1f} images/s")
     return ", ".join(parts)

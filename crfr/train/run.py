@@ -9,6 +9,7 @@ import logging
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
 from crfr import redact, storage, tracking
 from crfr.config import Params
@@ -54,17 +55,28 @@ def prepared_fingerprint(prepared: Path) -> str:
 
 
 def load_holdout(prepared: Path, params: Params) -> Holdout | None:
-    """The first ``runtime.holdout_pairs`` pairs of the first evaluation set (monitoring only)."""
-    n = params.runtime.holdout_pairs
-    first = params.data.eval_sets[0].name
-    if n == 0 or not (prepared / "eval" / first).exists():
-        return None
-    from crfr.data.pairs import load_pair_set
+    """The first ``runtime.holdout_pairs`` pairs of the validation split, checked after each epoch.
 
-    pairs = load_pair_set(prepared / "eval" / first)
-    # Pairs are stored alternating same/different within each fold (prepare): the first n are balanced.
+    Only ``prepared/validation/`` (held-out people, :mod:`crfr.data.validation`) is read, never ``eval/``:
+    the test pairs stay unseen until the evaluate step. None (no per-epoch accuracy) when
+    ``runtime.holdout_pairs`` is 0 or the prepared data has no validation split.
+    """
+    from crfr.data.pairs import VALIDATION_DIR, load_pair_set
+
+    n = params.runtime.holdout_pairs
+    if n == 0:
+        return None
+    if not (prepared / VALIDATION_DIR).is_dir():
+        logging.getLogger(__name__).warning(
+            "%s has no %s/ split (prepared with data.validation_identities: 0): no per-epoch validation accuracy",
+            prepared, VALIDATION_DIR)
+        return None
+    pairs = load_pair_set(prepared / VALIDATION_DIR)
+    # Stored alternating same/different (prepare): the first n pairs are balanced. Only their images are kept.
     pick = np.arange(min(n, len(pairs.same)))
-    return Holdout(np.asarray(pairs.images), pairs.left[pick], pairs.right[pick], pairs.same[pick])
+    rows, inverse = np.unique(np.concatenate([pairs.left[pick], pairs.right[pick]]), return_inverse=True)
+    left, right = inverse[: len(pick)], inverse[len(pick):]
+    return Holdout(np.asarray(pairs.images[rows]), left.astype(np.int64), right.astype(np.int64), pairs.same[pick])
 
 
 def run_training(
@@ -120,6 +132,7 @@ def run_training(
     log, log_epoch, finish = _mlflow_hooks(trainer, spec, params, runtime.is_main, resumed)
     # Publishing is part of the run: a model that could not be written is a FAILED run, never FINISHED.
     try:
+        soft_targets = _teacher_soft_targets(trainer, prepared, params) if runtime.is_main else None
         with peers_lost_as_error(runtime, where):
             history = trainer.fit(on_log=log, on_epoch=log_epoch)
         summary = {
@@ -137,6 +150,8 @@ def run_training(
             "final": history[-1] if history else {},
             "images_per_s": float(np.mean([h["images_per_s"] for h in history])) if history else 0.0,
         }
+        if soft_targets is not None:
+            summary["teacher_soft_targets"] = soft_targets
         if runtime.is_main:
             # Params hold no password (config.TrackingCfg), but any setting may name a URI or a secret value.
             config = redact.redact_tree(params.model_dump(mode="json"))
@@ -160,8 +175,30 @@ def run_training(
     return summary
 
 
+def _teacher_soft_targets(trainer: Trainer, prepared: Path, params: Params) -> dict | None:
+    """The teacher's soft-target statistics on the validation faces (:mod:`crfr.train.soft_targets`), logged.
+
+    None unless the run distils (KD) and the prepared data has a validation split.
+    """
+    from crfr.data.pairs import VALIDATION_DIR, load_pair_set
+    from crfr.train.soft_targets import mlflow_metrics, summary_line, teacher_soft_targets
+
+    if not trainer.spec.kd or trainer.teacher is None or not (prepared / VALIDATION_DIR).is_dir():
+        return None
+    faces = load_pair_set(prepared / VALIDATION_DIR).images
+    stats = teacher_soft_targets(trainer.teacher, trainer.teacher_head, faces, params.loss.temperature, trainer.rt)
+    tqdm.write(f"{trainer.spec.name}: {summary_line(stats)}")
+    if trainer.mlflow_run_id is not None:
+        import mlflow
+
+        mlflow.log_metrics(mlflow_metrics(stats))
+    return stats
+
+
 def _write_report(folder: Path, summary: dict, history: list[dict], steps: list[dict]) -> None:
     metrics = dict(summary["final"]) | {"images_per_s": summary["images_per_s"]}
+    if "teacher_soft_targets" in summary:
+        metrics["teacher_soft_targets"] = summary["teacher_soft_targets"]
     (folder / "metrics.json").write_text(json.dumps(metrics, indent=2))
     write_history_csv(folder / "epochs.csv", history)
     write_history_csv(folder / "steps.csv", steps)
