@@ -531,6 +531,9 @@ class EvidenceCfg(Section):
         default=None, description="eval sets of the Table I rows; the teacher and student get every set. "
                                   "null: every set for every row",
     )
+    row_protocols: list[Literal["linear", "realistic"]] | None = Field(
+        default=None, description="probe protocols of the Table I rows (teacher and student: every one); null: all"
+    )
 
 
 class Params(Section):

@@ -132,8 +132,32 @@ def _has_intervals(tables: dict) -> bool:
     return any(row.get("ci") for t in tables.get("tables", []) for row in t.get("rows", []))
 
 
+SEEDS_SUMMARY = "summary.md"  # a run over seeds (pipeline.evidence) publishes this instead of table.md
+
+
+def seeds_section(folder: Path, record: dict) -> str:
+    """A run over several seeds: what ran, how far it got, and its mean ± sd tables."""
+    planned, done = record.get("seeds_planned", []), record.get("seeds_complete", [])
+    walls = record.get("wall_time_s_per_seed", {})
+    lines = [f"### {record.get('title', folder.name)}", "",
+             " ".join(filter(None, [record.get("description", ""), record.get("note")])), "",
+             f"- Hardware: {record.get('hardware', 'not recorded')}",
+             f"- Seeds complete: {len(done)} of {len(planned)} planned ({', '.join(map(str, done)) or 'none'})"
+             + ("" if len(done) == len(planned) else "; the others had not finished when this was published"),
+             "- Wall time per seed: " + (", ".join(f"seed {k}: {v / 60:.1f} min" for k, v in walls.items())
+                                         or "not recorded"),
+             f"- Files: [`{folder.as_posix()}/`]({folder.as_posix()}/) (per-seed tables with 95% intervals and "
+             "paired comparisons: `seed-N-table.md`)", ""]
+    summary = folder / SEEDS_SUMMARY
+    if summary.is_file():
+        lines.append(_demote_headings(summary.read_text().strip(), 3))
+    return "\n".join(lines)
+
+
 def published_section(folder: Path) -> str:
     record = _read_json(folder / PUBLISHED_RECORD)
+    if "seeds_planned" in record:
+        return seeds_section(folder, record)
     description = " ".join(filter(None, [record.get("description", ""), record.get("note")]))
     lines = [f"### {record.get('title', folder.name)}", "", description, "",
              f"- Hardware: {record.get('hardware', 'not recorded')}",

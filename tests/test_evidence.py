@@ -46,13 +46,21 @@ def test_aggregate_keeps_only_cells_every_seed_has():
 def test_groups_put_table_rows_on_row_sets_only():
     params = load_params("params.yaml", ["profile=evidence"])
     groups = evaluation_groups(params)
-    assert groups["evaluate"] == (["lfw", "cfp_fp"], ["teacher", "resnet", "waveresnet", "degradation", "kd",
-                                                       "student"])
-    assert groups["evaluate-more"] == (["cfp_ff"], ["teacher", "student"])
+    assert groups == {
+        "evaluate": (["lfw", "cfp_fp"], ["linear"], ["teacher", "resnet", "waveresnet", "degradation", "kd",
+                                                     "student"]),
+        "evaluate-protocols": (["lfw", "cfp_fp"], ["realistic"], ["teacher", "student"]),
+        "evaluate-more": (["cfp_ff"], ["linear", "realistic"], ["teacher", "student"]),
+    }
+    # Every (teacher or student, set, protocol) is scored exactly once.
+    cells = [(m, s, p) for sets, protocols, models in groups.values() for m in models for s in sets for p in protocols]
+    assert len(cells) == len(set(cells))
+    assert {c for c in cells if c[0] == "student"} == {("student", s, p) for s in ("lfw", "cfp_ff", "cfp_fp")
+                                                        for p in ("linear", "realistic")}
 
 
 def test_evidence_runs_two_seeds_and_resumes(tmp_path, lfw_root):
-    params = load_params("params.yaml", ["profile=tiny", "ablation_rows=[kd]", "evaluate.protocols=[linear]",
+    params = load_params("params.yaml", ["profile=tiny", "ablation_rows=[kd]", "evidence.row_protocols=[linear]",
                                          "evaluate.identification=false", f"data.root={lfw_root}",
                                          f"storage.cache_dir={tmp_path / 'cache'}"])
     work = tmp_path / "evidence"
@@ -60,6 +68,9 @@ def test_evidence_runs_two_seeds_and_resumes(tmp_path, lfw_root):
     assert summary["seeds"] == [0, 1]
     cell = summary["cells"]["kd"]["lfw"]["linear"]["14"]
     assert len(cell["acc"]["per_seed"]) == 2 and "paired" in cell
+    # The rows' linear report and the teacher/student realistic report merge into one run per seed.
+    assert "realistic" not in summary["cells"]["kd"]["lfw"]
+    assert "paired" in summary["cells"]["student"]["lfw"]["realistic"]["14"]
     # Different seeds train different nets (else the spread would say nothing about training noise).
     w0 = (work / "seed-0" / "models" / "teacher" / "model.pt").read_bytes()
     assert w0 != (work / "seed-1" / "models" / "teacher" / "model.pt").read_bytes()
@@ -72,3 +83,27 @@ def test_evidence_runs_two_seeds_and_resumes(tmp_path, lfw_root):
     run_evidence(params, work, [0, 1])
     assert {p: p.stat().st_mtime_ns for p in work.glob("seed-*/models/*/model.pt")} == stamps
     assert json.loads((work / "evidence.json").read_text())["seeds"]["0"]["steps_s"] == record_before["seeds"]["0"]["steps_s"]
+
+
+def test_published_seed_runs_show_in_the_readme_section(tmp_path):
+    from crfr.report import published_section
+
+    folder = tmp_path / "evidence"
+    folder.mkdir()
+    (folder / "summary.md").write_text("# Accuracy over seeds (%)\n\n## linear probes, lfw\n\n| Model | 14x14 |\n")
+    (folder / "run.json").write_text(json.dumps({"title": "Evidence", "seeds_planned": [0, 1, 2],
+                                                 "seeds_complete": [0], "wall_time_s_per_seed": {"0": 1800}}))
+    text = published_section(folder)
+    assert "Seeds complete: 1 of 3 planned (0); the others had not finished" in text
+    assert "seed 0: 30.0 min" in text and "#### Accuracy over seeds" in text
+
+
+def test_study_trials_parse_and_refuse_a_nameless_one():
+    from crfr.errors import ConfigError
+    from pipeline.study import parse_trial
+
+    assert parse_trial("base") == ("base", [])
+    assert parse_trial("ids: data.min_images_per_identity=2; model.width=0.5") == (
+        "ids", ["data.min_images_per_identity=2", "model.width=0.5"])
+    with pytest.raises(ConfigError, match="start with a name"):
+        parse_trial("data.align=mtcnn")

@@ -1,0 +1,132 @@
+"""Settings trials on the validation split only: which data, alignment, net or loss a run should use.
+
+    python -m pipeline.study --workdir runs/study \\
+        --trial base --trial "more_ids: data.min_images_per_identity=2" --trial "mtcnn: data.align=mtcnn"
+
+Each trial is the demo with some ``--set`` overrides: prepare (shared by trials with the same ``data`` and
+``seed``), the teacher and, with ``--student``, the student distilled from it. A trial is scored by the last
+epoch's accuracy on the validation pairs (``val_acc_14``, ``val_acc_112``: held-out people, in no evaluated
+set): the test folds are never read, so choosing by these numbers leaves the reported results untouched.
+Outputs of a finished trial are reused when the study runs again. Results: ``<workdir>/study.json`` and a
+table in ``study.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import hashlib
+import json
+import sys
+import time
+from pathlib import Path
+
+from crfr.cli import add_params_args, run_guarded
+from crfr.config import Params, load_params
+from crfr.errors import ConfigError
+
+
+def parse_trial(text: str) -> tuple[str, list[str]]:
+    """``"name: a.b=1, c.d=[2, 3]"`` -> ``("name", ["a.b=1", "c.d=[2, 3]"])``; ``"base"`` has no overrides.
+
+    Overrides are separated by ``;`` (a YAML list value may contain commas).
+    """
+    name, _, rest = text.partition(":")
+    name = name.strip()
+    if not name or not name.replace("_", "").replace("-", "").isalnum():
+        raise ConfigError(f"--trial {text!r}: start with a name (letters, digits, _ or -), e.g. 'more_ids: "
+                          "data.min_images_per_identity=2'")
+    overrides = [o.strip() for o in rest.split(";") if o.strip()]
+    return name, overrides
+
+
+def last_epoch(epochs_csv: Path) -> dict:
+    with open(epochs_csv, newline="") as f:
+        rows = list(csv.DictReader(f))
+    return {k: float(v) for k, v in rows[-1].items() if v not in ("", None)} if rows else {}
+
+
+def run_trial(name: str, params: Params, workdir: Path, student: bool) -> dict:
+    from components.distill_student import distill_student
+    from components.prepare import prepare
+    from components.train_teacher import train_teacher
+
+    data_key = hashlib.sha256(json.dumps([params.seed, params.data.model_dump(mode="json")],
+                                         sort_keys=True).encode()).hexdigest()[:12]
+    prepared = workdir / "prepared" / data_key
+    out = workdir / name
+    params = params.model_copy(update={"run_dir": str(out / "runs")})
+    t0 = time.perf_counter()
+    if not (prepared / "report.json").is_file():
+        print(f"study: {name}: prepare -> {prepared}", file=sys.stderr)
+        prepare(None, str(prepared), params)
+    timings = {"prepare_s": round(time.perf_counter() - t0, 1)}
+    result: dict = {"trial": name, "prepared": str(prepared)}
+    report = json.loads((prepared / "report.json").read_text())
+    result["train_identities"] = report["train"]["identities"]
+    result["train_images"] = report["train"]["images"]
+    for role in ("teacher", "student") if student else ("teacher",):
+        model = out / role
+        t = time.perf_counter()
+        if not (model / "model.pt").is_file():
+            print(f"study: {name}: {role} -> {model}", file=sys.stderr)
+            if role == "teacher":
+                train_teacher(str(prepared), str(model), params, str(out / "reports" / role), resume=True)
+            else:
+                distill_student(str(prepared), str(out / "teacher"), str(model), params,
+                                report_dir=str(out / "reports" / role), resume=True)
+        timings[f"{role}_s"] = round(time.perf_counter() - t, 1)
+        epoch = last_epoch(out / "reports" / role / "epochs.csv")
+        result[role] = {k: epoch[k] for k in ("val_acc_14", "val_acc_112", "images_per_s") if k in epoch}
+        metrics = json.loads((out / "reports" / role / "metrics.json").read_text())
+        if "teacher_soft_targets" in metrics:
+            result[role]["teacher_soft_targets"] = metrics["teacher_soft_targets"]
+    result["timings"] = timings
+    return result
+
+
+def render(results: list[dict], student: bool) -> str:
+    cols = ["teacher 14", "teacher 112"] + (["student 14", "student 112"] if student else [])
+    lines = ["| trial | overrides | train ids / images | " + " | ".join(f"val {c}" for c in cols) + " |",
+             "|---|---|---|" + "---:|" * len(cols)]
+    for r in results:
+        vals = [r["teacher"].get("val_acc_14"), r["teacher"].get("val_acc_112")]
+        if student:
+            vals += [r.get("student", {}).get("val_acc_14"), r.get("student", {}).get("val_acc_112")]
+        cells = " | ".join("" if v is None else f"{v:.2f}" for v in vals)
+        lines.append(f"| {r['trial']} | `{'; '.join(r['overrides']) or '(demo)'}` | "
+                     f"{r['train_identities']} / {r['train_images']} | {cells} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m pipeline.study", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    add_params_args(parser)
+    parser.add_argument("--trial", action="append", required=True,
+                        help="NAME or 'NAME: key=value; key=value' (repeatable)")
+    parser.add_argument("--workdir", type=Path, default=Path("runs/study"))
+    parser.add_argument("--student", action="store_true", help="also distil a student per trial")
+    args = parser.parse_args(argv)
+
+    def work() -> int:
+        trials = [parse_trial(t) for t in args.trial]
+        args.workdir.mkdir(parents=True, exist_ok=True)
+        record = args.workdir / "study.json"
+        # Trials of earlier invocations stay in the record; one run again under its name replaces its entry.
+        results = json.loads(record.read_text()) if record.is_file() else []
+        for name, overrides in trials:
+            params = load_params(args.params, [*args.overrides, *overrides])
+            result = run_trial(name, params, args.workdir, args.student)
+            result["overrides"] = overrides
+            results = [r for r in results if r["trial"] != name] + [result]
+            (args.workdir / "study.json").write_text(json.dumps(results, indent=2) + "\n")
+            (args.workdir / "study.md").write_text(render(results, args.student))
+        print((args.workdir / "study.md").read_text())
+        return 0
+
+    return run_guarded(work)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
