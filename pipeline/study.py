@@ -65,20 +65,28 @@ def run_trial(name: str, params: Params, workdir: Path, student: bool) -> dict:
     report = json.loads((prepared / "report.json").read_text())
     result["train_identities"] = report["train"]["identities"]
     result["train_images"] = report["train"]["images"]
+    # Trials that differ only in the student's settings (e.g. loss.temperature) share one teacher.
+    teacher_key = hashlib.sha256(json.dumps([data_key, params.model.model_dump(mode="json"),
+                                             params.loss.arcface_s, params.loss.arcface_m, params.loss.lambda2,
+                                             params.teacher.model_dump(mode="json")], sort_keys=True).encode()
+                                 ).hexdigest()[:12]
+    teacher_dir = workdir / "teachers" / teacher_key
+    result["teacher_dir"] = str(teacher_dir)
     for role in ("teacher", "student") if student else ("teacher",):
-        model = out / role
+        model = teacher_dir if role == "teacher" else out / role
+        reports = teacher_dir / "reports" if role == "teacher" else out / "reports" / role
         t = time.perf_counter()
         if not (model / "model.pt").is_file():
             print(f"study: {name}: {role} -> {model}", file=sys.stderr)
             if role == "teacher":
-                train_teacher(str(prepared), str(model), params, str(out / "reports" / role), resume=True)
+                train_teacher(str(prepared), str(model), params, str(reports), resume=True)
             else:
-                distill_student(str(prepared), str(out / "teacher"), str(model), params,
-                                report_dir=str(out / "reports" / role), resume=True)
+                distill_student(str(prepared), str(teacher_dir), str(model), params, report_dir=str(reports),
+                                resume=True)
         timings[f"{role}_s"] = round(time.perf_counter() - t, 1)
-        epoch = last_epoch(out / "reports" / role / "epochs.csv")
+        epoch = last_epoch(reports / "epochs.csv")
         result[role] = {k: epoch[k] for k in ("val_acc_14", "val_acc_112", "images_per_s") if k in epoch}
-        metrics = json.loads((out / "reports" / role / "metrics.json").read_text())
+        metrics = json.loads((reports / "metrics.json").read_text())
         if "teacher_soft_targets" in metrics:
             result[role]["teacher_soft_targets"] = metrics["teacher_soft_targets"]
     result["timings"] = timings
@@ -121,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
             result["overrides"] = overrides
             results = [r for r in results if r["trial"] != name] + [result]
             (args.workdir / "study.json").write_text(json.dumps(results, indent=2) + "\n")
-            (args.workdir / "study.md").write_text(render(results, args.student))
+            (args.workdir / "study.md").write_text(render(results, any("student" in r for r in results)))
         print((args.workdir / "study.md").read_text())
         return 0
 

@@ -177,3 +177,20 @@ def test_single_class_gives_nan_auc_and_rejects_bad_shapes():
         verify(*pairs_at([0.3] * 4), np.ones(5, bool), nfolds=2)
     with pytest.raises(ValueError):
         verify(*pairs_at([0.3] * 4), np.ones(4, bool), nfolds=10)
+
+
+@pytest.mark.parametrize("backbone", ["iresnet", "waveresnet"])
+def test_embedding_follows_the_model_layout_and_never_changes_it(lfw_face, backbone):
+    """Training calls embed_images on the net it is training (NCHW on CPU): the layout must stay as it was.
+    A loaded model switched to NHWC for inference gives the same embeddings up to float rounding."""
+    from crfr.verification import for_inference, model_layout
+
+    model = random_model(0, backbone)
+    faces = np.stack([lfw_face[:112, :112], lfw_face[-112:, -112:]])
+    nchw = embed_images(model, faces, progress=False)
+    assert model_layout(model) == torch.contiguous_format
+    nhwc_model = for_inference(model)
+    assert model_layout(nhwc_model) == torch.channels_last
+    nhwc = embed_images(nhwc_model, faces, progress=False)
+    assert model_layout(nhwc_model) == torch.channels_last
+    np.testing.assert_allclose(nhwc, nchw, atol=1e-5)
