@@ -124,13 +124,19 @@ def test_unequal_folds_are_reordered_largest_first_and_flagged(tmp_path):
     assert (got.right - got.left == n).all()
 
 
-def test_lfw_folder_in_one_command(workspace, capsys):
+def evaluate_cli(workspace, capsys, benchmark, out_name: str, *extra: str) -> tuple[Path, str]:
+    """``crfr evaluate MODEL BENCHMARK ... --no-mlflow``, which must succeed: (report folder, stderr)."""
     tmp, model, params = workspace
-    out = tmp / "out-lfw"
-    code = main(["evaluate", str(model), str(LFW_ROOT), "--folds", "10", "--max-pairs", "20", "--out", str(out),
-                 "--no-mlflow", *common_args(tmp, params)])
+    out = tmp / out_name
+    code = main(["evaluate", str(model), str(benchmark), *extra, "--out", str(out), "--no-mlflow",
+                 *common_args(tmp, params)])
     err = capsys.readouterr().err
     assert code == 0, err
+    return out, err
+
+
+def test_lfw_folder_in_one_command(workspace, capsys):
+    out, err = evaluate_cli(workspace, capsys, LFW_ROOT, "out-lfw", "--folds", "10", "--max-pairs", "20")
     check_report(out, "tiny", "lfw", 20)
     for stage in ("lfw: reading pairs from", "20 pairs of", "aligning", "align fixed", "10 contiguous folds",
                   "embedding and scoring", "report written to"):
@@ -175,12 +181,7 @@ def test_registered_model_is_downloaded_aligned_as_registered_and_logged(workspa
 def test_cfp_frontal_profile(workspace, capsys):
     if not (CFP_ROOT / "Protocol").is_dir():
         pytest.skip(f"CFP not found at {CFP_ROOT}")
-    tmp, model, params = workspace
-    out = tmp / "out-cfp"
-    code = main(["evaluate", str(model), str(CFP_ROOT), "--protocol", "FP", "--max-pairs", "20", "--out", str(out),
-                 "--no-mlflow", *common_args(tmp, params)])
-    err = capsys.readouterr().err
-    assert code == 0, err
+    out, err = evaluate_cli(workspace, capsys, CFP_ROOT, "out-cfp", "--protocol", "FP", "--max-pairs", "20")
     assert "kind cfp, protocol FP" in err and "align detect" in err
     assert "its 10 folds" in err  # CFP's own folds, two pairs each
     check_report(out, "tiny", "cfp_FP", 20)
