@@ -182,14 +182,14 @@ def test_single_class_gives_nan_auc_and_rejects_bad_shapes():
 @pytest.mark.parametrize("backbone", ["iresnet", "waveresnet"])
 def test_embedding_follows_the_model_layout_and_never_changes_it(lfw_face, backbone):
     """Training calls embed_images on the net it is training (NCHW on CPU): the layout must stay as it was.
-    A loaded model switched to NHWC for inference gives the same embeddings up to float rounding."""
-    from crfr.verification import for_inference, model_layout
+    A model switched to NHWC gives the same embeddings up to float rounding."""
+    from crfr.verification import model_layout
 
     model = random_model(0, backbone)
     faces = np.stack([lfw_face[:112, :112], lfw_face[-112:, -112:]])
     nchw = embed_images(model, faces, progress=False)
     assert model_layout(model) == torch.contiguous_format
-    nhwc_model = for_inference(model)
+    nhwc_model = model.to(memory_format=torch.channels_last)
     assert model_layout(nhwc_model) == torch.channels_last
     nhwc = embed_images(nhwc_model, faces, progress=False)
     assert model_layout(nhwc_model) == torch.channels_last

@@ -226,7 +226,6 @@ def evaluate_models(prepared_dir: str, probes_dir: str | None, models: dict[str,
             identifications.prepare(prepared, d)
     for name, model_dir in models.items():
         model, _ = load_model(storage.local_input(model_dir, kind="dir"), device=device)
-        model = verification.for_inference(model)
         for d in data.values():
             evaluate_model(name, model, d, params, probes, device, evaluation, identifications)
         del model
