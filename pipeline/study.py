@@ -7,7 +7,7 @@ Each trial is the demo with some ``--set`` overrides: prepare (shared by trials 
 ``seed``), the teacher and, with ``--student``, the student distilled from it. A trial is scored by the last
 epoch's accuracy on the validation pairs (``val_acc_14``, ``val_acc_112``: held-out people, in no evaluated
 set): the test folds are never read, so choosing by these numbers leaves the reported results untouched.
-Outputs of a finished trial are reused when the study runs again. Results: ``<workdir>/study.json`` and a
+Outputs of a finished trial are reused when the study runs again; MLflow goes to ``<workdir>/mlflow.db``. Results: ``<workdir>/study.json`` and a
 table in ``study.md``.
 """
 
@@ -55,7 +55,12 @@ def run_trial(name: str, params: Params, workdir: Path, student: bool) -> dict:
                                          sort_keys=True).encode()).hexdigest()[:12]
     prepared = workdir / "prepared" / data_key
     out = workdir / name
-    params = params.model_copy(update={"run_dir": str(out / "runs")})
+    # Its own MLflow store: trials never mix with the main job's runs or registry.
+    tracking = params.tracking.model_copy(update={
+        "uri": f"sqlite:///{(workdir / 'mlflow.db').resolve()}",
+        "artifact_location": str((workdir / "mlartifacts").resolve()),
+    })
+    params = params.model_copy(update={"run_dir": str(out / "runs"), "tracking": tracking})
     t0 = time.perf_counter()
     if not (prepared / "report.json").is_file():
         print(f"study: {name}: prepare -> {prepared}", file=sys.stderr)
