@@ -51,3 +51,20 @@ def prefect_home(tmp_path, monkeypatch):
     monkeypatch.setenv("PREFECT_LOGGING_LEVEL", "WARNING")
     monkeypatch.delenv("PREFECT_API_URL", raising=False)
     return tmp_path
+
+
+MLFLOW_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME",
+              "MLFLOW_RUN_ID")
+
+
+@pytest.fixture(autouse=True)
+def _mlflow_environment_per_test():
+    """MLflow's set_tracking_uri also exports MLFLOW_TRACKING_URI, which crfr's params take over their own
+    tracking.uri: a test that connected in-process would otherwise send every later test's runs to its store."""
+    before = {key: os.environ.get(key) for key in MLFLOW_ENV}
+    yield
+    for key, value in before.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
