@@ -30,7 +30,6 @@ from crfr.config import Params, load_params
 from crfr.errors import ConfigError
 
 RECORD = "evidence.json"
-EXPECTED_REPORTS = "reports.json"  # per seed: the evaluate folders that make the seed complete
 
 
 def _done(path: Path, marker: str) -> bool:
@@ -48,7 +47,7 @@ def _step(name: str, out: Path, marker: str, fn, record: dict) -> None:
 
 
 def seed_params(base: Params, seed: int, seed_dir: Path) -> Params:
-    """``base`` with the training seed and this seed's run folder and MLflow store."""
+    """``base`` with the training seed and this seed's run folder (checkpoints)."""
     update = {"seed": seed, "run_dir": str(seed_dir / "runs")}
     return base.model_copy(update=update)
 
@@ -98,8 +97,6 @@ def run_evidence(params: Params, workdir: Path, seeds: list[int], publish: Path 
               lambda: train_teacher(str(prepared), str(models / "teacher"), p,
                                     str(seed_dir / "reports" / "teacher"), resume=True), rec)
         teacher = str(models / "teacher")
-        (seed_dir / EXPECTED_REPORTS).parent.mkdir(parents=True, exist_ok=True)
-        (seed_dir / EXPECTED_REPORTS).write_text(json.dumps(list(evaluation_groups(p))))
         rows = {"student": "default", **{row: row for row in p.ablation_rows}}
         for name, row in rows.items():
             out = models / name
@@ -117,10 +114,10 @@ def run_evidence(params: Params, workdir: Path, seeds: list[int], publish: Path 
         rec["wall_time_s"] = round(rec.get("wall_time_s", 0.0) + time.perf_counter() - t0, 1)
         rec["finished"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
         record_path.write_text(json.dumps(record, indent=2) + "\n")
-        summarize(workdir, params)
+        summary = summarize(workdir, params)
         if publish is not None:
             publish_evidence(workdir, publish, params, seeds)
-    return summarize(workdir, params)
+    return summary if seeds else summarize(workdir, params)
 
 
 def evaluation_groups(params: Params) -> dict[str, tuple[list[str], list[str], list[str]]]:
@@ -157,12 +154,14 @@ def only_sets(params: Params, names: list[str], protocols: list[str] | None = No
     return params.model_copy(update=update)
 
 
-def completed_runs(workdir: Path) -> dict[int, dict]:
-    """seed -> its metrics (every report of the seed merged), for each seed whose evaluations all finished."""
+def completed_runs(workdir: Path, params: Params) -> dict[int, dict]:
+    """seed -> its metrics (every report of the seed merged), for each seed with every report of
+    :func:`evaluation_groups` written."""
+    expected = list(evaluation_groups(params))
     runs = {}
     for seed_dir in sorted(workdir.glob("seed-*")):
-        reports = sorted(seed_dir.glob("evaluate*/metrics.json"))
-        if not (seed_dir / "evaluate" / "metrics.json").is_file() or not _all_evaluated(seed_dir):
+        reports = [seed_dir / name / "metrics.json" for name in expected]
+        if not all(r.is_file() for r in reports):
             continue
         merged: dict = {}
         for metrics in reports:  # the reports hold disjoint (model, set, protocol) cells
@@ -176,13 +175,6 @@ def completed_runs(workdir: Path) -> dict[int, dict]:
     return runs
 
 
-def _all_evaluated(seed_dir: Path) -> bool:
-    record = seed_dir / EXPECTED_REPORTS
-    if not record.is_file():
-        return False
-    return all((seed_dir / name / "metrics.json").is_file() for name in json.loads(record.read_text()))
-
-
 def table_rows(params: Params) -> list[str]:
     """Table I order: the teacher, the rows, the full student (the paper's last row, wavelet similarity)."""
     return ["teacher", *params.ablation_rows, "student"]
@@ -191,7 +183,7 @@ def table_rows(params: Params) -> list[str]:
 def summarize(workdir: Path, params: Params) -> dict:
     from crfr.evaluation.seeds import aggregate, render_markdown
 
-    summary = aggregate(completed_runs(workdir))
+    summary = aggregate(completed_runs(workdir, params))
     (workdir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     (workdir / "summary.md").write_text(render_markdown(summary, table_rows(params)))
     return summary
@@ -212,7 +204,7 @@ def publish_evidence(workdir: Path, dest: Path, params: Params, seeds: list[int]
         if text:
             (dest / f"{seed_dir.name}-table.md").write_text(text + "\n")
     record = json.loads((workdir / RECORD).read_text()) if (workdir / RECORD).is_file() else {"seeds": {}}
-    complete = sorted(completed_runs(workdir))
+    complete = sorted(completed_runs(workdir, params))
     info = {
         "title": "Evidence: the demo's training, every evaluation set in full, Table I, over seeds",
         "description": describe_run(params),

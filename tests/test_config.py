@@ -96,3 +96,15 @@ def test_every_table_row_has_the_student_budget_unless_it_asks_for_the_teacher_s
 def test_wavesim_without_kd_is_rejected():
     with pytest.raises(ConfigError, match="wavesim: true needs kd: true"):
         load_params("params.yaml", ["student.kd=false"])
+
+
+@pytest.mark.parametrize("entry, message", [
+    ("{name: b, kind: bin}", "kind bin needs a path"),
+    ("{name: c, kind: csv}", "kind csv needs a path"),
+    ("{name: f, kind: cfp, path: x}", "kind cfp needs protocol"),
+    ("{name: l, kind: lfw, protocol: FF}", "protocol applies to kind cfp only"),
+])
+def test_eval_set_kinds_name_what_they_lack(entry, message):
+    """Refused on load, naming the set, so prepare never meets a set it cannot read."""
+    with pytest.raises(ConfigError, match=message):
+        load_params("params.yaml", [f"data.eval_sets=[{entry}]"])

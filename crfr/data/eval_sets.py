@@ -96,8 +96,6 @@ def lfw_eval(es: EvalSetCfg, lfw_root: Path | None, subdir: str) -> EvalData:
 
 
 def bin_eval(es: EvalSetCfg, nfolds: int) -> EvalData:
-    if es.path is None:
-        raise DataError(f"eval set {es.name!r} has kind bin but no path (the .bin file or its s3:// URI)")
     local = storage.local_input(es.path, kind="file")
     data = read_bin(local)
     n = data.num_pairs
@@ -115,8 +113,6 @@ def bin_eval(es: EvalSetCfg, nfolds: int) -> EvalData:
 
 
 def csv_eval(es: EvalSetCfg, nfolds: int) -> EvalData:
-    if es.path is None:
-        raise DataError(f"eval set {es.name!r} has kind csv but no path (the CSV file or its s3:// URI)")
     local = storage.local_input(es.path, kind="file")
     image_root = csv_image_root(es.path, es.image_root)
     pairs = read_pairs_csv(local)
@@ -144,8 +140,6 @@ def csv_eval(es: EvalSetCfg, nfolds: int) -> EvalData:
 
 def cfp_eval(es: EvalSetCfg) -> EvalData:
     """CFP's ``es.protocol`` (FF or FP) pairs of ``es.folds``; every person of those folds is excluded by name."""
-    if es.path is None or es.protocol is None:
-        raise DataError(f"eval set {es.name!r} has kind cfp but no path or protocol (the CFP folder, FF or FP)")
     cfp = read_cfp(es.path, es.protocol, es.folds, es.max_pairs)
     refs = [(str(path), name) for path, name in zip(cfp.paths, cfp.names)]
     return EvalData("cfp", refs, None, cfp.left, cfp.right, cfp.same, cfp.fold, str(es.path), set(cfp.identities),

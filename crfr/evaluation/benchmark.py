@@ -357,9 +357,9 @@ def _verification_nfolds(out: Path, sets: list[EvalSetCfg], default: int) -> int
     for es in sets:
         chosen[es.name], note = use_set_folds(out / "eval" / es.name, default)
         say(f"{es.name}: verification folds: {note}")
-    counts = set(chosen.values())
-    nfolds = counts.pop() if len(counts) == 1 else default
-    if len(counts) > 1:
+    distinct = set(chosen.values())
+    nfolds = next(iter(distinct)) if len(distinct) == 1 else default
+    if len(distinct) > 1:
         say(f"warning: the sets have different numbers of folds {chosen}; using evaluate.nfolds={default} "
             "contiguous folds for all")
     for es in sets:
