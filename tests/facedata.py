@@ -151,12 +151,47 @@ def wait_for_health(url: str, proc: subprocess.Popen, timeout: float = 180.0) ->
     raise TimeoutError(f"{url} did not answer within {timeout:.0f}s")
 
 
-def stop(proc: subprocess.Popen) -> None:
-    """Stop a server started with start_new_session=True, and its workers (its own process group only)."""
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
+def _group_alive(group: int) -> bool:
+    """Whether a live (not zombie) process is in process group ``group``.
+
+    Zombies count as dead: an orphaned worker is reaped by PID 1, which in a container may never do it.
+    """
+    for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=10)
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # the process exited while we looked
+            continue
+        if int(fields[2]) == group and fields[0] != "Z":
+            return True
+    return False
+
+
+def _signal_group(group: int, sig: int) -> None:
+    try:
+        os.killpg(group, sig)
+    except ProcessLookupError:
+        pass
+
+
+def stop(proc: subprocess.Popen, grace: float = 20.0) -> None:
+    """Stop a server started with start_new_session=True, and its workers (its own process group only).
+
+    The whole group is signalled even when the leader has already exited: the ``mlflow server`` CLI returns
+    at SIGTERM while its uvicorn worker may still drain open keep-alive connections, and a worker that
+    outlives its test keeps a port and a CPU share for the rest of the session. Whatever of the group is
+    left after ``grace`` seconds is killed.
+    """
+    group = proc.pid  # start_new_session: the leader's pid is the group id
+    _signal_group(group, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    try:
+        proc.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        pass
+    while _group_alive(group) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    _signal_group(group, signal.SIGKILL)
+    proc.wait(timeout=10)
+    deadline = time.monotonic() + 10
+    while _group_alive(group) and time.monotonic() < deadline:
+        time.sleep(0.05)
