@@ -102,14 +102,20 @@ def step_main(
         run: does the work with the parsed arguments; returns the exit code.
         argv: arguments (default: ``sys.argv[1:]``).
     """
-    import logging
-
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging()
     parser = argparse.ArgumentParser(prog=f"python -m components.{step}", description=doc,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(parser)
     args = parser.parse_args(argv)
     return run_guarded(lambda: run(args))
+
+
+def configure_logging() -> None:
+    """INFO lines with a timestamp on stderr: what a long step does shows in a log file too, where progress
+    bars (drawn only on a terminal) do not."""
+    import logging
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -25,7 +25,7 @@ import sys
 import time
 from pathlib import Path
 
-from crfr.cli import add_params_args, run_guarded
+from crfr.cli import add_params_args, configure_logging, run_guarded
 from crfr.config import Params, load_params
 from crfr.errors import ConfigError
 
@@ -232,6 +232,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--publish", type=Path, default=None, help="copy the summary here after every seed")
     parser.add_argument("--source", default=None, help="LFW root for prepare (default data.root)")
     args = parser.parse_args(argv)
+    configure_logging()
 
     def work() -> int:
         overrides = list(args.overrides or [])

@@ -21,7 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-from crfr.cli import add_params_args, run_guarded
+from crfr.cli import add_params_args, configure_logging, run_guarded
 from crfr.config import Params, load_params
 from crfr.errors import ConfigError
 
@@ -121,6 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workdir", type=Path, default=Path("runs/study"))
     parser.add_argument("--student", action="store_true", help="also distil a student per trial")
     args = parser.parse_args(argv)
+    configure_logging()
 
     def work() -> int:
         trials = [parse_trial(t) for t in args.trial]

@@ -6,12 +6,11 @@ import argparse
 
 
 def cmd_serve(args) -> int:
-    import logging
-
     from crfr import service
+    from crfr.cli import configure_logging
     from crfr.commands.gallery import load_model_arg
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging()
     params, embedder, source = load_model_arg(args)
     cfg = params.serve
     model = source.to_dict() | {"described": source.describe(), "fingerprint": embedder.fingerprint}
