@@ -3,8 +3,8 @@
 Runs the student's own input pipeline, as the trainer builds it (:class:`crfr.train.data.FaceTrainingSet`
 keyed by :class:`crfr.train.data.EpochSampler`, the student's batch size, ``drop_last``, persistent workers):
 read the prepared shards (memory-mapped uint8: nothing to decode; a RecordIO source is decoded once, by the
-prepare step, never during training), flip, degrade (``student.lr_data``, the Fig. 2 model), collate the HR
-and LR uint8 batches. Normalisation happens on the device and is not part of it.
+prepare step, never during training), flip, augment (when ``augment`` enables it), degrade (``student.lr_data``,
+the Fig. 2 model), collate the HR and LR uint8 batches. Normalisation happens on the device and is not part of it.
 
 Each worker count runs ``epochs`` epochs (the first includes worker start-up and page-cache warm-up; the best
 one counts). A loader worker is one process on one core, and with 0 workers the main process is that core,
@@ -72,7 +72,7 @@ def _peak_rss_mb() -> float:
 
 def _epoch_rates(faces: ShardDataset, params: Params, workers: int, batch: int, epochs: int) -> list[float]:
     """images/s of each epoch of the student's loader with ``workers`` loader processes."""
-    dataset = FaceTrainingSet(faces, params.student.lr_data, params.degrade, params.seed)
+    dataset = FaceTrainingSet(faces, params.student.lr_data, params.degrade, params.seed, params.augment)
     sampler = EpochSampler(len(dataset), params.seed)
     loader = DataLoader(dataset, batch_size=batch, sampler=sampler, num_workers=workers, drop_last=True,
                         pin_memory=torch.cuda.is_available(), persistent_workers=workers > 0)
@@ -94,8 +94,9 @@ def run_data_bench(params: Params, shards_dir: str | Path | None = None, epochs:
     """Measure the student's input pipeline with each loader worker count.
 
     Args:
-        params: ``student`` (``lr_data``, ``batch_size``), ``degrade``, ``seed``, ``data.image_size``,
-            ``data.shard_size``, ``runtime.threads`` (the main process's torch threads when workers load).
+        params: ``student`` (``lr_data``, ``batch_size``), ``degrade``, ``augment``, ``seed``,
+            ``data.image_size``, ``data.shard_size``, ``runtime.threads`` (the main process's torch threads when
+            workers load).
         shards_dir: a prepared ``train/`` folder; None writes a synthetic one of 4,096 images in a temp folder.
         epochs: epochs per worker count (the first also starts the workers and warms the page cache).
         batch_size: overrides ``student.batch_size``.
@@ -131,7 +132,8 @@ def run_data_bench(params: Params, shards_dir: str | Path | None = None, epochs:
         with_workers = [v for k, v in by_workers.items() if int(k) > 0] or list(by_workers.values())
         per_core = max(v["images_per_s_per_core"] for v in with_workers)
         return {
-            "pipeline": f"shards -> flip -> {params.student.lr_data} LR view -> collate (HR + LR uint8)",
+            "pipeline": f"shards -> flip -> {'augment -> ' if params.augment.enabled else ''}"
+                        f"{params.student.lr_data} LR view -> collate (HR + LR uint8)",
             "decode": "none: shards are raw uint8 (RecordIO JPEGs are decoded once, by the prepare step)",
             "by_workers": by_workers,
             "images_per_s_per_core": per_core,
@@ -143,6 +145,7 @@ def run_data_bench(params: Params, shards_dir: str | Path | None = None, epochs:
             "batch_size": batch,
             "lr_data": params.student.lr_data,
             "antialias": params.degrade.antialias,
+            "augment": params.augment.enabled,
             "torch_threads": main_threads,
             "cpu_count": os.cpu_count(),
             "epochs": max(1, epochs),

@@ -203,6 +203,31 @@ class DegradeCfg(Section):
         return self
 
 
+class AugmentCfg(Section):
+    """Training-time changes to the HR face beyond the horizontal flip; every knob neutral by default.
+
+    One similarity warp (shift, zoom, rotation about the centre, reflected borders) and an optional grayscale
+    copy, applied to the HR face before the student's LR view is derived from it, so both views stay one face.
+    """
+
+    shift: Float = Field(default=0.0, ge=0.0, description="largest translation (px) along each axis, uniform")
+    scale: Range = Field(default=(1.0, 1.0), description="zoom factor drawn uniformly from [low, high]; >1 enlarges")
+    rotate: Float = Field(default=0.0, ge=0.0, le=180.0, description="largest absolute rotation (degrees), uniform")
+    p_gray: Float = Field(default=0.0, ge=0.0, le=1.0, description="probability of a grayscale copy (3 channels)")
+
+    @model_validator(mode="after")
+    def _check(self) -> "AugmentCfg":
+        _check_range("scale", self.scale)
+        if self.scale[0] <= 0:
+            raise ValueError(f"scale must be > 0, got {list(self.scale)}")
+        return self
+
+    @property
+    def enabled(self) -> bool:
+        """Whether any knob changes the face (all neutral: training sees exactly the un-augmented data)."""
+        return self.shift > 0 or tuple(self.scale) != (1.0, 1.0) or self.rotate > 0 or self.p_gray > 0
+
+
 class ModelCfg(Section):
     """Backbone shape, shared by teacher and student so the student can start from the teacher."""
 
@@ -342,6 +367,12 @@ class EvaluateCfg(Section):
         default="probe", description="probe: only the first image of each pair is made LR (cross-resolution)"
     )
     nfolds: Int = Field(default=10, ge=2)
+    fold_source: Literal["blocks", "set"] = Field(
+        default="blocks",
+        description="blocks: nfolds contiguous blocks of every set (insightface; LFW's pairs in file order "
+                    "give its official folds); set: the folds each set labels its pairs with (a CSV's fold "
+                    "column, LFW's or CFP's folds), nfolds blocks for a set of one fold",
+    )
     batch_size: Int = Field(default=128, ge=1, le=65536)
     realistic_seed: Int = Field(default=1234, ge=0, le=MAX_SEED)
     # The test corruption is its own distribution, not the training one (degrade): a row trained on exactly
@@ -544,6 +575,7 @@ class Params(Section):
     run_dir: str = Field(default="runs", description="local working folder for outputs that are not DVC outs")
     data: DataCfg = Field(default_factory=DataCfg)
     degrade: DegradeCfg = Field(default_factory=DegradeCfg)
+    augment: AugmentCfg = Field(default_factory=AugmentCfg)
     model: ModelCfg = Field(default_factory=ModelCfg)
     loss: LossCfg = Field(default_factory=LossCfg)
     teacher: TeacherCfg = Field(default_factory=TeacherCfg)

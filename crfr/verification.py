@@ -3,9 +3,10 @@
 Embedding: ``emb(img) + emb(horizontal flip of img)``, L2-normalised. Score: squared Euclidean distance
 between the two normalised embeddings of a pair (0 = identical, 4 = opposite); a pair is called "same"
 when the distance is below the threshold. Accuracy: the pairs are split into ``nfolds`` contiguous folds
-(no shuffling, as insightface, so LFW's 10 x 600 pairs give its official folds); for each fold the threshold
-with the best accuracy on the other folds (``0, 0.01, ..., 3.99``) is applied to it; the result is the mean
-and standard deviation of the held-out accuracies.
+(no shuffling, as insightface, so LFW's 10 x 600 pairs give its official folds), or into the folds a benchmark
+labels its pairs with; for each fold the threshold with the best accuracy on the other folds
+(``0, 0.01, ..., 3.99``) is applied to it; the result is the mean and standard deviation of the held-out
+accuracies.
 """
 
 from __future__ import annotations
@@ -158,6 +159,21 @@ def tar_at_far(fpr: np.ndarray, tpr: np.ndarray, far: float) -> float:
     return float(tpr[ok].max()) if ok.any() else 0.0
 
 
+def _folds(num_pairs: int, nfolds: int, labels: np.ndarray | None) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(train, test) pair indices of each fold: ``nfolds`` contiguous blocks, or one fold per label."""
+    if labels is None:
+        if num_pairs < nfolds:
+            raise ValueError(f"{num_pairs} pairs cannot be split into {nfolds} folds")
+        return list(KFold(n_splits=nfolds, shuffle=False).split(np.zeros(num_pairs)))
+    labels = np.asarray(labels)
+    if len(labels) != num_pairs:
+        raise ValueError(f"{len(labels)} fold labels for {num_pairs} pairs")
+    names = np.unique(labels)
+    if len(names) < 2:
+        raise ValueError(f"fold labels {names.tolist()}: threshold selection needs two folds at least")
+    return [(np.flatnonzero(labels != f), np.flatnonzero(labels == f)) for f in names]
+
+
 def verify(
     emb1: np.ndarray,
     emb2: np.ndarray,
@@ -165,6 +181,7 @@ def verify(
     nfolds: int = 10,
     far_targets: Sequence[float] = (1e-2, 1e-3),
     thresholds: np.ndarray = THRESHOLDS,
+    folds: np.ndarray | None = None,
 ) -> VerificationResult:
     """Score pairs ``(emb1[i], emb2[i])`` with insightface's protocol.
 
@@ -172,9 +189,11 @@ def verify(
         emb1: probe embeddings (P, D), L2-normalised.
         emb2: gallery embeddings (P, D), L2-normalised.
         same: (P,) True where both faces are of the same person.
-        nfolds: contiguous folds for threshold selection.
+        nfolds: contiguous folds for threshold selection (when ``folds`` is None).
         far_targets: false accept rates at which to report the true accept rate.
         thresholds: the distance grid searched.
+        folds: (P,) a fold label per pair (two labels at least): these folds, in label order, instead of
+            contiguous ones, whatever their sizes and the order of the pairs.
 
     Returns:
         accuracies, thresholds, TAR@FAR, AUC, the ROC curve and each pair's held-out outcome.
@@ -182,12 +201,10 @@ def verify(
     same = np.asarray(same, bool)
     if len(emb1) != len(emb2) or len(emb1) != len(same):
         raise ValueError(f"emb1, emb2 and same differ in length: {len(emb1)}, {len(emb2)}, {len(same)}")
-    if len(same) < nfolds:
-        raise ValueError(f"{len(same)} pairs cannot be split into {nfolds} folds")
     dist = squared_distance(emb1, emb2)
     fold_acc, fold_thr = [], []
     correct = np.zeros(len(same), bool)
-    for train, test in KFold(n_splits=nfolds, shuffle=False).split(dist):
+    for train, test in _folds(len(same), nfolds, folds):
         thr = best_threshold(dist[train], same[train], thresholds)
         fold_thr.append(thr)
         correct[test] = (dist[test] < thr) == same[test]

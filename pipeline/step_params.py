@@ -30,10 +30,10 @@ STEP_PARAMS: dict[str, tuple[str, ...]] = {
     "prepare": ("seed", "data", "evaluate.nfolds", "storage"),
     "synthesize": ("data.eval_sets", "degrade", "evaluate.resolutions", "evaluate.protocols",
                    "evaluate.realistic_seed", "evaluate.realistic", "storage"),
-    "train_teacher": _TRAINING + ("teacher",),
-    "distill_student": _TRAINING + ("degrade", "student"),
+    "train_teacher": _TRAINING + ("augment", "teacher"),
+    "distill_student": _TRAINING + ("degrade", "augment", "student"),
     # A Table I row: its student overrides, and the teacher's schedule for a row that asks for it.
-    "distill_row": _TRAINING + ("degrade", "student", TEACHER_SCHEDULE, ROWS),
+    "distill_row": _TRAINING + ("degrade", "augment", "student", TEACHER_SCHEDULE, ROWS),
     # registry.gate_*: the thresholds are calibrated on the dataset and protocol the gate compares on.
     "evaluate": ("data.eval_sets", "evaluate", "registry.gate_dataset", "registry.gate_protocol", "runtime.device",
                  "storage", "tracking"),

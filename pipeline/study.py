@@ -21,6 +21,8 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+
 from crfr.cli import add_params_args, configure_logging, run_guarded
 from crfr.config import Params, load_params
 from crfr.errors import ConfigError
@@ -44,6 +46,43 @@ def last_epoch(epochs_csv: Path) -> dict:
     with open(epochs_csv, newline="") as f:
         rows = list(csv.DictReader(f))
     return {k: float(v) for k, v in rows[-1].items() if v not in ("", None)} if rows else {}
+
+
+def validation_outcomes(model_dir: Path, prepared: Path, params: Params) -> Path | None:
+    """Each validation pair's held-out outcome for the model (``validation.npz`` beside it, computed once), as
+    the per-epoch check scores it: what the paired comparisons between trials resample. None without a
+    validation split."""
+    from crfr.artifacts import load_model
+    from crfr.train.loop import score_holdout
+    from crfr.train.run import load_holdout
+
+    path = model_dir / "validation.npz"
+    if path.is_file():
+        return path
+    holdout = load_holdout(prepared, params)
+    if holdout is None:
+        return None
+    net, _ = load_model(model_dir)
+    results = score_holdout(net, holdout, "cpu")
+    tmp = path.with_suffix(".tmp.npz")
+    np.savez(tmp, same=holdout.same, **{f"correct_{k}": r.correct for k, r in results.items()})
+    tmp.replace(path)  # atomic: a killed study leaves no half-written file
+    return path
+
+
+def paired_cell(reference: dict, trial: dict, size: int) -> str:
+    """``+1.25 [-0.4, +2.9] p=0.13``: trial minus reference on the same validation pairs, or "" when the two
+    were not scored on the same pairs."""
+    from crfr.evaluation.stats import paired_comparison
+
+    a, b = reference.get("validation_outcomes"), trial.get("validation_outcomes")
+    if not a or not b or not Path(a).is_file() or not Path(b).is_file():
+        return ""
+    with np.load(a) as ra, np.load(b) as rb:
+        if ra["same"].shape != rb["same"].shape or (ra["same"] != rb["same"]).any():
+            return ""
+        c = paired_comparison(ra[f"correct_{size}"], rb[f"correct_{size}"])
+    return f"{c.delta:+.2f} [{c.ci_low:+.1f}, {c.ci_high:+.1f}] p={c.p_value:.2f}"
 
 
 def run_trial(name: str, params: Params, workdir: Path, student: bool) -> dict:
@@ -91,6 +130,9 @@ def run_trial(name: str, params: Params, workdir: Path, student: bool) -> dict:
         timings[f"{role}_s"] = round(time.perf_counter() - t, 1)
         epoch = last_epoch(reports / "epochs.csv")
         result[role] = {k: epoch[k] for k in ("val_acc_14", "val_acc_112", "images_per_s") if k in epoch}
+        outcomes = validation_outcomes(model, prepared, params)
+        if outcomes is not None:
+            result[role]["validation_outcomes"] = str(outcomes)
         metrics = json.loads((reports / "metrics.json").read_text())
         if "teacher_soft_targets" in metrics:
             result[role]["teacher_soft_targets"] = metrics["teacher_soft_targets"]
@@ -98,17 +140,24 @@ def run_trial(name: str, params: Params, workdir: Path, student: bool) -> dict:
     return result
 
 
-def render(results: list[dict], student: bool) -> str:
-    cols = ["teacher 14", "teacher 112"] + (["student 14", "student 112"] if student else [])
-    lines = ["| trial | overrides | train ids / images | " + " | ".join(f"val {c}" for c in cols) + " |",
+def render(results: list[dict], student: bool, reference: str = "base") -> str:
+    """The trials' table: each role's last-epoch validation accuracy at 14 and 112 px and, for every trial but
+    ``reference``, its paired difference from the reference trial on the same validation pairs (95% bootstrap
+    interval, exact McNemar p)."""
+    roles = ["teacher"] + (["student"] if student else [])
+    ref = next((r for r in results if r["trial"] == reference), None)
+    cols = [f"val {role} {size}" for role in roles for size in (14, 112)]
+    cols += [f"{role} {size} vs {reference}" for role in roles for size in (14, 112)] if ref else []
+    lines = ["| trial | overrides | train ids / images | " + " | ".join(cols) + " |",
              "|---|---|---|" + "---:|" * len(cols)]
     for r in results:
-        vals = [r["teacher"].get("val_acc_14"), r["teacher"].get("val_acc_112")]
-        if student:
-            vals += [r.get("student", {}).get("val_acc_14"), r.get("student", {}).get("val_acc_112")]
-        cells = " | ".join("" if v is None else f"{v:.2f}" for v in vals)
+        cells = [r.get(role, {}).get(f"val_acc_{size}") for role in roles for size in (14, 112)]
+        cells = ["" if v is None else f"{v:.2f}" for v in cells]
+        if ref:
+            cells += ["" if r is ref else paired_cell(ref.get(role, {}), r.get(role, {}), size)
+                      for role in roles for size in (14, 112)]
         lines.append(f"| {r['trial']} | `{'; '.join(r['overrides']) or '(demo)'}` | "
-                     f"{r['train_identities']} / {r['train_images']} | {cells} |")
+                     f"{r['train_identities']} / {r['train_images']} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -120,6 +169,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="NAME or 'NAME: key=value; key=value' (repeatable)")
     parser.add_argument("--workdir", type=Path, default=Path("runs/study"))
     parser.add_argument("--student", action="store_true", help="also distil a student per trial")
+    parser.add_argument("--reference", default="base",
+                        help="the trial every other one is compared with, pair by pair (default: base)")
     args = parser.parse_args(argv)
     configure_logging()
 
@@ -135,7 +186,8 @@ def main(argv: list[str] | None = None) -> int:
             result["overrides"] = overrides
             results = [r for r in results if r["trial"] != name] + [result]
             (args.workdir / "study.json").write_text(json.dumps(results, indent=2) + "\n")
-            (args.workdir / "study.md").write_text(render(results, any("student" in r for r in results)))
+            (args.workdir / "study.md").write_text(render(results, any("student" in r for r in results),
+                                                                   args.reference))
         print((args.workdir / "study.md").read_text())
         return 0
 

@@ -18,7 +18,7 @@ from tests.facedata import IMAGES, LFW_ROOT, make_params, params_file, require_l
 CFP_ROOT = Path(os.environ.get("CRFR_CFP_ROOT", Path(__file__).resolve().parents[2] / "shared/data/cfp"))
 RESOLUTIONS = ("14", "28", "56", "112")
 PROTOCOLS = ("linear", "realistic")
-CSV_FOLD_SIZES = (7, 7, 6)  # the CSV's folds 1, 3, 2 as evaluated: longer folds first, as contiguous folds are
+CSV_FOLD_SIZES = (7, 6, 7)  # the CSV's folds 1, 2, 3
 
 
 @pytest.fixture(scope="module")
@@ -83,11 +83,10 @@ def test_csv_fold_column_gives_the_verification_folds(workspace):
     kept = tmp / "kept"
     result = evaluate_benchmark(str(model), str(bench), str(tmp / "out-csv"), p, image_root=str(IMAGES),
                                 align="fixed", track=False, keep_prepared=kept)
-    assert result["nfolds"] == 3 and result["sets"]["mine"]["folds"] == [1, 2, 3]
+    assert result["nfolds"] == {"mine": 3} and result["sets"]["mine"]["folds"] == [1, 2, 3]
     assert result["sets"]["mine"]["pairs"] == 20
 
-    # The evaluated pairs, mapped back to CSV rows through the manifest: contiguous blocks of 7, 7 and 6
-    # pairs that are exactly the CSV's folds 1, 3 and 2.
+    # The evaluated pairs, mapped back to CSV rows through the manifest, carry the CSV's folds.
     from crfr.data.pairs import load_pair_set
 
     ps = load_pair_set(kept / "eval" / "mine")
@@ -95,8 +94,7 @@ def test_csv_fold_column_gives_the_verification_folds(workspace):
         paths = [row["path"] for row in csv.DictReader(fh) if row["split"] == "eval:mine"]
     with open(bench, newline="") as fh:
         fold_of = {(r["path1"], r["path2"]): int(r["fold"]) for r in csv.DictReader(fh)}
-    evaluated = [fold_of[(paths[i], paths[j])] for i, j in zip(ps.left, ps.right)]
-    assert evaluated == [1] * 7 + [3] * 7 + [2] * 6
+    assert [fold_of[(paths[i], paths[j])] for i, j in zip(ps.left, ps.right)] == ps.fold.tolist()
     check_report(tmp / "out-csv", "tiny", "mine", 20)
     for protocol in PROTOCOLS:
         for res in (14, 112):
@@ -108,20 +106,28 @@ def test_csv_fold_column_gives_the_verification_folds(workspace):
             assert cell.num_pairs == 20
 
 
-def test_unequal_folds_are_reordered_largest_first_and_flagged(tmp_path):
-    from crfr.data.pairs import load_pair_set, write_pair_set
-    from crfr.evaluation.benchmark import use_set_folds
+def test_labelled_folds_are_used_exactly_whatever_their_sizes_and_order():
+    """Folds of 6, 5 and 4 pairs, interleaved: each held-out accuracy is a count over exactly its fold."""
+    from crfr.verification import verify
 
-    fold = np.array([1] * 3 + [2] * 5 + [3] * 4 + [1, 1, 1])  # sizes 6, 5, 4
-    n = len(fold)
-    write_pair_set(tmp_path / "s", "s", np.zeros((2 * n, 8, 8, 3), np.uint8), np.arange(n), np.arange(n, 2 * n),
-                   np.arange(n) % 2 == 0, fold)
-    k, note = use_set_folds(tmp_path / "s", 10)
-    assert k == 3 and "approximated" in note
-    got = load_pair_set(tmp_path / "s")
-    assert got.fold.tolist() == [1] * 6 + [2] * 5 + [3] * 4
-    assert got.left.tolist() == [0, 1, 2, 12, 13, 14, 3, 4, 5, 6, 7, 8, 9, 10, 11]  # pairs kept whole
-    assert (got.right - got.left == n).all()
+    fold = np.array([1] * 3 + [2] * 5 + [3] * 4 + [1, 1, 1])
+    rng = np.random.default_rng(0)
+    same = rng.random(len(fold)) < 0.5
+    e1 = rng.normal(size=(len(fold), 8))
+    e1 /= np.linalg.norm(e1, axis=1, keepdims=True)
+    e2 = np.where(same[:, None], e1 + 0.3 * rng.normal(size=e1.shape), rng.normal(size=e1.shape))
+    e2 /= np.linalg.norm(e2, axis=1, keepdims=True)
+    r = verify(e1, e2, same, nfolds=10, folds=fold)
+    assert len(r.fold_accuracies) == 3
+    for f, acc in zip((1, 2, 3), r.fold_accuracies):
+        test = fold == f
+        assert acc == pytest.approx(100 * r.correct[test].mean())
+    # Reordering the pairs reorders the outcomes and nothing else.
+    perm = rng.permutation(len(fold))
+    again = verify(e1[perm], e2[perm], same[perm], nfolds=10, folds=fold[perm])
+    assert again.fold_accuracies == r.fold_accuracies and (again.correct == r.correct[perm]).all()
+    with pytest.raises(ValueError, match="two folds"):
+        verify(e1, e2, same, folds=np.ones(len(fold), int))
 
 
 def evaluate_cli(workspace, capsys, benchmark, out_name: str, *extra: str) -> tuple[Path, str]:

@@ -107,3 +107,25 @@ def test_study_trials_parse_and_refuse_a_nameless_one():
         "ids", ["data.min_images_per_identity=2", "model.width=0.5"])
     with pytest.raises(ConfigError, match="start with a name"):
         parse_trial("data.align=mtcnn")
+
+
+def test_study_compares_trials_pair_by_pair_on_validation(tmp_path, lfw_root):
+    import numpy as np
+
+    from pipeline.study import main
+
+    work = tmp_path / "study"
+    common = ["--set", "profile=tiny", "--set", f"data.root={lfw_root}", "--set",
+              f"storage.cache_dir={tmp_path / 'cache'}", "--workdir", str(work)]
+    assert main([*common, "--trial", "base", "--trial", "hot: teacher.lr=0.5"]) == 0
+    results = {r["trial"]: r for r in json.loads((work / "study.json").read_text())}
+    outcomes = {name: np.load(r["teacher"]["validation_outcomes"]) for name, r in results.items()}
+    for name, r in results.items():
+        # Re-scoring the saved model gives the last epoch's validation accuracy: the outcomes are that model's.
+        assert 100 * outcomes[name]["correct_14"].mean() == pytest.approx(r["teacher"]["val_acc_14"])
+    assert (outcomes["base"]["same"] == outcomes["hot"]["same"]).all()
+    table = (work / "study.md").read_text()
+    row = next(line for line in table.splitlines() if line.startswith("| hot |"))
+    delta = 100 * (outcomes["hot"]["correct_112"].mean() - outcomes["base"]["correct_112"].mean())
+    assert f"{delta:+.2f} [" in row and "p=" in row
+    assert "teacher 14 vs base" in table

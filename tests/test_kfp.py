@@ -121,6 +121,7 @@ ROWS = "ablation_rows=[resnet, kd]"
     ("teacher.lr=0.05", {"train-teacher-op"}),  # no row of the default table trains on the teacher's schedule
     ("student.lr=0.01", {"distill-student-op", "distill-student-op-2"}),
     ("degrade.p_blur=0.3", {"synthesize-op", "distill-student-op", "distill-student-op-2"}),
+    ("augment.shift=4", {"train-teacher-op", "distill-student-op", "distill-student-op-2"}),  # both train on it
     ("data.max_identities=100", {"prepare-op"}),
     ("loss.lambda2=0.1", {"train-teacher-op", "distill-student-op", "distill-student-op-2"}),
 ])

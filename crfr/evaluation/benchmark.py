@@ -17,12 +17,10 @@ never the current params file's. From the params (``--params``, ``--set``) only 
 ``degrade`` (the probes), ``runtime``, ``registry``, ``tracking``, ``storage`` and the data step's worker and
 bad-image settings.
 
-Verification folds: when the set has two or more folds (LFW View 2 and CFP folds, a CSV's fold column, or
-``evaluate.nfolds`` contiguous blocks given to a set without any) those are the folds whose thresholds are
-learnt on the others: the pairs are ordered fold by fold and ``evaluate.nfolds`` becomes their number. The
-protocol splits the pairs into contiguous blocks whose sizes differ by at most one, so folds whose sizes differ
-by more are only approximated (a warning says so). A set of one fold (``--folds 10``) is split into
-``evaluate.nfolds`` contiguous blocks, as the pipeline does.
+Verification folds: a set with two folds or more (LFW View 2's and CFP's folds, a CSV's fold column, or
+``evaluate.nfolds`` contiguous blocks given to a ``.bin`` set, which has none) is scored on exactly those
+folds, each fold's threshold learnt on the others, whatever their sizes (``evaluate.fold_source: set``). A set
+of one fold (``--folds 10``) is split into ``evaluate.nfolds`` contiguous blocks, as the pipeline does.
 """
 
 from __future__ import annotations
@@ -250,31 +248,26 @@ def benchmark_sets(benchmark: str, kind: str | None = None, protocol: str | None
 # ------------------------------------------------------------------------------------------- verification folds
 
 
-def use_set_folds(folder: Path, default_nfolds: int) -> tuple[int, str]:
-    """Order a written set's pairs fold by fold, so that contiguous folds are its folds (module docstring).
+def describe_folds(folder: Path, default_nfolds: int, where: str) -> tuple[int, str]:
+    """The verification folds of a written set under ``evaluate.fold_source: set`` (module docstring).
 
     Returns:
-        The number of folds to evaluate with, and a line saying which folds those are.
+        The number of folds it is scored on, and a line saying which folds those are.
+
+    Raises:
+        DataError: a set of one fold with fewer pairs than ``evaluate.nfolds``.
     """
-    from crfr.data.pairs import PAIRS, load_pair_set
+    from crfr.data.pairs import load_pair_set
 
     ps = load_pair_set(folder)
     labels, sizes = np.unique(ps.fold, return_counts=True)
     if len(labels) < 2:
+        if ps.num_pairs < default_nfolds:
+            raise DataError(f"{where}: {ps.num_pairs} pairs cannot be split into {default_nfolds} "
+                            "verification folds (raise --max-pairs or lower evaluate.nfolds)")
         return default_nfolds, f"{default_nfolds} contiguous folds (evaluate.nfolds) of its one fold"
-    largest = int(sizes.max())
-    # Contiguous folds of n pairs into k: the first n % k are one pair longer. Put the longer folds first.
-    first = [f for f, s in zip(labels.tolist(), sizes.tolist()) if s == largest]
-    ordered = first + [f for f in labels.tolist() if f not in first]
-    order = np.concatenate([np.flatnonzero(ps.fold == f) for f in ordered])
-    with open(folder / PAIRS, "wb") as fh:
-        np.savez(fh, left=ps.left[order], right=ps.right[order], same=ps.same[order], fold=ps.fold[order])
-    span = f"{sizes.min()}-{largest}" if sizes.min() < largest else str(largest)
-    note = f"its {len(labels)} folds ({', '.join(str(int(f)) for f in labels)}; {span} pairs each)"
-    if largest - int(sizes.min()) > 1:
-        note += (" - approximated: the protocol's contiguous folds differ by at most one pair in size, these by "
-                 f"{largest - int(sizes.min())}")
-    return len(labels), note
+    span = f"{sizes.min()}-{sizes.max()}" if sizes.min() < sizes.max() else str(sizes.max())
+    return len(labels), f"its {len(labels)} folds ({', '.join(str(int(f)) for f in labels)}; {span} pairs each)"
 
 
 # ------------------------------------------------------------------------------------------- one command
@@ -350,27 +343,15 @@ def prepare_benchmark(sets: list[EvalSetCfg], data: DataCfg, out: Path, nfolds: 
     return reports
 
 
-def _verification_nfolds(out: Path, sets: list[EvalSetCfg], default: int) -> int:
-    from crfr.data.pairs import load_pair_set
-
+def _verification_folds(out: Path, sets: list[EvalSetCfg], default: int) -> dict[str, int]:
     chosen = {}
     for es in sets:
-        chosen[es.name], note = use_set_folds(out / "eval" / es.name, default)
+        chosen[es.name], note = describe_folds(out / "eval" / es.name, default, f"benchmark {es.path}")
         say(f"{es.name}: verification folds: {note}")
-    distinct = set(chosen.values())
-    nfolds = next(iter(distinct)) if len(distinct) == 1 else default
-    if len(distinct) > 1:
-        say(f"warning: the sets have different numbers of folds {chosen}; using evaluate.nfolds={default} "
-            "contiguous folds for all")
-    for es in sets:
-        pairs = load_pair_set(out / "eval" / es.name).num_pairs
-        if pairs < nfolds:
-            raise DataError(f"benchmark {es.path}: {pairs} pairs cannot be split into {nfolds} verification folds "
-                            "(raise --max-pairs or lower evaluate.nfolds)")
-    return nfolds
+    return chosen
 
 
-def _record_in_mlflow(run_id: str, model: ModelSource, sets: list[EvalSetCfg], folds: int) -> None:
+def _record_in_mlflow(run_id: str, model: ModelSource, sets: list[EvalSetCfg], folds: dict[str, int]) -> None:
     from mlflow import MlflowClient
 
     from crfr.registry import mlflow_errors
@@ -383,7 +364,7 @@ def _record_in_mlflow(run_id: str, model: ModelSource, sets: list[EvalSetCfg], f
             client.log_param(run_id, f"benchmark.{es.name}", json.dumps(
                 {"kind": es.kind, "path": es.path, "protocol": es.protocol, "folds": es.folds,
                  "max_pairs": es.max_pairs, "align": es.alignment}))
-        client.log_param(run_id, "benchmark.verification_folds", folds)
+        client.log_param(run_id, "benchmark.verification_folds", json.dumps(folds))
 
 
 def evaluate_benchmark(model: str, benchmark: str, out_dir: str, params: Params, *, kind: str | None = None,
@@ -408,12 +389,12 @@ def evaluate_benchmark(model: str, benchmark: str, out_dir: str, params: Params,
         name: the set's name in the report (default: the benchmark's file or folder name).
         track: log to MLflow.
         device: overrides ``runtime.device``.
-        keep_prepared: also copy the aligned benchmark (a prepared folder: ``eval/<set>/``, ``manifest.csv``,
-            pairs in verification-fold order) to this local folder, to inspect what was evaluated.
+        keep_prepared: also copy the aligned benchmark (a prepared folder: ``eval/<set>/``, ``manifest.csv``)
+            to this local folder, to inspect what was evaluated.
 
     Returns:
         :func:`crfr.evaluation.run.evaluate_models`'s result plus ``sets`` (the prepare report of each set),
-        ``nfolds`` (the verification folds) and ``model`` (the :class:`ModelSource`).
+        ``nfolds`` (per set, the number of verification folds) and ``model`` (the :class:`ModelSource`).
     """
     from crfr.artifacts import load_model
     from crfr.evaluation.run import evaluate_models
@@ -435,17 +416,17 @@ def evaluate_benchmark(model: str, benchmark: str, out_dir: str, params: Params,
         prepared = scratch / "prepared"
         prepared.mkdir()
         reports = prepare_benchmark(sets, data, prepared, params.evaluate.nfolds)
-        nfolds = _verification_nfolds(prepared, sets, params.evaluate.nfolds)
+        nfolds = _verification_folds(prepared, sets, params.evaluate.nfolds)
         if keep_prepared is not None:
             shutil.copytree(prepared, keep_prepared, dirs_exist_ok=True)
 
         run_params = params.model_copy(deep=True)
         run_params.data = data
         run_params.registry.gate_dataset = sets[0].name  # thresholds.json comes from this set
-        run_params.evaluate.nfolds = nfolds
+        run_params.evaluate.fold_source = "set"
         cfg = run_params.evaluate
         say(f"embedding and scoring {len(sets)} set(s) on {device or params.runtime.device}: resolutions "
-            f"{cfg.resolutions}, protocols {cfg.protocols}, {nfolds} verification folds")
+            f"{cfg.resolutions}, protocols {cfg.protocols}")
         with _stage_logging():
             result = evaluate_models(str(prepared), None, {source.row: str(source.folder)}, out_dir, run_params,
                                      track=track, device=device)

@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from crfr import storage, verification  # verification.embed_images is looked up per call: tests count passes
-from crfr.config import Params
+from crfr.config import EvaluateCfg, Params
 from crfr.data.pairs import PairSet, load_pair_set
 from crfr.devices import choose_device
 from crfr.errors import ConfigError, DataError
@@ -53,6 +53,14 @@ def load_pairs(set_dir: Path, name: str) -> PairSet:
     data = load_pair_set(set_dir)
     data.name = name  # probe files and report keys go by the configured name
     return data
+
+
+def verification_folds(data: PairSet, cfg: EvaluateCfg) -> np.ndarray | None:
+    """The set's own fold labels under ``evaluate.fold_source: set`` (when it has two folds or more), else None:
+    ``evaluate.nfolds`` contiguous blocks."""
+    if cfg.fold_source == "set" and len(np.unique(data.fold)) >= 2:
+        return data.fold
+    return None
 
 
 def evaluate_model(name: str, model, data: PairSet, params: Params, probes: ProbeSource, device: str,
@@ -76,13 +84,14 @@ def evaluate_model(name: str, model, data: PairSet, params: Params, probes: Prob
     if split is not None:
         unique_rows = np.union1d(unique_rows, split.probe_rows)
 
+    fold_labels = verification_folds(data, cfg)
     hr_result = hr_identified = None
     for protocol in cfg.protocols:
         for res in cfg.resolutions:
             if res >= hr_size:
                 if hr_result is None:
                     hr_result = verification.verify(hr[data.left], hr[data.right], data.same, cfg.nfolds,
-                                                    cfg.far_targets)
+                                                    cfg.far_targets, folds=fold_labels)
                 evaluation.add(name, data.name, protocol, res, hr_result)
                 if split is not None:  # HR searches, like the 112 column: the same for every protocol
                     if hr_identified is None:
@@ -93,7 +102,8 @@ def evaluate_model(name: str, model, data: PairSet, params: Params, probes: Prob
             lr = np.zeros_like(hr)
             lr[unique_rows] = embed(lr_images, f"{name}/{data.name} {protocol} {res}px", upsampler(protocol, hr_size))
             gallery = hr[data.right] if cfg.probe_side == "probe" else lr[data.right]
-            result = verification.verify(lr[data.left], gallery, data.same, cfg.nfolds, cfg.far_targets)
+            result = verification.verify(lr[data.left], gallery, data.same, cfg.nfolds, cfg.far_targets,
+                                         folds=fold_labels)
             evaluation.add(name, data.name, protocol, res, result)
             log.info("%s/%s %s %dpx: %.2f%%", name, data.name, protocol, res, result.accuracy)
             if split is not None:

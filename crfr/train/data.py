@@ -1,10 +1,10 @@
 """Training batches: HR faces for the teacher, (HR, LR) pairs of the same face for the student.
 
-Every random choice (order, flip, degradation) is a pure function of (seed, epoch, index), never of a
-global RNG, so a resumed run, a run with more loader workers or a DDP rank sees exactly the data it would
-have seen otherwise. The epoch travels with each index: ``EpochSampler`` runs in the main process and yields
-``(epoch, index)`` keys, so loader workers (persistent ones keep the dataset copy they were started with)
-never depend on state set after they started.
+Every random choice (order, flip, augmentation, degradation) is a pure function of (seed, epoch, index),
+never of a global RNG, so a resumed run, a run with more loader workers or a DDP rank sees exactly the data
+it would have seen otherwise. The epoch travels with each index: ``EpochSampler`` runs in the main process
+and yields ``(epoch, index)`` keys, so loader workers (persistent ones keep the dataset copy they were started
+with) never depend on state set after they started.
 """
 
 from __future__ import annotations
@@ -15,8 +15,9 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
-from crfr.config import DegradeCfg
+from crfr.config import AugmentCfg, DegradeCfg
 from crfr.degrade import Degrader
+from crfr.train.augment import augment_face, augment_rng
 
 # Stride between epochs in the degradation index: sample i of epoch e is degraded as e * EPOCH_STRIDE + i.
 EPOCH_STRIDE = 1 << 32
@@ -48,11 +49,15 @@ class FaceTrainingSet(Dataset):
         lr_data: None for HR only (teacher); ``bicubic`` or ``degraded`` to add the student's LR view.
         degrade: the degradation model's settings.
         seed: run seed.
+        augment: HR augmentation after the flip (the LR view is derived from the augmented face); None or
+            all knobs neutral: none, and no extra random draws.
     """
 
-    def __init__(self, faces, lr_data: str | None, degrade: DegradeCfg, seed: int) -> None:
+    def __init__(self, faces, lr_data: str | None, degrade: DegradeCfg, seed: int,
+                 augment: AugmentCfg | None = None) -> None:
         self.faces, self.lr_data, self.seed = faces, lr_data, seed
         self.degrader = Degrader(degrade, seed=seed, corrupt=lr_data == "degraded") if lr_data else None
+        self.augment = augment if augment is not None and augment.enabled else None
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -69,6 +74,8 @@ class FaceTrainingSet(Dataset):
         if flips(self.seed, epoch, index):
             img = img[:, ::-1]
         img = np.ascontiguousarray(img)
+        if self.augment is not None:
+            img = augment_face(img, self.augment, augment_rng(self.seed, epoch, index))
         if self.degrader is None:
             return torch.from_numpy(img), int(label)
         low = self.degrader(img, epoch * EPOCH_STRIDE + index)

@@ -74,6 +74,35 @@ class Holdout:
     same: np.ndarray
 
 
+HOLDOUT_SIZES = (14, 112)
+
+
+def score_holdout(backbone: nn.Module, holdout: Holdout, device: str) -> dict:
+    """The validation pairs scored as the per-epoch check scores them: the left face of each pair linearly
+    downscaled to each of :data:`HOLDOUT_SIZES` against the right face at full size.
+
+    Leaves ``backbone`` in eval mode and NCHW layout.
+
+    Returns:
+        Per size, the :class:`crfr.verification.VerificationResult` (its ``correct`` holds each pair's outcome).
+    """
+    from crfr.degrade import linear_probe
+    from crfr.verification import embed_images, verify
+
+    backbone.eval()
+    # embed_images feeds NCHW batches; never mix layouts between a model and its input (see runtime.py).
+    backbone.to(memory_format=torch.contiguous_format)
+    h = holdout
+    gallery = embed_images(backbone, h.images[h.right], batch_size=128, device=device, progress=False)
+    results = {}
+    for size in HOLDOUT_SIZES:
+        probes = h.images[h.left] if size == 112 else np.stack(
+            [linear_probe(im, size) for im in h.images[h.left]])
+        emb = embed_images(backbone, probes, batch_size=128, device=device, progress=False)
+        results[size] = verify(emb, gallery, h.same, nfolds=min(10, max(2, len(h.same) // 20)))
+    return results
+
+
 class Network(nn.Module):
     """Backbone + ArcFace head in one module, so DDP synchronises both."""
 
@@ -214,7 +243,7 @@ class Trainer:
         # must already hold the resumed state (optimiser, schedule, step) as well.
         self.model: nn.Module = self.net
         self.wavesim = WaveletSimilarity(params.model.wavelet, params.model.wave_mode).to(runtime.device)
-        self.dataset = FaceTrainingSet(faces, spec.lr_data, params.degrade, params.seed)
+        self.dataset = FaceTrainingSet(faces, spec.lr_data, params.degrade, params.seed, params.augment)
         self.sampler = EpochSampler(len(self.dataset), params.seed, runtime.rank, runtime.world_size)
         setting = f"{spec.name.split('-')[0]}.batch_size"
         self.batch_per_rank = runtime.share_of_batch(cfg.batch_size, setting)
@@ -483,26 +512,12 @@ class Trainer:
         """Verification accuracy on the validation pairs with the probe at 14 px and at 112 px (``val_acc_*``)."""
         if self.holdout is None or not self.rt.is_main:
             return {}
-        from crfr.degrade import linear_probe
-        from crfr.verification import embed_images, verify
-
-        h = self.holdout
         backbone = self.net.backbone
-        backbone.eval()
-        # embed_images feeds NCHW batches; never mix layouts between a model and its input (see runtime.py).
-        backbone.to(memory_format=torch.contiguous_format)
-        device = str(self.rt.device)
-        gallery = embed_images(backbone, h.images[h.right], batch_size=128, device=device, progress=False)
-        out = {}
-        for size in (14, 112):
-            probes = h.images[h.left] if size == 112 else np.stack([linear_probe(im, size) for im in h.images[h.left]])
-            emb = embed_images(backbone, probes, batch_size=128, device=device, progress=False)
-            result = verify(emb, gallery, h.same, nfolds=min(10, max(2, len(h.same) // 20)))
-            out[f"val_acc_{size}"] = result.accuracy
+        results = score_holdout(backbone, self.holdout, str(self.rt.device))
         if self.rt.channels_last:
             backbone.to(memory_format=torch.channels_last)
         backbone.train()
-        return out
+        return {f"val_acc_{size}": result.accuracy for size, result in results.items()}
 
     # ------------------------------------------------------------------------------------------- run
     def fit(self, on_log=lambda metrics, step: None, on_epoch=lambda metrics, epoch: None) -> list[dict]:

@@ -20,6 +20,8 @@ from crfr.train.runtime import peers_lost_as_error, resolve_runtime, shutdown
 def spec_hash(spec: TrainSpec, params: Params) -> str:
     """Fingerprint of everything that shapes the weights: a checkpoint only resumes the run it came from."""
     relevant = params.model_dump(mode="json", include={"seed", "model", "loss", "degrade"})
+    if params.augment.enabled:  # only then: runs without augmentation keep the fingerprint they always had
+        relevant["augment"] = params.augment.model_dump(mode="json")
     relevant["spec"] = {k: (v.model_dump(mode="json") if hasattr(v, "model_dump") else v)
                         for k, v in vars(spec).items() if k != "teacher_dir"}
     return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
