@@ -2,9 +2,9 @@
 
 * ``center-crop``: cut ``data.crop_box`` (top, bottom, left, right, source pixels) and resize to ``image_size``;
   right for deep-funneled LFW, whose faces are already roughly centred.
-* ``mtcnn``: detect faces and 5 landmarks, keep the largest face nearest the centre, and warp the landmarks onto
-  the ArcFace 112x112 template with a least-squares similarity transform (Umeyama). Images with no face fall
-  back to the centre crop and are counted.
+* ``mtcnn``: detect faces and 5 landmarks (:func:`find_faces`, as serving does), keep the largest face nearest
+  the centre, and warp the landmarks onto the ArcFace 112x112 template with a least-squares similarity
+  transform (Umeyama). Images with no face fall back to the centre crop and are counted.
 * ``none``: the images are already aligned (insightface .bin / .rec); only resized when their size differs.
 
 An eval set framed unlike the training data (CFP, a user's CSV of photos) is aligned in the :class:`Aligner`'s
@@ -194,17 +194,6 @@ class Aligner:
         self.min_face = min_face
         self.cache = cache if self.mode == "detect" else None
         self.stats = AlignStats(self.mode)
-        self._detectors: dict[int, object] = {}
-
-    def _detector(self, shape: tuple[int, ...]):
-        from crfr.data.mtcnn import MTCNN  # torch and the weights only when mtcnn is used
-
-        min_face = self.min_face or max(20, min(shape[:2]) // 8)
-        if min_face not in self._detectors:
-            shared = next(iter(self._detectors.values()), None)
-            det = MTCNN(min_face=min_face) if shared is None else _with_min_face(shared, min_face)
-            self._detectors[min_face] = det
-        return self._detectors[min_face]
 
     def _crop(self, img: np.ndarray) -> np.ndarray:
         face, fits = center_crop(img, self.cfg.crop_box, self.size)
@@ -264,22 +253,15 @@ class Aligner:
                     img = cv2.resize(img, (self.size, self.size), interpolation=cv2.INTER_AREA)
                 out.append(img)
         elif self.mode == "mtcnn":
-            out = [None] * len(images)  # type: ignore[list-item]
-            groups: dict[int, list[int]] = {}
-            for i, img in enumerate(images):
-                groups.setdefault(self.min_face or max(20, min(img.shape[:2]) // 8), []).append(i)
-            for idx in groups.values():
-                det = self._detector(images[idx[0]].shape)
-                found = det.detect([images[i] for i in idx])
-                for i, (boxes, marks) in zip(idx, found):
-                    img = images[i]
-                    if len(boxes) == 0:
-                        self._fell_back(names, i)
-                        out[i] = self._crop(img)
-                        continue
-                    self.stats.detected += 1
-                    self.stats.multiple_faces += len(boxes) > 1
-                    out[i] = warp_to_template(img, marks[pick_face(boxes, img.shape)], self.size)
+            out = []
+            for i, (img, (marks, found)) in enumerate(zip(images, find_faces(images, min_face=self.min_face))):
+                if marks is None:
+                    self._fell_back(names, i)
+                    out.append(self._crop(img))
+                    continue
+                self.stats.detected += 1
+                self.stats.multiple_faces += found > 1
+                out.append(warp_to_template(img, marks, self.size))
         else:
             raise ValueError(f"unknown align mode {self.mode!r}")
         self.stats.aligned += len(out)
@@ -321,7 +303,8 @@ def _detect_view(rgb: np.ndarray) -> np.ndarray:
     return cv2.resize(rgb, (max(1, round(w * factor)), max(1, round(h * factor))), interpolation=cv2.INTER_AREA)
 
 
-def find_faces(images: list[np.ndarray], weights: str | None = None) -> list[tuple[np.ndarray | None, int]]:
+def find_faces(images: list[np.ndarray], weights: str | None = None,
+               min_face: int | None = None) -> list[tuple[np.ndarray | None, int]]:
     """For each photo: the 5 landmarks (x, y) of the face to use (None if none) and how many faces were found.
 
     The face kept is the largest central one (:func:`pick_face`). Faces are searched down to 1/8 of the
@@ -332,14 +315,15 @@ def find_faces(images: list[np.ndarray], weights: str | None = None) -> list[tup
     Args:
         images: uint8 RGB images.
         weights: folder of the MTCNN weights; None finds them (:func:`crfr.data.mtcnn.weights_dir`).
+        min_face: search every photo from this smallest face (px of the searched copy) instead.
     """
     views = [_detect_view(rgb) for rgb in images]
     groups: dict[int, list[int]] = {}
     for i, view in enumerate(views):
-        groups.setdefault(max(20, min(view.shape[:2]) // 8), []).append(i)
+        groups.setdefault(min_face or max(20, min(view.shape[:2]) // 8), []).append(i)
     out: list[tuple[np.ndarray | None, int]] = [(None, 0)] * len(images)
-    for min_face, idx in groups.items():
-        found = _shared_detector(weights, min_face).detect([views[i] for i in idx])
+    for smallest, idx in groups.items():
+        found = _shared_detector(weights, smallest).detect([views[i] for i in idx])
         for i, (boxes, marks) in zip(idx, found):
             if len(boxes) == 0:
                 continue
