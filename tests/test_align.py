@@ -155,6 +155,20 @@ def test_no_face_falls_back_to_the_centre_crop_and_is_counted(lfw_root):
 
 
 @needs_weights
+def test_mtcnn_training_alignment_is_servings_on_any_photo_size(lfw_root):
+    """Prepare's mtcnn mode finds faces as serving does: a photo 6x larger aligns to the same face."""
+    from crfr.data.align import align_face
+
+    face = read_image(lfw_root / "lfw-deepfunneled/Aaron_Eckhart/Aaron_Eckhart_0001.jpg")
+    big = cv2.resize(face, (1500, 1500), interpolation=cv2.INTER_CUBIC)
+    aligner = Aligner(DataCfg(align="mtcnn"))
+    small_out, big_out = aligner([face, big])
+    assert aligner.stats.detected == 2
+    assert np.abs(small_out.astype(int) - big_out.astype(int)).mean() < 6.0
+    assert np.array_equal(big_out, align_face(big))  # serving's crop of the same photo
+
+
+@needs_weights
 def test_align_face_for_serving(lfw_root):
     from crfr.data.align import align_face
 
