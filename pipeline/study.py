@@ -4,9 +4,12 @@
         --trial base --trial "more_ids: data.min_images_per_identity=2" --trial "mtcnn: data.align=mtcnn"
 
 Each trial is the demo with some ``--set`` overrides: prepare (shared by trials with the same ``data`` and
-``seed``), the teacher and, with ``--student``, the student distilled from it. A trial is scored by the last
-epoch's accuracy on the validation pairs (``val_acc_14``, ``val_acc_112``: held-out people, in no evaluated
-set): the test folds are never read, so choosing by these numbers leaves the reported results untouched.
+``seed``), the teacher and, with ``--student``, the student distilled from it. A trial's trained model is
+scored once on every validation pair (held-out people, in no evaluated set) as the per-epoch check scores
+them (``val_acc_14``, ``val_acc_112``; each pair's outcome in ``validation.npz`` beside the model, which the
+paired comparisons between trials resample): the test folds are never read, so choosing by these numbers
+leaves the reported results untouched. The per-epoch check reads only ``runtime.holdout_pairs`` of them; a
+low value (``--set runtime.holdout_pairs=200``) saves most of its cost on a large validation split.
 Outputs of a finished trial are reused when the study runs again; MLflow goes to ``<workdir>/mlflow.db``. Results: ``<workdir>/study.json`` and a
 table in ``study.md``.
 """
@@ -49,9 +52,9 @@ def last_epoch(epochs_csv: Path) -> dict:
 
 
 def validation_outcomes(model_dir: Path, prepared: Path, params: Params) -> Path | None:
-    """Each validation pair's held-out outcome for the model (``validation.npz`` beside it, computed once), as
-    the per-epoch check scores it: what the paired comparisons between trials resample. None without a
-    validation split."""
+    """Each validation pair's held-out outcome for the model and its accuracies (``validation.npz`` beside it,
+    computed once), scored on every validation pair as the per-epoch check scores its share: what the trials
+    are compared by. None without a validation split."""
     from crfr.artifacts import load_model
     from crfr.train.loop import score_holdout
     from crfr.train.run import load_holdout
@@ -59,13 +62,15 @@ def validation_outcomes(model_dir: Path, prepared: Path, params: Params) -> Path
     path = model_dir / "validation.npz"
     if path.is_file():
         return path
-    holdout = load_holdout(prepared, params)
+    every_pair = params.runtime.model_copy(update={"holdout_pairs": params.data.validation_pairs})
+    holdout = load_holdout(prepared, params.model_copy(update={"runtime": every_pair}))
     if holdout is None:
         return None
     net, _ = load_model(model_dir)
     results = score_holdout(net, holdout, "cpu")
     tmp = path.with_suffix(".tmp.npz")
-    np.savez(tmp, same=holdout.same, **{f"correct_{k}": r.correct for k, r in results.items()})
+    np.savez(tmp, same=holdout.same, **{f"correct_{k}": r.correct for k, r in results.items()},
+             **{f"acc_{k}": r.accuracy for k, r in results.items()})
     tmp.replace(path)  # atomic: a killed study leaves no half-written file
     return path
 
@@ -132,6 +137,9 @@ def run_trial(name: str, params: Params, workdir: Path, student: bool) -> dict:
         result[role] = {k: epoch[k] for k in ("val_acc_14", "val_acc_112", "images_per_s") if k in epoch}
         outcomes = validation_outcomes(model, prepared, params)
         if outcomes is not None:
+            with np.load(outcomes) as scored:
+                result[role].update({f"val_acc_{k}": float(scored[f"acc_{k}"]) for k in (14, 112)},
+                                    validation_pairs=int(len(scored["same"])))
             result[role]["validation_outcomes"] = str(outcomes)
         metrics = json.loads((reports / "metrics.json").read_text())
         if "teacher_soft_targets" in metrics:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -112,16 +113,18 @@ def test_study_trials_parse_and_refuse_a_nameless_one():
 def test_study_compares_trials_pair_by_pair_on_validation(tmp_path, lfw_root):
     import numpy as np
 
-    from pipeline.study import main
+    from pipeline.study import last_epoch, main
 
     work = tmp_path / "study"
-    common = ["--set", "profile=tiny", "--set", f"data.root={lfw_root}", "--set",
-              f"storage.cache_dir={tmp_path / 'cache'}", "--workdir", str(work)]
+    # The per-epoch check reads 10 of the validation pairs (28: as many as tiny's people allow); the trials are
+    # scored on all of them.
+    common = ["--set", "profile=tiny", "--set", f"data.root={lfw_root}", "--set", "runtime.holdout_pairs=10",
+              "--set", f"storage.cache_dir={tmp_path / 'cache'}", "--workdir", str(work)]
     assert main([*common, "--trial", "base", "--trial", "hot: teacher.lr=0.5"]) == 0
     results = {r["trial"]: r for r in json.loads((work / "study.json").read_text())}
     outcomes = {name: np.load(r["teacher"]["validation_outcomes"]) for name, r in results.items()}
     for name, r in results.items():
-        # Re-scoring the saved model gives the last epoch's validation accuracy: the outcomes are that model's.
+        assert r["teacher"]["validation_pairs"] == 28 == len(outcomes[name]["same"])
         assert 100 * outcomes[name]["correct_14"].mean() == pytest.approx(r["teacher"]["val_acc_14"])
     assert (outcomes["base"]["same"] == outcomes["hot"]["same"]).all()
     table = (work / "study.md").read_text()
@@ -129,3 +132,12 @@ def test_study_compares_trials_pair_by_pair_on_validation(tmp_path, lfw_root):
     delta = 100 * (outcomes["hot"]["correct_112"].mean() - outcomes["base"]["correct_112"].mean())
     assert f"{delta:+.2f} [" in row and "p=" in row
     assert "teacher 14 vs base" in table
+
+    # With the check reading every pair, re-scoring the saved model gives the last epoch's accuracy: the
+    # outcomes are that model's, scored as training scores it.
+    again = tmp_path / "again"
+    assert main([*common[:-2], "--workdir", str(again), "--set", "runtime.holdout_pairs=40", "--trial", "base"]) == 0
+    (r,) = json.loads((again / "study.json").read_text())
+    epoch = last_epoch(Path(r["teacher_dir"]) / "reports" / "epochs.csv")
+    assert r["teacher"]["val_acc_14"] == pytest.approx(epoch["val_acc_14"])
+    assert r["teacher"]["val_acc_112"] == pytest.approx(epoch["val_acc_112"])
