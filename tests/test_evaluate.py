@@ -201,6 +201,31 @@ def test_cli_without_probe_files_gives_the_same_numbers(report, monkeypatch, cap
     assert again["teacher"] == result["metrics"]["teacher"]
 
 
+def test_nchw_evaluation_gives_the_nhwc_numbers(report, monkeypatch):
+    """runtime.channels_last (the default, NHWC forward passes) changes the speed of evaluation, not its result."""
+    from components.evaluate import main
+
+    tmp, prepared, models, params, result, _ = report
+    _, overrides = make_params(tmp)
+    assert params.runtime.channels_last
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    argv = ["--params", str(params_file(tmp)), "--prepared", str(prepared), "--probes", str(tmp / "probes"),
+            "--model", f"teacher={models['teacher']}", "--model", f"student={models['student']}",
+            "--out", str(tmp / "report-nchw"), "--no-mlflow", "--set", "runtime.channels_last=false"]
+    for item in overrides:
+        argv += ["--set", item]
+    assert main(argv) == 0
+    nchw = json.loads((tmp / "report-nchw" / "metrics.json").read_text())
+    cells = 0
+    for row in ("teacher", "student"):
+        for name in SETS:
+            for protocol in PROTOCOLS:
+                for res in map(str, RESOLUTIONS):
+                    assert nchw[row][name][protocol][res]["acc"] == result["metrics"][row][name][protocol][res]["acc"]
+                    cells += 1
+    assert cells == 2 * len(SETS) * len(PROTOCOLS) * len(RESOLUTIONS)
+
+
 def test_missing_probe_file_is_a_clear_error(report, capsys):
     from components.evaluate import main
 
