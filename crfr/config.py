@@ -146,8 +146,9 @@ class DataCfg(Section):
     )
     validation_pairs: Int = Field(default=600, ge=2, description="validation pairs, half same, half different")
     align_cache: Bool = Field(
-        default=True, description="cache detect-aligned faces under storage.cache_dir (keyed by image bytes and "
-                                  "alignment settings): MTCNN runs once per image, not once per run",
+        default=True, description="cache MTCNN-aligned faces (align: mtcnn, and eval sets aligned by detect) under "
+                                  "storage.cache_dir, keyed by image bytes and alignment settings: MTCNN runs "
+                                  "once per image, not once per run",
     )
 
     @model_validator(mode="after")

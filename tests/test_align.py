@@ -169,6 +169,35 @@ def test_mtcnn_training_alignment_is_servings_on_any_photo_size(lfw_root):
 
 
 @needs_weights
+def test_mtcnn_training_alignment_runs_mtcnn_once_per_image(lfw_root, tmp_path, monkeypatch):
+    """data.align: mtcnn with data.align_cache: a second prepare of the same images reads every face (and its
+    fallback) from the cache, identical, without running the detector."""
+    from crfr import storage
+    from crfr.data import align
+
+    monkeypatch.setenv("CRFR_CACHE_DIR", str(tmp_path / "cache"))
+    files = sorted((lfw_root / "lfw-deepfunneled" / "Aaron_Peirsol").glob("*.jpg"))
+    images = [read_image(f) for f in files] + [np.full((250, 250, 3), 127, np.uint8)]
+    keys = [f"{i:064x}" for i in range(len(images))]
+    cfg = DataCfg(align="mtcnn")
+    assert storage.cache_dir() == tmp_path / "cache"
+    first = Aligner.cached(cfg)
+    faces = first(images, [f.name for f in files] + ["flat"], keys)
+    assert first.cache_report()["misses"] == len(images) and first.stats.fallbacks == 1
+
+    def no_detector(*args, **kwargs):
+        raise AssertionError("MTCNN ran for a cached image")
+
+    monkeypatch.setattr(align, "find_faces", no_detector)
+    second = Aligner.cached(cfg)
+    again = second(images, [f.name for f in files] + ["flat"], keys)
+    assert second.cache_report()["hits"] == len(images)
+    assert all(np.array_equal(a, b) for a, b in zip(faces, again))
+    assert (second.stats.detected, second.stats.fallbacks) == (first.stats.detected, first.stats.fallbacks)
+    assert Aligner.cached(DataCfg(align="center-crop")).cache is None  # nothing to save there
+
+
+@needs_weights
 def test_align_face_for_serving(lfw_root):
     from crfr.data.align import align_face
 

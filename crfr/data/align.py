@@ -183,8 +183,9 @@ class Aligner:
         min_face: mtcnn's smallest face; None uses 1/8 of the image's shorter side, at least 20 px: faces
             smaller than that are not the subject of a face-recognition photo and searching for them
             costs most of the detector's time. ``detect`` always searches as serving does.
-        cache: ``detect`` only: an :class:`crfr.data.align_cache.AlignCache` of earlier results, looked up by
-            the ``keys`` given with the images.
+        cache: ``detect`` and ``mtcnn``: an :class:`crfr.data.align_cache.AlignCache` of earlier results,
+            looked up by the ``keys`` given with the images (a cached fallback is not re-checked against
+            ``crop_box``, so ``crop_box_outside`` counts only the images aligned in this run).
     """
 
     def __init__(self, cfg: DataCfg, mode: str | None = None, min_face: int | None = None, cache=None) -> None:
@@ -192,8 +193,20 @@ class Aligner:
         self.mode = mode or cfg.align
         self.size = cfg.image_size
         self.min_face = min_face
-        self.cache = cache if self.mode == "detect" else None
+        # A cache key holds no min_face: an Aligner searching from its own smallest face is never cached.
+        self.cache = cache if self.mode in ("detect", "mtcnn") and min_face is None else None
         self.stats = AlignStats(self.mode)
+
+    @classmethod
+    def cached(cls, cfg: DataCfg, mode: str | None = None) -> Aligner:
+        """An Aligner with the disk cache of ``data.align_cache`` when its mode runs MTCNN."""
+        from crfr.data.align_cache import cache_for
+
+        return cls(cfg, mode=mode, cache=cache_for(mode or cfg.align, cfg))
+
+    def cache_report(self) -> dict | None:
+        """The cache's counts for ``report.json`` (None without a cache)."""
+        return self.cache.as_dict() if self.cache is not None else None
 
     def _crop(self, img: np.ndarray) -> np.ndarray:
         face, fits = center_crop(img, self.cfg.crop_box, self.size)
@@ -206,6 +219,7 @@ class Aligner:
             self.stats.fallback_examples.append(names[i])
 
     def _detect(self, images: list[np.ndarray], names: list[str] | None, keys: list[str] | None) -> list[np.ndarray]:
+        """``detect`` and ``mtcnn``: find each face (cache first), align it, or fall back when there is none."""
         out: list[np.ndarray] = [None] * len(images)  # type: ignore[list-item]
         counts = [0] * len(images)
         todo = []
@@ -215,12 +229,15 @@ class Aligner:
                 todo.append(i)
             else:
                 out[i], counts[i] = hit
-        for i, (marks, found) in zip(todo, find_faces([images[i] for i in todo])):
+        found_faces = find_faces([images[i] for i in todo], min_face=self.min_face) if todo else []
+        for i, (marks, found) in zip(todo, found_faces):
             counts[i] = found
-            if marks is None:
-                out[i] = central_square(images[i], self.size)
+            img = images[i]
+            if self.mode == "mtcnn":
+                out[i] = self._crop(img) if marks is None else warp_to_template(img, marks, self.size)
             else:
-                out[i] = place_face(images[i], marks, self.cfg.align, self.cfg.crop_box, self.size)
+                out[i] = central_square(img, self.size) if marks is None else place_face(
+                    img, marks, self.cfg.align, self.cfg.crop_box, self.size)
             if self.cache is not None and keys and keys[i]:
                 self.cache.put(keys[i], out[i], found)
         for i, found in enumerate(counts):
@@ -238,10 +255,10 @@ class Aligner:
         Args:
             images: uint8 RGB images.
             names: label the images that fell back to a centre crop, for reports.
-            keys: ``detect`` with a cache: each image's cache key (the sha256 of its bytes); "" is not cached.
+            keys: with a cache: each image's cache key (the sha256 of its bytes); "" is not cached.
         """
         out: list[np.ndarray]
-        if self.mode == "detect":
+        if self.mode in ("detect", "mtcnn"):
             out = self._detect(images, names, keys)
         elif self.mode == "center-crop":
             out = [self._crop(img) for img in images]
@@ -252,16 +269,6 @@ class Aligner:
                     self.stats.resized += 1
                     img = cv2.resize(img, (self.size, self.size), interpolation=cv2.INTER_AREA)
                 out.append(img)
-        elif self.mode == "mtcnn":
-            out = []
-            for i, (img, (marks, found)) in enumerate(zip(images, find_faces(images, min_face=self.min_face))):
-                if marks is None:
-                    self._fell_back(names, i)
-                    out.append(self._crop(img))
-                    continue
-                self.stats.detected += 1
-                self.stats.multiple_faces += found > 1
-                out.append(warp_to_template(img, marks, self.size))
         else:
             raise ValueError(f"unknown align mode {self.mode!r}")
         self.stats.aligned += len(out)

@@ -1,4 +1,5 @@
-"""A disk cache of detect-aligned faces, so MTCNN runs once per image rather than once per prepare run.
+"""A disk cache of MTCNN-aligned faces (``detect`` and ``mtcnn`` modes), so MTCNN runs once per image rather
+than once per prepare run.
 
 Layout under ``storage.cache_dir`` (``data.align_cache``)::
 
@@ -26,13 +27,25 @@ import numpy as np
 
 from crfr.config import DataCfg
 
-VERSION = "detect-1"  # bump when find_faces / place_face change what they produce
+VERSION = "detect-1"  # bump when find_faces / place_face / warp_to_template change what they produce
+# The Aligner modes that run MTCNN: the only ones worth caching (a centre crop costs less than a PNG read).
+CACHED_MODES = ("detect", "mtcnn")
 
 
 def settings_for(mode: str, cfg: DataCfg) -> dict:
     """The settings that aligned pixels depend on."""
     return {"version": VERSION, "mode": mode, "align": cfg.align, "crop_box": [int(v) for v in cfg.crop_box],
             "image_size": int(cfg.image_size)}
+
+
+def cache_for(mode: str, cfg: DataCfg) -> AlignCache | None:
+    """The cache for an :class:`~crfr.data.align.Aligner` in ``mode`` under ``storage.cache_dir``, or None when
+    ``data.align_cache`` is off or the mode detects nothing."""
+    from crfr import storage
+
+    if not cfg.align_cache or mode not in CACHED_MODES:
+        return None
+    return AlignCache(storage.cache_dir(), settings_for(mode, cfg))
 
 
 def _atomic_write(path: Path, data: bytes) -> None:

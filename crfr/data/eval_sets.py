@@ -26,7 +26,6 @@ import numpy as np
 from crfr import storage
 from crfr.config import DataCfg, EvalSetCfg
 from crfr.data.align import Aligner
-from crfr.data.align_cache import AlignCache, settings_for
 from crfr.data.binset import read_bin
 from crfr.data.cfp import read_cfp
 from crfr.data.decode import BadImages, aligned_faces
@@ -172,10 +171,7 @@ def write_eval_set(name: str, data: EvalData, out: Path, cfg: DataCfg, manifest:
     Returns:
         The set's entry of ``report.json``.
     """
-    cache = None
-    if data.align_mode == "detect" and cfg.align_cache:
-        cache = AlignCache(storage.cache_dir(), settings_for(data.align_mode, cfg))
-    aligner = Aligner(cfg, mode=data.align_mode, cache=cache)
+    aligner = Aligner.cached(cfg, mode=data.align_mode)
     bad = BadImages(f"eval set {name!r}")
     m = len(data.refs)
     images = np.zeros((m, cfg.image_size, cfg.image_size, 3), np.uint8)
@@ -213,6 +209,6 @@ def write_eval_set(name: str, data: EvalData, out: Path, cfg: DataCfg, manifest:
         "dropped": {"pairs_with_unreadable_images": dropped_pairs},
         "bad_images": bad.as_dict(),
         "align": aligner.stats.as_dict(),
-        "align_cache": cache.as_dict() if cache is not None else None,
+        "align_cache": aligner.cache_report(),
         **data.notes,
     }

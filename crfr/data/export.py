@@ -37,7 +37,7 @@ def _lfw(params: Params, source: str | None) -> LfwFolder:
 def _encoded_faces(files: list[str], params: Params, encoding: str, quality: int, desc: str,
                    progress: bool) -> Iterator[bytes]:
     """Each file aligned and encoded, in order; DataError naming the first unreadable one."""
-    aligner, bad = Aligner(params.data), BadImages(desc)
+    aligner, bad = Aligner.cached(params.data), BadImages(desc)
     workers = params.data.num_workers
     pool = worker_pool(workers)
     try:

@@ -62,7 +62,7 @@ def lfw_train(folder: LfwFolder, exclude: set[str], params: Params, out: Path, m
     split = leak_free_split(people, exclude, cfg.min_images_per_identity, cfg.max_images_per_identity,
                             cfg.max_identities, params.seed, held_out)
     items = [(str(p), name) for name in split.identities for p in split.images[name]]
-    aligner = Aligner(cfg)
+    aligner = Aligner.cached(cfg)
     bad = BadImages("training images")
     copies = EvalCopies()
     faces: dict[str, list[tuple[np.ndarray, str, str]]] = {n: [] for n in split.identities}
@@ -111,6 +111,7 @@ def lfw_train(folder: LfwFolder, exclude: set[str], params: Params, out: Path, m
                     "images_identical_to_eval": len(copies.files)},
         "bad_images": bad.as_dict(),
         "align": aligner.stats.as_dict(),
+        "align_cache": aligner.cache_report(),
         "identity_overlap_with_eval": 0,
         "identical_to_eval": copies.as_dict(),
     }
@@ -134,7 +135,7 @@ def recordio_train(rec_uri: str, params: Params, out: Path, manifest: Manifest, 
     """Stream an insightface ``train.rec`` (local or s3://) into ``out/train``; returns its ``report.json`` entry."""
     cfg = params.data
     rec_path = storage.local_input(rec_uri, kind="file")
-    aligner = Aligner(cfg)
+    aligner = Aligner.cached(cfg)
     bad = BadImages(f"{rec_path}")
     copies = EvalCopies()
     writer = ShardWriter(out / "train", cfg.shard_size, cfg.image_size)
@@ -180,6 +181,7 @@ def recordio_train(rec_uri: str, params: Params, out: Path, manifest: Manifest, 
         "dropped": {"images_identical_to_eval": len(copies.files)},
         "bad_images": bad.as_dict(),
         "align": aligner.stats.as_dict(),
+        "align_cache": aligner.cache_report(),
         "identity_overlap_with_eval": "not checked (RecordIO labels are numbers, not names)",
         "identical_to_eval": copies.as_dict(),
     }

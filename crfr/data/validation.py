@@ -106,7 +106,7 @@ def write_validation(folder: LfwFolder, exclude: set[str], params: Params, out: 
             "the evaluated sets; set data.validation_identities: 0 (no validation split)"
         )
     items = [(str(path), name) for name in names for path in people[name]]
-    aligner = Aligner(cfg)
+    aligner = Aligner.cached(cfg)
     bad = BadImages("validation images")
     person = {name: k for k, name in enumerate(names)}
     faces, owners, paths, shas = [], [], [], []
@@ -153,6 +153,7 @@ def write_validation(folder: LfwFolder, exclude: set[str], params: Params, out: 
         "dropped": {"images_identical_to_eval": skipped},
         "bad_images": bad.as_dict(),
         "align": aligner.stats.as_dict(),
+        "align_cache": aligner.cache_report(),
     }
     notes = []
     if eligible < wanted:
