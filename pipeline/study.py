@@ -90,6 +90,17 @@ def paired_cell(reference: dict, trial: dict, size: int) -> str:
     return f"{c.delta:+.2f} [{c.ci_low:+.1f}, {c.ci_high:+.1f}] p={c.p_value:.2f}"
 
 
+def teacher_key(data_key: str, params: Params) -> str:
+    """What the teacher's training reads: trials that differ only in the student's settings (e.g.
+    loss.temperature) share one teacher; any change to the teacher's data, net, loss, schedule or
+    augmentation trains another."""
+    reads = [data_key, params.model.model_dump(mode="json"), params.loss.arcface_s, params.loss.arcface_m,
+             params.loss.lambda2, params.teacher.model_dump(mode="json")]
+    if params.augment.enabled:  # only then: the keys of earlier studies' teachers stay what they were
+        reads.append({"augment": params.augment.model_dump(mode="json")})
+    return hashlib.sha256(json.dumps(reads, sort_keys=True).encode()).hexdigest()[:12]
+
+
 def run_trial(name: str, params: Params, workdir: Path, student: bool) -> dict:
     from components.distill_student import distill_student
     from components.prepare import prepare
@@ -114,12 +125,7 @@ def run_trial(name: str, params: Params, workdir: Path, student: bool) -> dict:
     report = json.loads((prepared / "report.json").read_text())
     result["train_identities"] = report["train"]["identities"]
     result["train_images"] = report["train"]["images"]
-    # Trials that differ only in the student's settings (e.g. loss.temperature) share one teacher.
-    teacher_key = hashlib.sha256(json.dumps([data_key, params.model.model_dump(mode="json"),
-                                             params.loss.arcface_s, params.loss.arcface_m, params.loss.lambda2,
-                                             params.teacher.model_dump(mode="json")], sort_keys=True).encode()
-                                 ).hexdigest()[:12]
-    teacher_dir = workdir / "teachers" / teacher_key
+    teacher_dir = workdir / "teachers" / teacher_key(data_key, params)
     result["teacher_dir"] = str(teacher_dir)
     for role in ("teacher", "student") if student else ("teacher",):
         model = teacher_dir if role == "teacher" else out / role

@@ -90,7 +90,9 @@ def test_prepared_layout_follows_formats_md(tiny, lfw_root):
     first_train = next(r for r in rows if r["split"] == "train")
     assert first_train["path"].startswith("lfw-deepfunneled/")  # relative to the LFW root
     want = Aligner(p.data)([read_image(lfw_root / first_train["path"])])[0]
-    assert np.array_equal(ds[0][0], want) and ds.classes[ds[0][1]] == first_train["identity"]
+    # MTCNN on a batch of photos (prepare) and on one photo can differ in the last bits of a landmark.
+    assert np.abs(ds[0][0].astype(int) - want).max() <= (0 if p.data.align == "center-crop" else 8)
+    assert np.abs(ds[0][0].astype(int) - want).mean() < 1.0 and ds.classes[ds[0][1]] == first_train["identity"]
     ps = load_pair_set(prepared / "eval" / "lfw")
     assert ps.num_pairs == 40 and ps.same.sum() == 20 and set(ps.fold.tolist()) == {9, 10}
     assert ps.images.shape == (len(ps.images), 112, 112, 3) and ps.meta["kind"] == "lfw"

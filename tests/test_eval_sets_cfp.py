@@ -57,7 +57,8 @@ def runs(tmp_path_factory, cfp_root, lfw_root):
     tmp = tmp_path_factory.mktemp("cfp")
     lfw = _tiny_lfw(tmp / "lfw")
     p = load_params(REPO / "params.yaml", [f"data.eval_sets=[{CFP_SET % cfp_root}]", "data.max_images_per_identity=6",
-                                          "data.validation_identities=0", f"storage.cache_dir={tmp / 'cache'}"])
+                                          "data.validation_identities=0", f"storage.cache_dir={tmp / 'cache'}",
+                                          "data.align=center-crop"])  # the placement of a center-crop model
     with pytest.MonkeyPatch.context() as mp:
         mp.delenv("CRFR_CACHE_DIR", raising=False)  # it would override storage.cache_dir
         reports = [prepare(str(lfw), str(tmp / f"prep{i}"), p, progress=False) for i in (1, 2)]

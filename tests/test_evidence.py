@@ -141,3 +141,14 @@ def test_study_compares_trials_pair_by_pair_on_validation(tmp_path, lfw_root):
     epoch = last_epoch(Path(r["teacher_dir"]) / "reports" / "epochs.csv")
     assert r["teacher"]["val_acc_14"] == pytest.approx(epoch["val_acc_14"])
     assert r["teacher"]["val_acc_112"] == pytest.approx(epoch["val_acc_112"])
+
+
+def test_study_teachers_differ_by_augmentation_and_not_by_student_settings():
+    from pipeline.study import teacher_key
+
+    base = load_params("params.yaml")
+    key = teacher_key("data", base)
+    assert teacher_key("data", load_params("params.yaml", ["loss.temperature=4.0"])) == key
+    assert teacher_key("data", load_params("params.yaml", ["augment.rotate=0.0"])) == key  # neutral: no change
+    assert teacher_key("data", load_params("params.yaml", ["augment.shift=4.0"])) != key
+    assert teacher_key("data", load_params("params.yaml", ["teacher.warmup_epochs=0.0"])) != key
