@@ -168,7 +168,10 @@ def render(results: list[dict], student: bool, reference: str = "base") -> str:
         cells = [r.get(role, {}).get(f"val_acc_{size}") for role in roles for size in (14, 112)]
         cells = ["" if v is None else f"{v:.2f}" for v in cells]
         if ref:
-            cells += ["" if r is ref else paired_cell(ref.get(role, {}), r.get(role, {}), size)
+            # A trial recorded against another one (its "reference") is compared with that one.
+            own = next((o for o in results if o["trial"] == r.get("reference")), ref)
+            cells += ["" if r is ref or r is own else paired_cell(own.get(role, {}), r.get(role, {}), size)
+                      + (f" (vs {own['trial']})" if own is not ref and r is not own else "")
                       for role in roles for size in (14, 112)]
         lines.append(f"| {r['trial']} | `{'; '.join(r['overrides']) or '(demo)'}` | "
                      f"{r['train_identities']} / {r['train_images']} | " + " | ".join(cells) + " |")
