@@ -19,6 +19,7 @@ what ran (hardware, wall time per seed) to DIR (e.g. docs/results/evidence).
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import shutil
 import sys
@@ -80,6 +81,12 @@ def run_evidence(params: Params, workdir: Path, seeds: list[int], publish: Path 
     params = params.model_copy(update={"tracking": tracking})
     record_path = workdir / RECORD
     record = json.loads(record_path.read_text()) if record_path.is_file() else {"seeds": {}}
+    # Finished steps are reused by their outputs alone: a workdir made with other settings must not be resumed.
+    made_with = settings_fingerprint(params)
+    if record.setdefault("settings_sha256", made_with) != made_with:
+        raise ConfigError(f"{workdir} holds an evidence run made with other settings (settings_sha256 "
+                          f"{record['settings_sha256']}, these are {made_with}): resuming it would mix the two; "
+                          "give another --workdir (or delete that one)")
     data_params = params.model_copy(update={"seed": params.evidence.data_seed})
     prepared, probes = workdir / "prepared", workdir / "probes"
     shared: dict = record.setdefault("shared", {})
@@ -118,6 +125,14 @@ def run_evidence(params: Params, workdir: Path, seeds: list[int], publish: Path 
         if publish is not None:
             publish_evidence(workdir, publish, params, seeds)
     return summary if seeds else summarize(workdir, params)
+
+
+def settings_fingerprint(params: Params) -> str:
+    """sha256 of every setting an evidence run's outputs depend on: not the seeds to run (a run may grow by
+    seeds), the runtime (threads, device), tracking, storage or the local folders."""
+    what = params.model_dump(mode="json", exclude={"runtime", "tracking", "storage", "run_dir"})
+    what["evidence"].pop("seeds", None)
+    return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def evaluation_groups(params: Params) -> dict[str, tuple[list[str], list[str], list[str]]]:

@@ -152,3 +152,18 @@ def test_study_teachers_differ_by_augmentation_and_not_by_student_settings():
     assert teacher_key("data", load_params("params.yaml", ["augment.rotate=0.0"])) == key  # neutral: no change
     assert teacher_key("data", load_params("params.yaml", ["augment.shift=4.0"])) != key
     assert teacher_key("data", load_params("params.yaml", ["teacher.warmup_epochs=0.0"])) != key
+
+
+def test_a_workdir_made_with_other_settings_is_refused_before_any_work(tmp_path):
+    from crfr.errors import ConfigError
+    from pipeline.evidence import RECORD, settings_fingerprint
+
+    params = load_params("params.yaml", ["profile=tiny"])
+    assert settings_fingerprint(params) == settings_fingerprint(load_params("params.yaml", [
+        "profile=tiny", "evidence.seeds=[5]", "runtime.threads=1"]))  # more seeds or threads: the same run
+    other = load_params("params.yaml", ["profile=tiny", "data.align=mtcnn"])
+    assert settings_fingerprint(other) != settings_fingerprint(params)
+    (tmp_path / RECORD).write_text(json.dumps({"seeds": {}, "settings_sha256": settings_fingerprint(other)}))
+    with pytest.raises(ConfigError, match="other settings"):
+        run_evidence(params, tmp_path, [0])
+    assert not (tmp_path / "prepared").exists()
