@@ -35,8 +35,9 @@ STEP_PARAMS: dict[str, tuple[str, ...]] = {
     # A Table I row: its student overrides, and the teacher's schedule for a row that asks for it.
     "distill_row": _TRAINING + ("degrade", "augment", "student", TEACHER_SCHEDULE, ROWS),
     # registry.gate_*: the thresholds are calibrated on the dataset and protocol the gate compares on.
+    # runtime.channels_last: the layout of the forward passes (speed only: tests/test_evaluate.py).
     "evaluate": ("data.eval_sets", "evaluate", "registry.gate_dataset", "registry.gate_protocol", "runtime.device",
-                 "storage", "tracking"),
+                 "runtime.channels_last", "storage", "tracking"),
     # The registered version's lineage records the whole resolved params (as DVC's register does), so this
     # task's input changes with any edit: harmless, it is never cached (the registry is state outside kfp).
     "register": (ALL,),
