@@ -233,11 +233,10 @@ class Aligner:
         for i, (marks, found) in zip(todo, found_faces):
             counts[i] = found
             img = images[i]
-            if self.mode == "mtcnn":
-                out[i] = self._crop(img) if marks is None else warp_to_template(img, marks, self.size)
-            else:
-                out[i] = central_square(img, self.size) if marks is None else place_face(
-                    img, marks, self.cfg.align, self.cfg.crop_box, self.size)
+            if marks is not None:  # mtcnn mode is data.align: mtcnn, which place_face warps onto the template
+                out[i] = place_face(img, marks, self.cfg.align, self.cfg.crop_box, self.size)
+            else:  # the training framing's fallback (crop_box) for mtcnn; any photo's central square for detect
+                out[i] = self._crop(img) if self.mode == "mtcnn" else central_square(img, self.size)
             if self.cache is not None and keys and keys[i]:
                 self.cache.put(keys[i], out[i], found)
         for i, found in enumerate(counts):
