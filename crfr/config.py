@@ -566,6 +566,10 @@ class EvidenceCfg(Section):
     row_protocols: list[Literal["linear", "realistic"]] | None = Field(
         default=None, description="probe protocols of the Table I rows (teacher and student: every one); null: all"
     )
+    row_seeds: list[Annotated[int, Strict(), Field(ge=0, le=MAX_SEED)]] | None = Field(
+        default=None, description="seeds that also train and score the Table I rows, after every seed's teacher "
+                                  "and student; null: every seed",
+    )
 
 
 class Params(Section):

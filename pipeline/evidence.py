@@ -67,11 +67,8 @@ def run_evidence(params: Params, workdir: Path, seeds: list[int], publish: Path 
     Returns:
         The aggregated summary (:func:`crfr.evaluation.seeds.aggregate`).
     """
-    from components.distill_student import distill_student
-    from components.evaluate import evaluate
     from components.prepare import prepare
     from components.synthesize import synthesize
-    from components.train_teacher import train_teacher
 
     workdir.mkdir(parents=True, exist_ok=True)
     tracking = params.tracking.model_copy(update={
@@ -94,69 +91,96 @@ def run_evidence(params: Params, workdir: Path, seeds: list[int], publish: Path 
     _step("synthesize", probes, "index.json", lambda: synthesize(str(prepared), str(probes), data_params), shared)
     record_path.write_text(json.dumps(record, indent=2) + "\n")
 
+    # Every seed's teacher and student first, then the Table I rows of evidence.row_seeds: when the time runs
+    # out, the spread across seeds of the main comparison is what is already there.
     for seed in seeds:
-        seed_dir = workdir / f"seed-{seed}"
-        p = seed_params(params, seed, seed_dir)
-        rec = record["seeds"].setdefault(str(seed), {})
-        t0 = time.perf_counter()
-        models = seed_dir / "models"
-        _step(f"seed {seed} teacher", models / "teacher", "model.pt",
-              lambda: train_teacher(str(prepared), str(models / "teacher"), p,
-                                    str(seed_dir / "reports" / "teacher"), resume=True), rec)
-        teacher = str(models / "teacher")
-        rows = {"student": "default", **{row: row for row in p.ablation_rows}}
-        for name, row in rows.items():
-            out = models / name
-            _step(f"seed {seed} {name}", out, "model.pt",
-                  lambda out=out, row=row, name=name: distill_student(
-                      str(prepared), teacher, str(out), p, row=row,
-                      report_dir=str(seed_dir / "reports" / name), resume=True), rec)
-        model_dirs = {"teacher": teacher, **{name: str(models / name) for name in rows}}
-        for report, (sets, protocols, names) in evaluation_groups(p).items():
-            group = {name: model_dirs[name] for name in names}
-            q = only_sets(p, sets, protocols)
-            _step(f"seed {seed} {report}", seed_dir / report, "metrics.json",
-                  lambda q=q, group=group, report=report: evaluate(str(prepared), str(probes), group,
-                                                                   str(seed_dir / report), q), rec)
-        rec["wall_time_s"] = round(rec.get("wall_time_s", 0.0) + time.perf_counter() - t0, 1)
-        rec["finished"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
-        record_path.write_text(json.dumps(record, indent=2) + "\n")
-        summary = summarize(workdir, params)
-        if publish is not None:
-            publish_evidence(workdir, publish, params, seeds)
+        _run_seed(seed, workdir, params, prepared, probes, record, rows=False)
+        summary = _finish_seed(workdir, params, seeds, publish, record)
+    for seed in seeds:
+        if row_seed(params, seed):
+            _run_seed(seed, workdir, params, prepared, probes, record, rows=True)
+            summary = _finish_seed(workdir, params, seeds, publish, record)
     return summary if seeds else summarize(workdir, params)
 
 
+def row_seed(params: Params, seed: int) -> bool:
+    """Whether ``seed`` trains the Table I rows (``evidence.row_seeds``; null: every seed)."""
+    chosen = params.evidence.row_seeds
+    return bool(params.ablation_rows) and (chosen is None or seed in chosen)
+
+
+def _run_seed(seed: int, workdir: Path, params: Params, prepared: Path, probes: Path, record: dict,
+              rows: bool) -> None:
+    """The teacher, the student and their evaluation (``rows=False``), or the Table I rows and theirs."""
+    from components.distill_student import distill_student
+    from components.evaluate import evaluate
+    from components.train_teacher import train_teacher
+
+    seed_dir = workdir / f"seed-{seed}"
+    p = seed_params(params, seed, seed_dir)
+    rec = record["seeds"].setdefault(str(seed), {})
+    t0 = time.perf_counter()
+    models = seed_dir / "models"
+    teacher = str(models / "teacher")
+    if not rows:
+        _step(f"seed {seed} teacher", models / "teacher", "model.pt",
+              lambda: train_teacher(str(prepared), teacher, p, str(seed_dir / "reports" / "teacher"),
+                                    resume=True), rec)
+    students = {row: row for row in p.ablation_rows} if rows else {"student": "default"}
+    for name, row in students.items():
+        out = models / name
+        _step(f"seed {seed} {name}", out, "model.pt",
+              lambda out=out, row=row, name=name: distill_student(
+                  str(prepared), teacher, str(out), p, row=row,
+                  report_dir=str(seed_dir / "reports" / name), resume=True), rec)
+    model_dirs = {"teacher": teacher, **{name: str(models / name) for name in ["student", *p.ablation_rows]}}
+    report = ROWS_REPORT if rows else MAIN_REPORT
+    sets, protocols, names = evaluation_groups(p)[report]
+    group = {name: model_dirs[name] for name in names}
+    q = only_sets(p, sets, protocols)
+    _step(f"seed {seed} {report}", seed_dir / report, "metrics.json",
+          lambda: evaluate(str(prepared), str(probes), group, str(seed_dir / report), q), rec)
+    rec["wall_time_s"] = round(rec.get("wall_time_s", 0.0) + time.perf_counter() - t0, 1)
+    rec["finished"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+
+
+def _finish_seed(workdir: Path, params: Params, seeds: list[int], publish: Path | None, record: dict) -> dict:
+    (workdir / RECORD).write_text(json.dumps(record, indent=2) + "\n")
+    summary = summarize(workdir, params)
+    if publish is not None:
+        publish_evidence(workdir, publish, params, seeds)
+    return summary
+
+
 def settings_fingerprint(params: Params) -> str:
-    """sha256 of every setting an evidence run's outputs depend on: not the seeds to run (a run may grow by
-    seeds), the runtime (threads, device), tracking, storage or the local folders."""
+    """sha256 of every setting an evidence run's outputs depend on: not the seeds to run or to give Table I
+    rows (a run may grow by seeds), the runtime (threads, device), tracking, storage or the local folders."""
     what = params.model_dump(mode="json", exclude={"runtime", "tracking", "storage", "run_dir"})
-    what["evidence"].pop("seeds", None)
+    for more_work in ("seeds", "row_seeds"):
+        what["evidence"].pop(more_work, None)
     return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:16]
 
 
+MAIN_REPORT, ROWS_REPORT = "evaluate", "evaluate-rows"
+
+
 def evaluation_groups(params: Params) -> dict[str, tuple[list[str], list[str], list[str]]]:
-    """report folder -> (eval sets, protocols, models). Table I rows are scored on ``evidence.row_sets`` with
-    ``evidence.row_protocols``; the teacher and the student on every set and protocol; each (model, set,
-    protocol) once."""
+    """report folder -> (eval sets, protocols, models): the teacher and the student on every set and protocol
+    (``evaluate``) and, when there are ``ablation_rows``, the Table I rows on ``evidence.row_sets`` with
+    ``evidence.row_protocols`` (``evaluate-rows``). The teacher is scored again beside the rows so that each
+    row gets its paired comparison with the teacher on the same pairs."""
     every = [s.name for s in params.data.eval_sets]
     protocols = list(params.evaluate.protocols)
-    rows = table_rows(params)
     ev = params.evidence
     for key, chosen, allowed in (("row_sets", ev.row_sets, every), ("row_protocols", ev.row_protocols, protocols)):
         unknown = sorted(set(chosen or []) - set(allowed))
         if unknown:
             raise ConfigError(f"evidence.{key} names {unknown}, not among {', '.join(allowed)}")
-    row_sets = [n for n in every if ev.row_sets is None or n in ev.row_sets]
-    row_protocols = [p for p in protocols if ev.row_protocols is None or p in ev.row_protocols]
-    pair = ["teacher", "student"]
-    groups = {"evaluate": (row_sets, row_protocols, rows)}
-    other_protocols = [p for p in protocols if p not in row_protocols]
-    if other_protocols:
-        groups["evaluate-protocols"] = (row_sets, other_protocols, pair)
-    other_sets = [n for n in every if n not in row_sets]
-    if other_sets:
-        groups["evaluate-more"] = (other_sets, protocols, pair)
+    groups = {MAIN_REPORT: (every, protocols, ["teacher", "student"])}
+    if params.ablation_rows:
+        row_sets = [n for n in every if ev.row_sets is None or n in ev.row_sets]
+        row_protocols = [p for p in protocols if ev.row_protocols is None or p in ev.row_protocols]
+        groups[ROWS_REPORT] = (row_sets, row_protocols, ["teacher", *params.ablation_rows])
     return groups
 
 
@@ -170,16 +194,17 @@ def only_sets(params: Params, names: list[str], protocols: list[str] | None = No
 
 
 def completed_runs(workdir: Path, params: Params) -> dict[int, dict]:
-    """seed -> its metrics (every report of the seed merged), for each seed with every report of
-    :func:`evaluation_groups` written."""
-    expected = list(evaluation_groups(params))
+    """seed -> its metrics, for each seed whose teacher and student are evaluated; the Table I rows' report is
+    merged in where it is written (the two reports hold the same teacher cells, from the same nets and pairs)."""
     runs = {}
     for seed_dir in sorted(workdir.glob("seed-*")):
-        reports = [seed_dir / name / "metrics.json" for name in expected]
-        if not all(r.is_file() for r in reports):
+        if not (seed_dir / MAIN_REPORT / "metrics.json").is_file():
             continue
         merged: dict = {}
-        for metrics in reports:  # the reports hold disjoint (model, set, protocol) cells
+        for report in (ROWS_REPORT, MAIN_REPORT):
+            metrics = seed_dir / report / "metrics.json"
+            if not metrics.is_file():
+                continue
             for model, per_set in json.loads(metrics.read_text()).items():
                 if not isinstance(per_set, dict):
                     continue
@@ -225,10 +250,12 @@ def publish_evidence(workdir: Path, dest: Path, params: Params, seeds: list[int]
         "description": describe_run(params),
         "note": ("All Table I rows start from the seed's teacher and train the student's schedule "
                  f"({params.student.epochs} epochs); realistic probes use evaluate.realistic, not the training "
-                 "degradation. Made with `python -m pipeline.evidence`."),
+                 "degradation. The Table I rows are trained for evidence.row_seeds only, after every seed's teacher "
+                 "and student. Made with `python -m pipeline.evidence`."),
         "hardware": hardware(),
         "seeds_planned": list(seeds if seeds is not None else params.evidence.seeds),
         "seeds_complete": complete,
+        "table_rows_seeds": [s for s in complete if (workdir / f"seed-{s}" / ROWS_REPORT / "metrics.json").is_file()],
         "wall_time_s_per_seed": {k: v["wall_time_s"] for k, v in record["seeds"].items()
                                  if int(k) in complete and "wall_time_s" in v},
         "shared_steps_s": record.get("shared", {}).get("steps_s", {}),

@@ -10,8 +10,9 @@ them (``val_acc_14``, ``val_acc_112``; each pair's outcome in ``validation.npz``
 paired comparisons between trials resample): the test folds are never read, so choosing by these numbers
 leaves the reported results untouched. The per-epoch check reads only ``runtime.holdout_pairs`` of them; a
 low value (``--set runtime.holdout_pairs=200``) saves most of its cost on a large validation split.
-Outputs of a finished trial are reused when the study runs again; MLflow goes to ``<workdir>/mlflow.db``. Results: ``<workdir>/study.json`` and a
-table in ``study.md``.
+Outputs of a finished trial are reused when the study runs again; MLflow goes to ``<workdir>/mlflow.db``.
+Results: ``<workdir>/study.json`` and a table in ``study.md`` (``--compare m03=mtcnn`` compares a trial with
+another trial than ``--reference``).
 """
 
 from __future__ import annotations
@@ -139,8 +140,9 @@ def run_trial(name: str, params: Params, workdir: Path, student: bool) -> dict:
                 distill_student(str(prepared), str(teacher_dir), str(model), params, report_dir=str(reports),
                                 resume=True)
         timings[f"{role}_s"] = round(time.perf_counter() - t, 1)
+        # The accuracies come from every validation pair below, not from the per-epoch check's share.
         epoch = last_epoch(reports / "epochs.csv")
-        result[role] = {k: epoch[k] for k in ("val_acc_14", "val_acc_112", "images_per_s") if k in epoch}
+        result[role] = {"images_per_s": epoch["images_per_s"]} if "images_per_s" in epoch else {}
         outcomes = validation_outcomes(model, prepared, params)
         if outcomes is not None:
             with np.load(outcomes) as scored:
@@ -155,9 +157,9 @@ def run_trial(name: str, params: Params, workdir: Path, student: bool) -> dict:
 
 
 def render(results: list[dict], student: bool, reference: str = "base") -> str:
-    """The trials' table: each role's last-epoch validation accuracy at 14 and 112 px and, for every trial but
-    ``reference``, its paired difference from the reference trial on the same validation pairs (95% bootstrap
-    interval, exact McNemar p)."""
+    """The trials' table: each role's accuracy at 14 and 112 px on every validation pair after training and,
+    for every trial but ``reference``, its paired difference on the same validation pairs (95% bootstrap
+    interval, exact McNemar p) from ``reference``, or from the trial it names as its own (``--compare``)."""
     roles = ["teacher"] + (["student"] if student else [])
     ref = next((r for r in results if r["trial"] == reference), None)
     cols = [f"val {role} {size}" for role in roles for size in (14, 112)]
@@ -188,19 +190,36 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--student", action="store_true", help="also distil a student per trial")
     parser.add_argument("--reference", default="base",
                         help="the trial every other one is compared with, pair by pair (default: base)")
+    parser.add_argument("--compare", action="append", default=[], metavar="TRIAL=OTHER",
+                        help="compare TRIAL with OTHER instead of --reference, e.g. m03=mtcnn when m03 adds "
+                             "one change to the mtcnn trial (repeatable)")
     args = parser.parse_args(argv)
     configure_logging()
 
     def work() -> int:
         trials = [parse_trial(t) for t in args.trial]
+        compare = {}
+        for item in args.compare:
+            trial, sep, other = (x.strip() for x in item.partition("="))
+            if not sep or not trial or not other:
+                raise ConfigError(f"--compare {item!r}: write TRIAL=OTHER, e.g. m03=mtcnn")
+            compare[trial] = other
         args.workdir.mkdir(parents=True, exist_ok=True)
+        # Every trial of this invocation reads the same settings, even if the params file is edited meanwhile
+        # (a study runs for hours); the copy also records what the trials were run with.
+        pinned = args.workdir / "params.pinned.yaml"
+        source = Path(args.params) if args.params else Path("params.yaml")
+        if source.is_file():
+            pinned.write_text(source.read_text())
         record = args.workdir / "study.json"
         # Trials of earlier invocations stay in the record; one run again under its name replaces its entry.
         results = json.loads(record.read_text()) if record.is_file() else []
         for name, overrides in trials:
-            params = load_params(args.params, [*args.overrides, *overrides])
+            params = load_params(pinned if source.is_file() else args.params, [*args.overrides, *overrides])
             result = run_trial(name, params, args.workdir, args.student)
             result["overrides"] = overrides
+            if name in compare:
+                result["reference"] = compare[name]
             results = [r for r in results if r["trial"] != name] + [result]
             (args.workdir / "study.json").write_text(json.dumps(results, indent=2) + "\n")
             (args.workdir / "study.md").write_text(render(results, any("student" in r for r in results),

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from crfr.config import load_params
+from crfr.errors import ConfigError
 from crfr.evaluation.seeds import aggregate, render_markdown
 from pipeline.evidence import evaluation_groups, run_evidence
 
@@ -38,45 +39,55 @@ def test_aggregate_mean_spread_and_paired_counts():
     assert "| student | 73.50 ± 0.71 |" in md and "+2.50 ± 2.12 (1/2 > 0)" in md
 
 
-def test_aggregate_keeps_only_cells_every_seed_has():
-    runs = {0: {"teacher": {"lfw": {"linear": {"14": _cell(70, 60, 80)}}}, "kd": {"lfw": {"linear": {"14": _cell(71, 60, 80)}}}},
-            1: {"teacher": {"lfw": {"linear": {"14": _cell(70, 60, 80)}}}}}
-    assert set(aggregate(runs)["cells"]) == {"teacher"}
+def test_aggregate_gives_each_cell_the_seeds_that_have_it():
+    runs = {0: {"teacher": {"lfw": {"linear": {"14": _cell(70, 60, 80)}}},
+                "kd": {"lfw": {"linear": {"14": _cell(71, 60, 80, (1.0, -1.0, 3.0))}}}},
+            1: {"teacher": {"lfw": {"linear": {"14": _cell(72, 60, 80)}}}}}
+    out = aggregate(runs)
+    assert out["cells"]["teacher"]["lfw"]["linear"]["14"]["seeds"] == [0, 1]
+    kd = out["cells"]["kd"]["lfw"]["linear"]["14"]
+    assert kd["seeds"] == [0] and kd["acc"]["per_seed"] == [71] and kd["acc"]["sd"] is None
+    md = render_markdown(out, ["teacher", "kd"])
+    assert "| teacher | 71.00 ± 1.41 |" in md
+    assert "| kd (seed 0) | 71.00 |" in md and "| kd (seed 0) - teacher | +1.00 (0/1 > 0) |" in md
 
 
-def test_groups_put_table_rows_on_row_sets_only():
+def test_groups_score_teacher_and_student_everywhere_and_the_rows_on_row_sets():
     params = load_params("params.yaml", ["profile=evidence"])
+    assert params.evidence.row_seeds == [0]
     groups = evaluation_groups(params)
     assert groups == {
-        "evaluate": (["lfw", "cfp_fp"], ["linear"], ["teacher", "resnet", "waveresnet", "degradation", "kd",
-                                                     "student"]),
-        "evaluate-protocols": (["lfw", "cfp_fp"], ["realistic"], ["teacher", "student"]),
-        "evaluate-more": (["cfp_ff"], ["linear", "realistic"], ["teacher", "student"]),
+        "evaluate": (["lfw", "cfp_ff", "cfp_fp"], ["linear", "realistic"], ["teacher", "student"]),
+        "evaluate-rows": (["lfw", "cfp_fp"], ["linear"], ["teacher", "resnet", "waveresnet", "degradation", "kd"]),
     }
-    # Every (teacher or student, set, protocol) is scored exactly once.
-    cells = [(m, s, p) for sets, protocols, models in groups.values() for m in models for s in sets for p in protocols]
-    assert len(cells) == len(set(cells))
-    assert {c for c in cells if c[0] == "student"} == {("student", s, p) for s in ("lfw", "cfp_ff", "cfp_fp")
-                                                        for p in ("linear", "realistic")}
+    assert set(evaluation_groups(load_params("params.yaml", ["profile=tiny"]))) == {"evaluate"}  # no rows
+    with pytest.raises(ConfigError, match="evidence.row_sets names"):
+        evaluation_groups(load_params("params.yaml", ["profile=evidence", "evidence.row_sets=[lfw, nope]"]))
 
 
 def test_evidence_runs_two_seeds_and_resumes(tmp_path, lfw_root):
     params = load_params("params.yaml", ["profile=tiny", "ablation_rows=[kd]", "evidence.row_protocols=[linear]",
-                                         "evaluate.identification=false", f"data.root={lfw_root}",
-                                         f"storage.cache_dir={tmp_path / 'cache'}"])
+                                         "evidence.row_seeds=[0]", "evaluate.identification=false",
+                                         f"data.root={lfw_root}", f"storage.cache_dir={tmp_path / 'cache'}"])
     work = tmp_path / "evidence"
     summary = run_evidence(params, work, [0, 1], publish=tmp_path / "published")
     assert summary["seeds"] == [0, 1]
+    # The rows (seed 0 only) come after every seed's teacher and student.
     cell = summary["cells"]["kd"]["lfw"]["linear"]["14"]
-    assert len(cell["acc"]["per_seed"]) == 2 and "paired" in cell
-    # The rows' linear report and the teacher/student realistic report merge into one run per seed.
+    assert cell["seeds"] == [0] and "paired" in cell
+    assert not (work / "seed-1" / "models" / "kd").exists()
+    kd_made = (work / "seed-0" / "models" / "kd" / "model.pt").stat().st_mtime_ns
+    assert (work / "seed-1" / "models" / "student" / "model.pt").stat().st_mtime_ns < kd_made
+    # The rows' report and the teacher/student report merge into one run per seed.
     assert "realistic" not in summary["cells"]["kd"]["lfw"]
+    assert summary["cells"]["student"]["lfw"]["realistic"]["14"]["seeds"] == [0, 1]
     assert "paired" in summary["cells"]["student"]["lfw"]["realistic"]["14"]
     # Different seeds train different nets (else the spread would say nothing about training noise).
     w0 = (work / "seed-0" / "models" / "teacher" / "model.pt").read_bytes()
     assert w0 != (work / "seed-1" / "models" / "teacher" / "model.pt").read_bytes()
     assert (tmp_path / "published" / "summary.md").is_file()
-    assert json.loads((tmp_path / "published" / "run.json").read_text())["seeds_complete"] == [0, 1]
+    published = json.loads((tmp_path / "published" / "run.json").read_text())
+    assert published["seeds_complete"] == [0, 1] and published["table_rows_seeds"] == [0]
 
     # A second call finds every output and trains nothing.
     stamps = {p: p.stat().st_mtime_ns for p in work.glob("seed-*/models/*/model.pt")}
@@ -132,6 +143,17 @@ def test_study_compares_trials_pair_by_pair_on_validation(tmp_path, lfw_root):
     delta = 100 * (outcomes["hot"]["correct_112"].mean() - outcomes["base"]["correct_112"].mean())
     assert f"{delta:+.2f} [" in row and "p=" in row
     assert "teacher 14 vs base" in table
+    assert "profiles:" in (work / "params.pinned.yaml").read_text()  # what every trial read
+
+    # --compare: a trial that adds one change to another is compared with that one, not with base.
+    assert main([*common, "--trial", "hot: teacher.lr=0.5", "--trial", "cool: teacher.lr=0.01",
+                 "--compare", "cool=hot"]) == 0
+    cool = np.load(next(r for r in json.loads((work / "study.json").read_text())
+                        if r["trial"] == "cool")["teacher"]["validation_outcomes"])
+    row = next(line for line in (work / "study.md").read_text().splitlines() if line.startswith("| cool |"))
+    delta = 100 * (cool["correct_112"].mean() - outcomes["hot"]["correct_112"].mean())
+    assert f"{delta:+.2f} [" in row and "(vs hot)" in row
+    assert main([*common, "--trial", "base", "--compare", "cool"]) != 0  # names the bad --compare, no traceback
 
     # With the check reading every pair, re-scoring the saved model gives the last epoch's accuracy: the
     # outcomes are that model's, scored as training scores it.
@@ -160,7 +182,7 @@ def test_a_workdir_made_with_other_settings_is_refused_before_any_work(tmp_path)
 
     params = load_params("params.yaml", ["profile=tiny"])
     assert settings_fingerprint(params) == settings_fingerprint(load_params("params.yaml", [
-        "profile=tiny", "evidence.seeds=[5]", "runtime.threads=1"]))  # more seeds or threads: the same run
+        "profile=tiny", "evidence.seeds=[5]", "evidence.row_seeds=[5]", "runtime.threads=1"]))  # more seeds: same run
     other = load_params("params.yaml", ["profile=tiny", "data.align=mtcnn"])
     assert settings_fingerprint(other) != settings_fingerprint(params)
     (tmp_path / RECORD).write_text(json.dumps({"seeds": {}, "settings_sha256": settings_fingerprint(other)}))
