@@ -139,15 +139,22 @@ def seeds_section(folder: Path, record: dict) -> str:
     """A run over several seeds: what ran, how far it got, and its mean ± sd tables."""
     planned, done = record.get("seeds_planned", []), record.get("seeds_complete", [])
     walls = record.get("wall_time_s_per_seed", {})
+    shared = record.get("shared_steps_s", {})
     lines = [f"### {record.get('title', folder.name)}", "",
              " ".join(filter(None, [record.get("description", ""), record.get("note")])), "",
              f"- Hardware: {record.get('hardware', 'not recorded')}",
              f"- Seeds complete: {len(done)} of {len(planned)} planned ({', '.join(map(str, done)) or 'none'})"
              + ("" if len(done) == len(planned) else "; the others had not finished when this was published"),
              "- Wall time per seed: " + (", ".join(f"seed {k}: {v / 60:.1f} min" for k, v in walls.items())
-                                         or "not recorded"),
+                                         or "not recorded")
+             + (f"; shared prepare and synthesize: {sum(shared.values()) / 60:.1f} min" if shared else ""),
              f"- Files: [`{folder.as_posix()}/`]({folder.as_posix()}/) (per-seed tables with 95% intervals and "
-             "paired comparisons: `seed-N-table.md`)", ""]
+             "paired comparisons: `seed-N-table.md`)"]
+    if "table_rows_seeds" in record:
+        rows = record["table_rows_seeds"]
+        lines.append(f"- Table I rows trained for seed{'s' if len(rows) != 1 else ''} "
+                     f"{', '.join(map(str, rows)) or 'none yet'}; teacher and student for every complete seed")
+    lines.append("")
     summary = folder / SEEDS_SUMMARY
     if summary.is_file():
         lines.append(_demote_headings(summary.read_text().strip(), 3))

@@ -104,10 +104,13 @@ def test_published_seed_runs_show_in_the_readme_section(tmp_path):
     folder.mkdir()
     (folder / "summary.md").write_text("# Accuracy over seeds (%)\n\n## linear probes, lfw\n\n| Model | 14x14 |\n")
     (folder / "run.json").write_text(json.dumps({"title": "Evidence", "seeds_planned": [0, 1, 2],
-                                                 "seeds_complete": [0], "wall_time_s_per_seed": {"0": 1800}}))
+                                                 "seeds_complete": [0], "wall_time_s_per_seed": {"0": 1800},
+                                                 "shared_steps_s": {"prepare": 150, "synthesize": 30},
+                                                 "table_rows_seeds": [0]}))
     text = published_section(folder)
     assert "Seeds complete: 1 of 3 planned (0); the others had not finished" in text
-    assert "seed 0: 30.0 min" in text and "#### Accuracy over seeds" in text
+    assert "seed 0: 30.0 min; shared prepare and synthesize: 3.0 min" in text and "#### Accuracy over seeds" in text
+    assert "Table I rows trained for seed 0; teacher and student for every complete seed" in text
 
 
 def test_study_trials_parse_and_refuse_a_nameless_one():
