@@ -247,7 +247,8 @@ def publish_evidence(workdir: Path, dest: Path, params: Params, seeds: list[int]
     complete = sorted(completed_runs(workdir, params))
     info = {
         "title": "Evidence: the demo's training, every evaluation set in full, Table I, over seeds",
-        "description": describe_run(params),
+        "description": describe_run(params, "training seeds " + ", ".join(
+            map(str, seeds if seeds is not None else params.evidence.seeds))),
         "note": ("All Table I rows start from the seed's teacher and train the student's schedule "
                  f"({params.student.epochs} epochs); realistic probes use evaluate.realistic, not the training "
                  "degradation. The Table I rows are trained for evidence.row_seeds only, after every seed's teacher "
