@@ -74,15 +74,16 @@ def record_wall_time(seconds: float, params: Params) -> dict:
     return record
 
 
-def describe_run(params: Params, seeds: str | None = None) -> str:
-    """One sentence naming the profile, seed (or ``seeds``, e.g. "seeds 0, 1, 2"), network, schedule, loss,
-    Table I rows and evaluation data."""
+def describe_run(params: Params, seeds: list[int] | None = None) -> str:
+    """One sentence naming the profile, seed (or the training ``seeds`` of a run over several), network,
+    schedule, loss, Table I rows and evaluation data."""
     sets = ", ".join(f"{s.name} ({s.kind}{', folds ' + ','.join(map(str, s.folds)) if s.folds else ''})"
                      for s in params.data.eval_sets)
     rows = f"; Table I rows {', '.join(params.ablation_rows)}" if params.ablation_rows else ""
     t, st, loss = params.teacher, params.student, params.loss
+    seed = f"training seeds {', '.join(map(str, seeds))}" if seeds else f"seed {params.seed}"
     return (
-        f"Profile **{params.profile}**, {seeds or f'seed {params.seed}'}: iresnet{params.model.depth} at width "
+        f"Profile **{params.profile}**, {seed}: iresnet{params.model.depth} at width "
         f"{params.model.width} (embedding {params.model.embedding_size}); ArcFace s={loss.arcface_s:g} "
         f"m={loss.arcface_m:g}; teacher {t.epochs} epochs (batch {t.batch_size}, lr {t.lr:g}), student "
         f"{st.epochs} epochs (batch {st.batch_size}, lr {st.lr:g}){rows}; evaluated on {sets}."

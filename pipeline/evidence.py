@@ -245,18 +245,19 @@ def publish_evidence(workdir: Path, dest: Path, params: Params, seeds: list[int]
             (dest / f"{seed_dir.name}-table.md").write_text(text + "\n")
     record = json.loads((workdir / RECORD).read_text()) if (workdir / RECORD).is_file() else {"seeds": {}}
     complete = sorted(completed_runs(workdir, params))
+    planned = list(seeds if seeds is not None else params.evidence.seeds)
     info = {
         "title": "Evidence: the demo's training, every evaluation set in full, Table I, over seeds",
-        "description": describe_run(params, "training seeds " + ", ".join(
-            map(str, seeds if seeds is not None else params.evidence.seeds))),
+        "description": describe_run(params, planned),
         "note": ("All Table I rows start from the seed's teacher and train the student's schedule "
                  f"({params.student.epochs} epochs); realistic probes use evaluate.realistic, not the training "
-                 "degradation. The Table I rows are trained for evidence.row_seeds only, after every seed's teacher "
-                 "and student. Made with `python -m pipeline.evidence`."),
+                 "degradation. The Table I rows are trained for evidence.row_seeds only, after every seed's "
+                 "teacher and student. Made with `python -m pipeline.evidence`."),
         "hardware": hardware(),
-        "seeds_planned": list(seeds if seeds is not None else params.evidence.seeds),
+        "seeds_planned": planned,
         "seeds_complete": complete,
-        "table_rows_seeds": [s for s in complete if (workdir / f"seed-{s}" / ROWS_REPORT / "metrics.json").is_file()],
+        "table_rows_seeds": [s for s in complete
+                             if (workdir / f"seed-{s}" / ROWS_REPORT / "metrics.json").is_file()],
         "wall_time_s_per_seed": {k: v["wall_time_s"] for k, v in record["seeds"].items()
                                  if int(k) in complete and "wall_time_s" in v},
         "shared_steps_s": record.get("shared", {}).get("steps_s", {}),

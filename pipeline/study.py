@@ -208,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
         # Every trial of this invocation reads the same settings, even if the params file is edited meanwhile
         # (a study runs for hours); the copy also records what the trials were run with.
         pinned = args.workdir / "params.pinned.yaml"
-        source = Path(args.params) if args.params else Path("params.yaml")
+        source = Path(args.params)
         if source.is_file():
             pinned.write_text(source.read_text())
         record = args.workdir / "study.json"

@@ -3,8 +3,9 @@
 One run's ``metrics.json`` gives each cell a Wilson interval over pairs and, for the student, a paired
 comparison with the teacher; both are the noise of *drawing these pairs*. Training noise is another source:
 the same code trained with another seed gives another net. :func:`aggregate` puts the runs side by side, per
-(model, set, protocol, resolution): the accuracy of every seed that has the cell, their mean and sample standard deviation, and the
-mean of the paired student - teacher differences with how many seeds had a paired interval above zero.
+(model, set, protocol, resolution): the accuracy of every seed that has the cell, their mean and sample
+standard deviation, and the mean of the paired student - teacher differences with how many seeds had a
+paired interval above zero.
 """
 
 from __future__ import annotations
@@ -50,8 +51,8 @@ def aggregate(runs: Mapping[int, dict]) -> dict:
                             found.setdefault((model, dataset, protocol, res), {})[seed] = cell
     cells: dict = {}
     for (model, dataset, protocol, res), by_seed in found.items():
-        got = [by_seed[s] for s in seeds if s in by_seed]
-        out = {"seeds": [s for s in seeds if s in by_seed],
+        got = list(by_seed.values())  # in seed order: filled seed by seed above
+        out = {"seeds": list(by_seed),
                "acc": {"per_seed": [c["acc"] for c in got], **_stats([c["acc"] for c in got])}}
         if all("acc_ci_low" in c for c in got):
             out["ci_low"] = [c["acc_ci_low"] for c in got]
@@ -76,13 +77,20 @@ def _fmt(stats: dict, signed: bool = False) -> str:
     return f"{stats['mean']:{sign}.2f}{sd}"
 
 
+def _label(model: str, per_res: dict, seeds: list[int]) -> str:
+    """``model``, or ``"kd (seed 0)"`` when its cells come from fewer than all the seeds."""
+    had = sorted({s for cell in per_res.values() for s in cell.get("seeds", seeds)})
+    return model if had == seeds else f"{model} (seed{'s' if len(had) > 1 else ''} {', '.join(map(str, had))})"
+
+
 def render_markdown(summary: dict, rows: list[str], title: str = "Accuracy over seeds (%)") -> str:
     """One table per (set, protocol): ``mean ± sd`` over seeds per row and resolution, then the paired rows."""
     seeds = summary["seeds"]
     lines = [f"# {title}", "",
              f"Seeds {', '.join(map(str, seeds))} ({len(seeds)} complete runs). Each cell: mean ± sample standard "
-             "deviation of the accuracy across seeds (a row run for fewer seeds names them; one seed: no sd). Rows `X - teacher`: the mean paired difference on the same "
-             "pairs, and in how many seeds its paired bootstrap 95% interval lay above 0.", ""]
+             "deviation of the accuracy across seeds (a row run for fewer seeds names them; one seed: no sd). "
+             "Rows `X - teacher`: the mean paired difference on the same pairs, and in how many seeds its paired "
+             "bootstrap 95% interval lay above 0.", ""]
     cells = summary["cells"]
     tables: dict[tuple[str, str], dict] = {}
     for model, per_set in cells.items():
@@ -95,13 +103,9 @@ def render_markdown(summary: dict, rows: list[str], title: str = "Accuracy over 
                   "| Model | " + " | ".join(f"{r}x{r}" for r in resolutions) + " |",
                   "|---|" + "---:|" * len(resolutions)]
         ordered = [r for r in rows if r in per_model] + [r for r in per_model if r not in rows]
-        def label(model: str, per_res: dict) -> str:
-            had = sorted({s for cell in per_res.values() for s in cell.get("seeds", seeds)})
-            return model if had == seeds else f"{model} (seed{'s' if len(had) > 1 else ''} {', '.join(map(str, had))})"
-
         for model in ordered:
             per_res = per_model[model]
-            lines.append(f"| {label(model, per_res)} | " + " | ".join(
+            lines.append(f"| {_label(model, per_res, seeds)} | " + " | ".join(
                 _fmt(per_res[str(r)]["acc"]) if str(r) in per_res else "" for r in resolutions) + " |")
         for model in ordered:
             per_res = per_model[model]
@@ -112,6 +116,6 @@ def render_markdown(summary: dict, rows: list[str], title: str = "Accuracy over 
                 paired = per_res.get(str(r), {}).get("paired")
                 parts.append("" if paired is None else f"{_fmt(paired, signed=True)} "
                              f"({paired['seeds_above_zero']}/{len(paired['per_seed'])} > 0)")
-            lines.append(f"| {label(model, per_res)} - teacher | " + " | ".join(parts) + " |")
+            lines.append(f"| {_label(model, per_res, seeds)} - teacher | " + " | ".join(parts) + " |")
         lines.append("")
     return "\n".join(lines)
