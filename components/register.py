@@ -3,7 +3,7 @@
 Reads the evaluate step's ``metrics.json`` and ``thresholds.json``, logs the model as a pyfunc carrying its
 calibrated thresholds, registers it (alias ``challenger``), then lets :func:`crfr.registry.promote` decide
 whether it becomes ``champion``. ``out_dir/registration.json`` records the name, version, aliases and the
-decision, for the pipeline and for people. Each version also records its lineage (:mod:`crfr.lineage`): the
+decision, for the pipeline and for people. Each version also records its lineage (:mod:`crfr.registry.lineage`): the
 git commit, the params, the training and evaluation runs, the pipeline run (``CRFR_PIPELINE_RUN_ID``) and, given
 ``--prepared``, fingerprints of the training and evaluation data.
 """
@@ -16,10 +16,14 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from crfr import fingerprints, lineage, storage
+from crfr import storage
 from crfr.config import Params, load_params
 from crfr.errors import DataError
-from crfr.registry import CHAMPION, model_name, promote, register_model
+from crfr.registry import lineage
+from crfr.registry.datasets import data_refs
+from crfr.registry.promote import promote
+from crfr.registry.register import register_model
+from crfr.registry.versions import CHAMPION, model_name
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +70,7 @@ def register(
         The content of ``registration.json``.
     """
     storage.configure(params.storage)
-    datasets = fingerprints.data_refs(prepared_dir, params) if prepared_dir else []
+    datasets = data_refs(prepared_dir, params) if prepared_dir else []
     if not datasets:
         log.warning("registering without the prepared data (--prepared): no data fingerprints are recorded")
     made_by = {"datasets": datasets, "pipeline_run_id": pipeline_run_id}

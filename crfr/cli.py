@@ -16,14 +16,17 @@ from collections.abc import Callable, Sequence
 from crfr import __version__
 from crfr.errors import CrfrError, StorageError
 
-# Each module adds its subcommands.
+# Each module adds the command it is named for (crfr.commands.X: crfr X).
 COMMAND_MODULES = (
-    "crfr.commands.run",  # crfr report
+    "crfr.commands.report",
     "crfr.commands.data",
     "crfr.commands.train",
     "crfr.commands.evaluate",
-    "crfr.commands.models",
-    "crfr.commands.lineage",  # crfr models describe
+    "crfr.commands.promote",
+    "crfr.commands.embed",
+    "crfr.commands.verify",
+    "crfr.commands.identify",
+    "crfr.commands.models",  # crfr models describe
     "crfr.commands.pipeline",
     "crfr.commands.bench",
     "crfr.commands.export",  # crfr export onnx

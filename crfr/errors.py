@@ -25,13 +25,13 @@ class CrfrError(Exception):
     """A problem the user can fix: bad input, a bad setting, an unreachable service.
 
     The message must name the offending file, URI or setting; a password or known secret in it is masked
-    whenever it is shown (:func:`crfr.redact.redact_text`), whoever built the message.
+    whenever it is shown (:func:`crfr.secrets.redact_text`), whoever built the message.
     """
 
     exit_code = 2
 
     def __str__(self) -> str:
-        from crfr.redact import redact_text
+        from crfr.secrets import redact_text
 
         return redact_text(super().__str__())
 

@@ -1,69 +1,34 @@
-"""MLflow setup shared by every step: one experiment, a local sqlite store by default, a server on a cluster.
+"""The MLflow client plumbing every step shares: one experiment, a local sqlite store by default, a server on
+a cluster; reaching it, and its failures as one-line errors.
 
 Credentials never reach MLflow inside a URI: a ``user:password@`` in an HTTP tracking URI is moved into
-``MLFLOW_TRACKING_USERNAME`` / ``MLFLOW_TRACKING_PASSWORD`` (MLflow's documented way to authenticate) and
-MLflow is given the bare URI, so the password is in no run, param, tag or "View run at" line it prints.
+``MLFLOW_TRACKING_USERNAME`` / ``MLFLOW_TRACKING_PASSWORD`` (MLflow's documented way to authenticate,
+:func:`crfr.secrets.take_tracking_credentials`) and MLflow is given the bare URI, so the password is in no
+run, param, tag or "View run at" line it prints.
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
 import os
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urlparse
 
-from crfr import redact
+from crfr import secrets
 from crfr.config import TrackingCfg
 from crfr.errors import RegistryError
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
-URI_ENV = "MLFLOW_TRACKING_URI"
-USERNAME_ENV = "MLFLOW_TRACKING_USERNAME"
-PASSWORD_ENV = "MLFLOW_TRACKING_PASSWORD"
-TOKEN_ENV = "MLFLOW_TRACKING_TOKEN"
-
-# Non-HTTP stores (postgresql://user:pw@host/db) need the password inside the URI: params hold the redacted
-# form, and this maps it back to the real one, in this process only.
-_full_uris: dict[str, str] = {}
-
-
-def take_credentials(uri: str) -> str:
-    """Move the ``user:password@`` of an HTTP(S) tracking URI into MLflow's credential variables.
-
-    The variables are what MLflow sends as basic auth, and the steps this process starts inherit them. A
-    ``MLFLOW_TRACKING_URI`` that held the credentials is replaced by the bare URI for the same reason. The
-    URI's credentials win over variables already set, as they would in a browser or ``requests``. A redacted
-    URI read back from a params dump (password ``***``) brings no credentials: those in the environment stay.
-
-    Returns:
-        The URI to give MLflow: without userinfo for HTTP(S); for other schemes the real URI (with the
-        password it needs) when this process has seen it.
-    """
-    bare, user, password = redact.split_userinfo(uri)
-    if password is None:
-        return uri
-    if not uri.startswith(("http://", "https://")):
-        if redact.is_masked(password):
-            return _full_uris.get(uri, uri)
-        redact.remember(password)
-        _full_uris[redact.redact_uri(uri)] = uri
-        return uri
-    if not redact.is_masked(password):
-        redact.remember(password)
-        os.environ[PASSWORD_ENV] = password
-        if user:
-            os.environ[USERNAME_ENV] = user
-        else:
-            os.environ.pop(USERNAME_ENV, None)
-    if os.environ.get(URI_ENV) == uri:
-        os.environ[URI_ENV] = bare
-    return bare
-
 
 def auth_headers() -> dict[str, str]:
     """The ``Authorization`` header MLflow would send: basic auth from the credential variables, else a token."""
-    user, password, token = (os.environ.get(n) for n in (USERNAME_ENV, PASSWORD_ENV, TOKEN_ENV))
+    user, password, token = (os.environ.get(n) for n in (secrets.MLFLOW_USERNAME_ENV, secrets.MLFLOW_PASSWORD_ENV,
+                                                          secrets.MLFLOW_TOKEN_ENV))
     if user and password:
         return {"Authorization": "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()}
     if token:
@@ -74,9 +39,9 @@ def auth_headers() -> dict[str, str]:
 def tracking_uri(cfg: TrackingCfg) -> str:
     """The effective URI, without credentials: ``MLFLOW_TRACKING_URI`` wins over params; sqlite paths are made absolute.
 
-    Credentials in the URI go to MLflow's credential variables (:func:`take_credentials`).
+    Credentials in the URI go to MLflow's credential variables (:func:`crfr.secrets.take_tracking_credentials`).
     """
-    uri = take_credentials(os.environ.get(URI_ENV) or cfg.uri)
+    uri = secrets.take_tracking_credentials(os.environ.get(secrets.MLFLOW_URI_ENV) or cfg.uri)
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
         path = Path(uri.removeprefix("sqlite:///")).resolve()
         uri = f"sqlite:///{path}"
@@ -119,15 +84,15 @@ def setup(cfg: TrackingCfg, create: bool = True) -> str:
             experiment_id = experiment.experiment_id
         mlflow.set_experiment(experiment_id=experiment_id)
     except Exception as exc:  # MLflow raises MlflowException, requests errors, sqlalchemy errors...
-        detail = redact.redact_text((str(exc).splitlines() or [""])[0][:300])
+        detail = secrets.redact_text((str(exc).splitlines() or [""])[0][:300])
         raise RegistryError(f"MLflow tracking at {redact_uri(uri)} is not usable: {exc.__class__.__name__}: "
                             f"{detail}") from None
     return experiment_id
 
 
 def redact_uri(uri: str) -> str:
-    """``scheme://user:***@host``: the URI as it may be printed (see :mod:`crfr.redact`)."""
-    return redact.redact_uri(uri)
+    """``scheme://user:***@host``: the URI as it may be printed (see :mod:`crfr.secrets`)."""
+    return secrets.redact_uri(uri)
 
 
 def check_sqlite_store(uri: str, create: bool) -> None:
@@ -159,3 +124,73 @@ def check_sqlite_store(uri: str, create: bool) -> None:
         raise RegistryError(f"MLflow tracking store {uri}: folder {path.parent} does not exist ({hint})")
     if not path.is_file():
         raise RegistryError(f"MLflow tracking store {uri}: file {path} does not exist ({hint})")
+
+
+def check_reachable(uri: str, timeout: float = 5.0) -> None:
+    """Fail fast (instead of MLflow's minutes of retries) when an HTTP tracking server does not answer.
+
+    The probe authenticates as MLflow does: an ``Authorization`` header built from ``MLFLOW_TRACKING_USERNAME``
+    / ``MLFLOW_TRACKING_PASSWORD`` (or ``MLFLOW_TRACKING_TOKEN``); a ``user:password@`` still in ``uri`` is
+    moved there first, and the URL it requests carries no credentials.
+
+    Raises:
+        RegistryError: nothing answers at ``uri``, ``uri`` is not a valid URL, or the server refuses the
+            credentials (HTTP 401).
+    """
+    if not uri.startswith(("http://", "https://")):
+        return
+    uri = secrets.take_tracking_credentials(uri)
+    headers = auth_headers()
+    request = urllib.request.Request(uri.rstrip("/") + "/health", headers=headers)
+    try:
+        with urllib.request.urlopen(request, timeout=timeout):
+            return
+    except urllib.error.HTTPError as exc:
+        exc.close()
+        if exc.code == 401:
+            fix = ("check MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD (or the user:password of the "
+                   "tracking URI)" if headers else "give a user and password in MLFLOW_TRACKING_USERNAME / "
+                   "MLFLOW_TRACKING_PASSWORD (or as user:password@ in the tracking URI)")
+            raise RegistryError(f"MLflow tracking server {uri} refused the credentials (HTTP 401): {fix}") from None
+        return  # something answered (an old server without /health, a proxy that forbids it): MLflow says the rest
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise RegistryError(f"MLflow tracking server {redact_uri(uri)} is not reachable ({reason}); "
+                            "start it or point MLFLOW_TRACKING_URI / tracking.uri at a running one") from None
+    except ValueError as exc:  # http.client.InvalidURL, e.g. a port that is not a number
+        raise RegistryError(f"MLflow tracking URI {redact_uri(uri)} is not a valid URL ({exc}); "
+                            "check MLFLOW_TRACKING_URI / tracking.uri") from None
+
+
+def connect(cfg: TrackingCfg, create: bool = True):
+    """Check the server, point MLflow at it and return an ``MlflowClient``.
+
+    Args:
+        cfg: ``params.tracking``.
+        create: False for read-only use: a local sqlite store that does not exist is then an error, not a new
+            empty store (:func:`check_sqlite_store`).
+    """
+    from mlflow import MlflowClient
+
+    check_reachable(tracking_uri(cfg))
+    setup(cfg, create=create)
+    return MlflowClient()
+
+
+@contextlib.contextmanager
+def mlflow_errors(what: str) -> Iterator[None]:
+    """Turn MLflow and connection failures into a one-line RegistryError about ``what``."""
+    from mlflow.exceptions import MlflowException
+    from requests import RequestException
+
+    try:
+        yield
+    except RegistryError:
+        raise
+    except MlflowException as exc:
+        raise RegistryError(f"{what}: {str(exc.message).splitlines()[0][:300]}") from None
+    except (ConnectionError, RequestException) as exc:
+        raise RegistryError(f"{what}: MLflow is not reachable ({exc.__class__.__name__}: "
+                            f"{str(exc).splitlines()[0][:300]})") from None
+    except OSError as exc:  # e.g. a full disk or an unwritable artifact folder
+        raise RegistryError(f"{what}: {exc.__class__.__name__}: {exc}") from None

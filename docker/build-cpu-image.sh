@@ -226,7 +226,7 @@ if [ -n "$STEP_CMD" ]; then
   run "$TAG" $STEP_CMD
 fi
 log "run: the recorded commit (CRFR_GIT_COMMIT) is the one built"
-recorded=$(run "$TAG" python -c "from crfr.lineage import git_state; print('lineage commit', *git_state())")
+recorded=$(run "$TAG" python -c "from crfr.registry.lineage import git_state; print('lineage commit', *git_state())")
 echo "$recorded"
 [[ "$recorded" == "lineage commit $VCS_REF $VCS_DIRTY" ]] || { echo "the image records another commit" >&2; exit 1; }
 if [ "$SERVE" = 1 ]; then

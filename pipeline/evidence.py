@@ -19,7 +19,6 @@ what ran (hardware, wall time per seed) to DIR (e.g. docs/results/evidence).
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import shutil
 import sys
@@ -28,6 +27,7 @@ from pathlib import Path
 
 from crfr.cli import add_params_args, configure_logging, run_guarded
 from crfr.config import Params, load_params
+from crfr.digests import json_digest
 from crfr.errors import ConfigError
 
 RECORD = "evidence.json"
@@ -158,7 +158,7 @@ def settings_fingerprint(params: Params) -> str:
     what = params.model_dump(mode="json", exclude={"runtime", "tracking", "storage", "run_dir"})
     for more_work in ("seeds", "row_seeds"):
         what["evidence"].pop(more_work, None)
-    return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:16]
+    return json_digest(what)
 
 
 MAIN_REPORT, ROWS_REPORT = "evaluate", "evaluate-rows"

@@ -7,15 +7,16 @@ count, the GPU node pool's node selector and tolerations, resource requests, /de
 retries, caching, and the Secret / ConfigMap that give every step its S3 credentials and MLflow tracking URI.
 
 Cache keys: each task's ``params_json`` is a constant holding only the params its step reads
-(``pipeline/step_params.py``), so an edit re-runs exactly the steps that read the edited key and those
+(:mod:`crfr.config.steps`), so an edit re-runs exactly the steps that read the edited key and those
 downstream of their outputs. There is no pipeline-level params input that every task would share. (The
 register task, never cached, gets them all: the model version's lineage records them.)
 
 Retries never repeat a configuration error: kfp's retry policy cannot filter on the kind of failure, so the
-first task (``check-params``, no retries) validates every step's params with the image's own crfr and checks
-that the input data exists; only then do the retried steps start. ``register`` is not retried either (a
-second attempt would register a second model version). Training tasks always pass ``--resume`` and mirror
-checkpoints to a per-run prefix (``pipeline/kfp_training.py``), so a retried pod continues where it stopped.
+first task (``check-params``, no retries: ``pipeline/preflight.py``) validates every step's params with the
+image's own crfr and checks that the input data exists; only then do the retried steps start. ``register`` is
+not retried either (a second attempt would register a second model version). Training tasks always pass
+``--resume`` and mirror checkpoints to a per-run prefix (``pipeline/kfp_training.py``), so a retried pod
+continues where it stopped.
 
 Build with :func:`build_pipeline`, compile with :func:`compile_pipeline` (``crfr pipeline compile``), run
 locally with ``kfp.local`` (:func:`run_local`) or submit to a cluster (``pipeline/submit.py``).
@@ -24,119 +25,26 @@ locally with ``kfp.local`` (:func:`run_local`) or submit to a cluster (``pipelin
 # No `from __future__ import annotations`: kfp reads the step bodies' annotations as real types.
 import json
 from pathlib import Path
-from typing import List
 
 from kfp import compiler, dsl
-from kfp.dsl import Artifact, Dataset, Input, Markdown, Metrics, Model, Output
 
 from crfr.config import Params
-from crfr.lineage import PIPELINE_RUN_ENV
+from crfr.registry.lineage import PIPELINE_RUN_ENV
+from pipeline.kfp_steps import (
+    check_params_op,
+    distill_student_op,
+    evaluate_op,
+    prepare_op,
+    register_op,
+    synthesize_op,
+    train_teacher_op,
+)
 from pipeline.kfp_training import RUN_ID_ENV, RUN_ID_LABEL
 
 PIPELINE_NAME = "crfr-cross-resolution-face-recognition"
-# The steps whose params slices the tasks get (pipeline/step_params.py); distill_row: a Table I row.
+# The steps whose params slices the tasks get (crfr/config/steps.py); distill_row: a Table I row.
 STEPS = ("prepare", "synthesize", "train_teacher", "distill_student", "distill_row", "evaluate", "register")
 
-
-# ------------------------------------------------------------------------------------------- step bodies
-# kfp ships each body's source to the pod: imports must live inside, and the image must contain crfr.
-
-def check_params_op(slices_json: str, source_uri: str, scratch: str):
-    """Refuse invalid params, missing input data or an unwritable scratch volume once, before any retried step."""
-    import json
-
-    from pipeline.step_params import check_slices
-
-    found = check_slices(json.loads(slices_json), source_uri or None, scratch or None)
-    print(json.dumps({"inputs_found": found}))
-
-
-def prepare_op(params_json: str, source_uri: str, prepared: Output[Dataset]):
-    """Align faces, split without identity leaks, write shards and eval pairs."""
-    from components.prepare import prepare
-    from crfr.config import params_from_json
-
-    prepare(source_uri or None, prepared.path, params_from_json(params_json))
-
-
-def synthesize_op(params_json: str, prepared: Input[Dataset], probes: Output[Dataset]):
-    """LR probes at each resolution for the linear and realistic protocols, plus a preview sheet."""
-    from components.synthesize import synthesize
-    from crfr.config import params_from_json
-
-    synthesize(prepared.path, probes.path, params_from_json(params_json))
-
-
-def train_teacher_op(params_json: str, gpus: int, checkpoint_base: str, prepared: Input[Dataset],
-                     teacher: Output[Model], metrics: Output[Metrics]):
-    """iresnet + ArcFace on HR faces (resumable; torchrun when gpus > 1)."""
-    import json
-    import os
-
-    from pipeline.kfp_training import run_training_task
-
-    report = os.path.join(os.path.dirname(teacher.path), "teacher-report")
-    final = run_training_task("train_teacher", params_json, gpus, checkpoint_base, prepared.path, teacher.path,
-                              report)
-    for key, value in final.items():
-        if isinstance(value, (int, float)):
-            metrics.log_metric(f"teacher_{key}", float(value))
-    print(json.dumps(final))
-
-
-def distill_student_op(params_json: str, row: str, gpus: int, checkpoint_base: str, prepared: Input[Dataset],
-                       teacher: Input[Model], student: Output[Model], metrics: Output[Metrics]):
-    """WaveResNet student on degraded LR faces, distilled from the teacher (one Table I row)."""
-    import json
-    import os
-
-    from pipeline.kfp_training import run_training_task
-
-    report = os.path.join(os.path.dirname(student.path), "student-report")
-    final = run_training_task("distill_student", params_json, gpus, checkpoint_base, prepared.path,
-                              student.path, report, teacher=teacher.path, row=row)
-    student.metadata["row"] = row  # how the evaluate step names a Table I row it collects
-    for key, value in final.items():
-        if isinstance(value, (int, float)):
-            metrics.log_metric(f"{row}_{key}", float(value))
-    print(json.dumps(final))
-
-
-def evaluate_op(params_json: str, row_order: List[str], prepared: Input[Dataset], probes: Input[Dataset],
-                teacher: Input[Model], student: Input[Model], report: Output[Artifact], metrics: Output[Metrics],
-                table: Output[Markdown], rows: Input[List[Model]] = None):
-    """Verification accuracy of the teacher, the student and every Table I row: Table I, thresholds, plots."""
-    import json
-    from pathlib import Path
-
-    from components.evaluate import evaluate
-    from crfr.config import params_from_json
-
-    params = params_from_json(params_json)
-    by_row = {m.metadata["row"]: m.path for m in rows or []}
-    order = {row: i for i, row in enumerate(row_order)}  # ablation_rows: the table's row order, as DVC's
-    models = {"teacher": teacher.path, "student": student.path,
-              **{row: by_row[row] for row in sorted(by_row, key=lambda r: order.get(r, len(order)))}}
-    summary = evaluate(prepared.path, probes.path, models, report.path, params)
-    Path(table.path).write_text((Path(report.path) / "table.md").read_text())
-    for cell in summary["evaluation"].cells():
-        metrics.log_metric(f"{cell.model}_{cell.dataset}_{cell.protocol}_{cell.resolution}", float(cell.values["acc"]))
-    print(json.dumps(summary["tables"], default=str)[:4000])
-
-
-def register_op(params_json: str, prepared: Input[Dataset], student: Input[Model], teacher: Input[Model],
-                report: Input[Artifact], registration: Output[Artifact]):
-    """Register both models in MLflow (alias challenger, lineage of code, params, data and runs) and apply the
-    promotion gate to the student."""
-    from components.register import register
-    from crfr.config import params_from_json
-
-    params = params_from_json(params_json)
-    register(student.path, report.path, registration.path, params, role="student", teacher_dir=teacher.path,
-             prepared_dir=prepared.path)
-
-
-# --------------------------------------------------------------------------------------------- pipeline
 
 # The requested scratch volume of every task. Not over kfp's own artifact staging folders (/s3, /minio, /gcs):
 # the backend mounts world-writable emptyDirs there itself, and a volume of a storage class whose root only
@@ -160,14 +68,14 @@ def build_pipeline(params: Params, cluster: bool = True):
 
     Args:
         params: resolved settings; each task gets its step's slice of them as a constant
-            (:mod:`pipeline.step_params`), and ``params.kubeflow`` decides images and scheduling.
+            (:mod:`crfr.config.steps`), and ``params.kubeflow`` decides images and scheduling.
         cluster: add Kubernetes-only settings (node selector, tolerations, secrets, config maps, volumes).
             ``kfp.local`` runs without them.
 
     Raises:
         ConfigError: a step's slice does not rebuild into valid params.
     """
-    from pipeline.step_params import slice_json
+    from crfr.config.steps import slice_json
 
     kf = params.kubeflow
     sliced = task_params(params, cluster)

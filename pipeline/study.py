@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import hashlib
 import json
 import sys
 import time
@@ -29,6 +28,8 @@ import numpy as np
 
 from crfr.cli import add_params_args, configure_logging, run_guarded
 from crfr.config import Params, load_params
+from crfr.config.steps import shaping_settings
+from crfr.digests import json_digest
 from crfr.errors import ConfigError
 
 
@@ -56,9 +57,8 @@ def validation_outcomes(model_dir: Path, prepared: Path, params: Params) -> Path
     """Each validation pair's held-out outcome for the model and its accuracies (``validation.npz`` beside it,
     computed once), scored on every validation pair as the per-epoch check scores its share: what the trials
     are compared by. None without a validation split."""
-    from crfr.artifacts import load_model
-    from crfr.train.loop import score_holdout
-    from crfr.train.run import load_holdout
+    from crfr.models.model_file import load_model
+    from crfr.train.holdout import load_holdout, score_holdout
 
     path = model_dir / "validation.npz"
     if path.is_file():
@@ -93,13 +93,9 @@ def paired_cell(reference: dict, trial: dict, size: int) -> str:
 
 def teacher_key(data_key: str, params: Params) -> str:
     """What the teacher's training reads: trials that differ only in the student's settings (e.g.
-    loss.temperature) share one teacher; any change to the teacher's data, net, loss, schedule or
-    augmentation trains another."""
-    reads = [data_key, params.model.model_dump(mode="json"), params.loss.arcface_s, params.loss.arcface_m,
-             params.loss.lambda2, params.teacher.model_dump(mode="json")]
-    if params.augment.enabled:  # only then: the keys of earlier studies' teachers stay what they were
-        reads.append({"augment": params.augment.model_dump(mode="json")})
-    return hashlib.sha256(json.dumps(reads, sort_keys=True).encode()).hexdigest()[:12]
+    loss.temperature) share one teacher; any change to what the teacher step reads and computes from
+    (:func:`crfr.config.steps.shaping_settings`: its data, net, losses, schedule, augmentation) trains another."""
+    return json_digest([data_key, shaping_settings(params, "train_teacher")], length=12)
 
 
 def run_trial(name: str, params: Params, workdir: Path, student: bool) -> dict:
@@ -107,8 +103,7 @@ def run_trial(name: str, params: Params, workdir: Path, student: bool) -> dict:
     from components.prepare import prepare
     from components.train_teacher import train_teacher
 
-    data_key = hashlib.sha256(json.dumps([params.seed, params.data.model_dump(mode="json")],
-                                         sort_keys=True).encode()).hexdigest()[:12]
+    data_key = json_digest([params.seed, params.data.model_dump(mode="json")], length=12)
     prepared = workdir / "prepared" / data_key
     out = workdir / name
     # Its own MLflow store: trials never mix with the main job's runs or registry.

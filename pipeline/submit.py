@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from crfr import redact
+from crfr import secrets
 from crfr.config import Params
 from crfr.errors import ConfigError, CrfrError
 from pipeline.kfp_pipeline import PIPELINE_NAME, compile_pipeline
@@ -56,9 +56,9 @@ def auth_from_env(environ: dict | None = None) -> Auth:
     env = os.environ if environ is None else environ
     token, cookies, token_path = (env.get(n, "").strip() or None for n in (TOKEN_ENV, COOKIES_ENV, SA_TOKEN_PATH_ENV))
     auth = Auth(existing_token=token, cookies=cookies)
-    redact.remember(token)
+    secrets.remember(token)
     for part in (cookies or "").split(";"):
-        redact.remember(part.partition("=")[2].strip())  # each cookie's value; the names are harmless
+        secrets.remember(part.partition("=")[2].strip())  # each cookie's value; the names are harmless
     used = [f"${TOKEN_ENV}"] if token else []
     if token_path and not token:
         if not Path(token_path).is_file():
@@ -77,8 +77,8 @@ def auth_from_env(environ: dict | None = None) -> Auth:
 def _fail(host: str, action: str, exc: Exception) -> CrfrError:
     # kfp raises urllib3 / kfp_server_api errors; their text can quote the request, so it is masked.
     first = (str(exc).splitlines() or [""])[0][:300]
-    return CrfrError(f"could not {action} on Kubeflow Pipelines at {redact.redact_uri(host)}: "
-                     f"{exc.__class__.__name__}: {redact.redact_text(first)}")
+    return CrfrError(f"could not {action} on Kubeflow Pipelines at {secrets.redact_uri(host)}: "
+                     f"{exc.__class__.__name__}: {secrets.redact_text(first)}")
 
 
 def connect(host: str | None, namespace: str | None = None, environ: dict | None = None):

@@ -21,8 +21,8 @@ import numpy as np
 import pytest
 import torch
 
-from crfr.artifacts import save_model
 from crfr.config import ModelCfg
+from crfr.models.model_file import save_model
 
 LFW_ROOT = Path(os.environ.get("CRFR_LFW_ROOT", "/work/shared/data/lfw"))
 IMAGES = LFW_ROOT / "lfw-deepfunneled"

@@ -10,14 +10,15 @@ import numpy as np
 import pytest
 
 from crfr.config import DataCfg
-from crfr.data.align import ARCFACE_TEMPLATE, Aligner, center_crop, pick_face, similarity_transform
-from crfr.data.images import read_image
 from crfr.errors import DataError
+from crfr.faces.align import ARCFACE_TEMPLATE, Aligner, center_crop, similarity_transform
+from crfr.faces.detect import pick_face
+from crfr.faces.images import read_image
 
 
 def _mtcnn_available() -> bool:
     try:
-        from crfr.data.mtcnn import weights_dir
+        from crfr.faces.mtcnn import weights_dir
 
         weights_dir()
         return True
@@ -77,7 +78,7 @@ def test_pick_face_prefers_large_central_faces():
 def test_weight_files_are_read_without_importing_facenet_pytorch():
     import sys
 
-    from crfr.data.mtcnn import MTCNN
+    from crfr.faces.mtcnn import MTCNN
 
     MTCNN()
     assert "facenet_pytorch" not in sys.modules
@@ -86,7 +87,7 @@ def test_weight_files_are_read_without_importing_facenet_pytorch():
 
 
 def test_missing_weights_are_a_clear_error(monkeypatch, tmp_path):
-    from crfr.data import mtcnn
+    from crfr.faces import mtcnn
 
     monkeypatch.setenv(mtcnn.WEIGHTS_ENV, str(tmp_path))
     with pytest.raises(DataError, match=r"MTCNN weights \['pnet.pt', 'rnet.pt', 'onet.pt'\] not found"):
@@ -103,7 +104,7 @@ def test_missing_weights_are_a_clear_error(monkeypatch, tmp_path):
 
 @needs_weights
 def test_mtcnn_finds_faces_and_landmarks_on_lfw(lfw_root):
-    from crfr.data.mtcnn import MTCNN
+    from crfr.faces.mtcnn import MTCNN
 
     names = [("Aaron_Eckhart", 1), ("Abba_Eban", 1), ("Aaron_Peirsol", 2), ("Colin_Powell", 5)]
     images = [read_image(lfw_root / "lfw-deepfunneled" / n / f"{n}_{i:04d}.jpg") for n, i in names]
@@ -122,7 +123,7 @@ def test_mtcnn_finds_faces_and_landmarks_on_lfw(lfw_root):
 
 @needs_weights
 def test_mtcnn_alignment_puts_landmarks_on_the_template(lfw_root):
-    from crfr.data.mtcnn import MTCNN
+    from crfr.faces.mtcnn import MTCNN
 
     files = sorted((lfw_root / "lfw-deepfunneled" / "Aaron_Peirsol").glob("*.jpg"))
     images = [read_image(f) for f in files]
@@ -157,7 +158,7 @@ def test_no_face_falls_back_to_the_centre_crop_and_is_counted(lfw_root):
 @needs_weights
 def test_mtcnn_training_alignment_is_servings_on_any_photo_size(lfw_root):
     """Prepare's mtcnn mode finds faces as serving does: a photo 6x larger aligns to the same face."""
-    from crfr.data.align import align_face
+    from crfr.faces.align import align_face
 
     face = read_image(lfw_root / "lfw-deepfunneled/Aaron_Eckhart/Aaron_Eckhart_0001.jpg")
     big = cv2.resize(face, (1500, 1500), interpolation=cv2.INTER_CUBIC)
@@ -173,7 +174,7 @@ def test_mtcnn_training_alignment_runs_mtcnn_once_per_image(lfw_root, tmp_path, 
     """data.align: mtcnn with data.align_cache: a second prepare of the same images reads every face (and its
     fallback) from the cache, identical, without running the detector."""
     from crfr import storage
-    from crfr.data import align
+    from crfr.faces import align
 
     monkeypatch.setenv("CRFR_CACHE_DIR", str(tmp_path / "cache"))
     files = sorted((lfw_root / "lfw-deepfunneled" / "Aaron_Peirsol").glob("*.jpg"))
@@ -199,7 +200,7 @@ def test_mtcnn_training_alignment_runs_mtcnn_once_per_image(lfw_root, tmp_path, 
 
 @needs_weights
 def test_align_face_for_serving(lfw_root):
-    from crfr.data.align import align_face
+    from crfr.faces.align import align_face
 
     face = read_image(lfw_root / "lfw-deepfunneled/Aaron_Eckhart/Aaron_Eckhart_0001.jpg")
     out = align_face(face)

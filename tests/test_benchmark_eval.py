@@ -108,7 +108,7 @@ def test_csv_fold_column_gives_the_verification_folds(workspace):
 
 def test_labelled_folds_are_used_exactly_whatever_their_sizes_and_order():
     """Folds of 6, 5 and 4 pairs, interleaved: each held-out accuracy is a count over exactly its fold."""
-    from crfr.verification import verify
+    from crfr.evaluation.verification import verify
 
     fold = np.array([1] * 3 + [2] * 5 + [3] * 4 + [1, 1, 1])
     rng = np.random.default_rng(0)
@@ -154,7 +154,7 @@ def test_lfw_folder_in_one_command(workspace, capsys):
 def test_registered_model_is_downloaded_aligned_as_registered_and_logged(workspace, tmp_path, monkeypatch, capsys):
     from mlflow import MlflowClient
 
-    from crfr.registry import register_model
+    from crfr.registry.register import register_model
 
     tmp, model, params = workspace
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)

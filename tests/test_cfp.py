@@ -11,7 +11,7 @@ import pytest
 
 from crfr import storage
 from crfr.config import StorageCfg
-from crfr.data.cfp import PROTOCOLS, read_cfp, read_names
+from crfr.data.formats.cfp import PROTOCOLS, read_cfp, read_names
 from crfr.errors import CrfrError, DataError
 from tests.facedata import IMAGES as LFW_IMAGES
 

@@ -16,16 +16,16 @@ from components.prepare import prepare
 from components.synthesize import synthesize
 from crfr.cli import main as cli_main
 from crfr.config import load_params
-from crfr.data.align import Aligner
-from crfr.data.images import decode_image, read_image
-from crfr.data.lfw import LfwFolder, pair_identities, parse_pairs, select_folds
+from crfr.data.formats.lfw import LfwFolder, pair_identities, parse_pairs, select_folds
+from crfr.data.formats.recordio import InsightfaceRec
 from crfr.data.pairs import cap_pairs, load_pair_set
-from crfr.data.recordio import InsightfaceRec
 from crfr.data.shards import ShardDataset
 from crfr.data.split import leak_free_split
 from crfr.degrade import Degrader
-from crfr.evaluation.probes import realistic_degrade
 from crfr.errors import DataError
+from crfr.evaluation.probes import realistic_degrade
+from crfr.faces.align import Aligner
+from crfr.faces.images import decode_image, read_image
 
 REPO = Path(__file__).resolve().parents[1]
 PARAMS = REPO / "params.yaml"

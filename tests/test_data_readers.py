@@ -18,15 +18,15 @@ import pytest
 
 from crfr.cli import main as cli_main
 from crfr.config import load_params
-from crfr.data.align import Aligner
-from crfr.data.binset import read_bin, safe_loads, write_bin
-from crfr.data.images import decode_image, encode_image, read_image
-from crfr.data.lfw import LfwFolder, parse_pairs, select_folds
+from crfr.data.formats.binset import read_bin, safe_loads, write_bin
+from crfr.data.formats.lfw import LfwFolder, parse_pairs, select_folds
+from crfr.data.formats.pairs_csv import check_images_exist, read_pairs_csv, write_pairs_csv
+from crfr.data.formats.recordio import MAGIC, Header, InsightfaceRec, RecordReader, RecordWriter, pack, unpack
 from crfr.data.pairs import contiguous_folds, load_pair_set, write_pair_set
-from crfr.data.pairs_csv import check_images_exist, read_pairs_csv, write_pairs_csv
-from crfr.data.recordio import MAGIC, Header, InsightfaceRec, RecordReader, RecordWriter, pack, unpack
 from crfr.data.shards import ShardDataset, ShardWriter
 from crfr.errors import DataError
+from crfr.faces.align import Aligner
+from crfr.faces.images import decode_image, encode_image, read_image
 
 # --------------------------------------------------------------------------------------------- LFW pairs
 

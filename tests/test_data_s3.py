@@ -11,8 +11,8 @@ import pytest
 
 from crfr import storage
 from crfr.cli import main as cli_main
-from crfr.data.binset import read_bin
 from crfr.data.export import export_bin, export_rec
+from crfr.data.formats.binset import read_bin
 from crfr.data.pairs import load_pair_set
 from crfr.data.shards import ShardDataset
 from tests.test_data_prepare import PARAMS, _people, make_lfw_subset, params

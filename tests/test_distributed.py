@@ -25,8 +25,9 @@ from components.train_teacher import teacher_spec
 from crfr import storage
 from crfr.config import load_params
 from crfr.data.shards import ShardDataset
+from crfr.digests import weights_digest
 from crfr.errors import ConfigError
-from crfr.train.loop import Trainer, weights_digest
+from crfr.train.loop import Trainer
 from crfr.train.runtime import Runtime, resolve_runtime
 from tests.builders import make_prepared
 

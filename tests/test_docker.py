@@ -182,7 +182,7 @@ def test_oci_labels(dockerfile):
 
 
 def test_images_carry_the_commit_that_registered_models_record(dockerfile):
-    """Lineage in an image, which holds no .git: the build's VCS_REF / VCS_DIRTY become CRFR_GIT_* (crfr/lineage.py)."""
+    """Lineage in an image, which holds no .git: the build's VCS_REF / VCS_DIRTY become CRFR_GIT_* (crfr/registry/lineage.py)."""
     _, path = dockerfile
     runtime = stages(path)[1][-1]["ins"]
     env, declared = {}, set()
@@ -196,7 +196,7 @@ def test_images_carry_the_commit_that_registered_models_record(dockerfile):
                     assert re.fullmatch(r"\$\{?(\w+)\}?", pairs[name]).group(1) in declared, name
             env.update(pairs)
     assert env["CRFR_GIT_COMMIT"] == "${VCS_REF}" and env["CRFR_GIT_DIRTY"] == "${VCS_DIRTY}"
-    from crfr.lineage import GIT_COMMIT_ENV, GIT_DIRTY_ENV
+    from crfr.registry.lineage import GIT_COMMIT_ENV, GIT_DIRTY_ENV
 
     assert {GIT_COMMIT_ENV, GIT_DIRTY_ENV} == {"CRFR_GIT_COMMIT", "CRFR_GIT_DIRTY"}
     script = BUILD_SCRIPT.read_text()

@@ -3,8 +3,9 @@
 For every stage whose command is ``python -m <module>``, the in-repo import closure of that module (every
 ``import``/``from`` in any function, followed through ``crfr``, ``components`` and ``pipeline``) must lie
 under the stage's deps. Command-line plumbing (``crfr/cli.py``, ``crfr/commands/``), empty package markers
-and the modules that only move bytes, log or report errors (``crfr/errors.py``, ``crfr/storage.py``,
-``crfr/tracking.py``) change no result and are left out, as in ``../shared/checks/10-one-home-per-idea``.
+and the modules that only log or report errors (``crfr/errors.py``, ``crfr/tracking.py``) change no result and are
+left out, as in ``../shared/checks/10-one-home-per-idea``. ``crfr/storage/`` only moves bytes too, but that check
+counts a package's files, so the stages list it.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 PACKAGES = ("crfr", "components", "pipeline")
-NO_RESULT = {"crfr/errors.py", "crfr/storage.py", "crfr/tracking.py"}
+NO_RESULT = {"crfr/errors.py", "crfr/tracking.py"}
 
 
 def module_file(module: str) -> str | None:
@@ -115,7 +116,7 @@ def test_deps_cover_each_stages_import_closure(dvc_yaml):
 def test_closure_follows_imports_inside_functions():
     # components.evaluate imports the evaluation library inside functions (to keep `crfr --help` fast).
     closure = import_closure("components.evaluate")
-    assert {"components/evaluate.py", "crfr/evaluation/run.py", "crfr/verification.py", "crfr/degrade.py",
+    assert {"components/evaluate.py", "crfr/evaluation/run.py", "crfr/evaluation/verification.py", "crfr/degrade.py",
             "crfr/models/iresnet.py"} <= closure
     assert not any(p.startswith("crfr/commands/") or p == "crfr/cli.py" for p in closure)
 

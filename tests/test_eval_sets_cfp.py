@@ -15,14 +15,15 @@ import pytest
 
 from components.prepare import prepare
 from crfr.config import DataCfg, EvalSetCfg, load_params
-from crfr.data.align import LFW_FUNNELED_LANDMARKS, pick_face
-from crfr.data.align_cache import AlignCache, settings_for
-from crfr.data.cfp import read_cfp
 from crfr.data.eval_sets import read_eval_set
-from crfr.data.images import read_image
+from crfr.data.formats.cfp import read_cfp
+from crfr.data.formats.pairs_csv import pair_identity, read_pairs_csv
 from crfr.data.pairs import load_pair_set
-from crfr.data.pairs_csv import pair_identity, read_pairs_csv
 from crfr.errors import DataError
+from crfr.faces.align import LFW_FUNNELED_LANDMARKS
+from crfr.faces.align_cache import AlignCache, settings_for
+from crfr.faces.detect import pick_face
+from crfr.faces.images import read_image
 from tests.test_align import needs_weights
 from tests.test_cfp import CFP_ROOT
 
@@ -90,8 +91,8 @@ def test_cfp_set_has_its_protocol_pairs_in_balanced_folds(runs, cfp_root):
 
 @needs_weights
 def test_detect_alignment_finds_the_faces_and_places_the_crop_box_on_them(runs, cfp_root):
-    from crfr.data.mtcnn import MTCNN
-    from crfr.serving import prepare_face
+    from crfr.faces.mtcnn import MTCNN
+    from crfr.faces.preprocess import prepare_face
 
     tmp, p, (report, _) = runs
     stats = report["eval"]["cfp_fp"]["align"]

@@ -66,15 +66,15 @@ def workspace(tmp_path_factory):
 def report(workspace):
     import torch
 
-    from crfr import verification
     from components.evaluate import evaluate
+    from crfr.models import embedding
 
     torch.set_num_threads(2)
     tmp, prepared, models = workspace
     params, _ = make_params(tmp)
     write_probes(tmp / "probes", prepared, params)
     calls = []
-    original = verification.embed_images
+    original = embedding.embed_images
 
     def counting(model, images, *args, **kwargs):
         calls.append((id(model), len(images), kwargs.get("desc")))
@@ -82,7 +82,7 @@ def report(workspace):
 
     mp = pytest.MonkeyPatch()
     mp.delenv("MLFLOW_TRACKING_URI", raising=False)
-    mp.setattr(verification, "embed_images", counting)
+    mp.setattr(embedding, "embed_images", counting)
     try:
         result = evaluate(str(prepared), str(tmp / "probes"), models, str(tmp / "report"), params)
     finally:

@@ -12,15 +12,11 @@ import pytest
 from crfr.cli import main
 from crfr.config import ModelCfg
 from crfr.errors import DataError
-from crfr.export import (
-    ExportError,
-    OnnxFaceEmbedder,
-    check_agreement,
-    export_onnx,
-    max_cosine_deviation,
-    resolve_model,
-)
-from crfr.serving import FaceEmbedder, read_image
+from crfr.faces.images import read_image
+from crfr.registry.resolve import resolve_model
+from crfr.serve.embedder import FaceEmbedder
+from crfr.serve.onnx_embedder import OnnxFaceEmbedder
+from crfr.serve.onnx_export import ExportError, check_agreement, export_onnx, max_cosine_deviation
 from tests.facedata import image_path, load_face, make_params, require_lfw, save_random_model
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
@@ -38,7 +34,8 @@ def real_faces() -> list[np.ndarray]:
 @pytest.fixture(scope="module")
 def registry(tmp_path_factory):
     """A sqlite registry holding a WaveResNet student with the champion alias, and params pointing at it."""
-    from crfr.registry import promote, register_model
+    from crfr.registry.promote import promote
+    from crfr.registry.register import register_model
 
     tmp = tmp_path_factory.mktemp("export")
     with pytest.MonkeyPatch.context() as env:
@@ -57,7 +54,7 @@ def registry(tmp_path_factory):
 def test_champion_exports_and_agrees_with_torch_on_real_faces(registry, tmp_path, capsys):
     from mlflow import MlflowClient
 
-    from crfr.registry import load_embedder
+    from crfr.registry.resolve import load_embedder
 
     params, tmp, name, _ = registry
     out = tmp_path / "student.onnx"
@@ -81,7 +78,7 @@ def test_champion_exports_and_agrees_with_torch_on_real_faces(registry, tmp_path
     assert deviation < 1e-5
 
     # The batch is dynamic: batches of 1, 3 and 8 give the same rows.
-    from crfr.data.transforms import to_tensor
+    from crfr.models.embedding import to_tensor
 
     x = to_tensor(torch_embedder.prepare(faces)).numpy()
     rows = np.concatenate([session.run(None, {"input": x[i:j]})[0] for i, j in ((0, 1), (1, 4), (4, 8))])
@@ -109,8 +106,8 @@ def test_both_exporters_agree_for_teacher_and_student(tmp_path, exporter):
 
 def test_reference_ll_filter_is_exported_as_the_fast_one(tmp_path):
     """pytorch_wavelets' DWTForward cannot be exported; the fast filter computes the same LL band."""
-    from crfr.artifacts import save_model
     from crfr.models import build_backbone
+    from crfr.models.model_file import save_model
 
     cfg = ModelCfg(depth=18, width=0.125, embedding_size=32, ll_impl="reference")
     import torch

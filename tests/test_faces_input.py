@@ -20,8 +20,8 @@ import cv2
 import numpy as np
 import pytest
 
-from crfr.data.images import MAX_PIXELS, decode_image, declared_size, read_image, read_image_bytes
 from crfr.errors import DataError
+from crfr.faces.images import MAX_PIXELS, declared_size, decode_image, read_image, read_image_bytes
 from tests.facedata import LFW_ROOT, image_path, load_face, params_file, require_lfw, save_random_model
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
@@ -192,7 +192,7 @@ def test_an_upscaled_photo_verifies_same_with_itself(model_dir, tmp_path):
 def test_lfw_pairs_score_as_with_the_training_crop(model_dir, tmp_path):
     """On deep-funneled LFW the face-placed crop is nearly the training crop: distances of same-person and
     different-person pairs stay near what the fixed crop gave, and decisions clear of the threshold the same."""
-    from crfr.serving import FaceEmbedder
+    from crfr.serve.embedder import FaceEmbedder
 
     params = params_file(tmp_path)
     fixed = FaceEmbedder.from_dir(model_dir)
@@ -213,7 +213,8 @@ def test_the_served_model_refuses_a_faceless_row(model_dir):
     import pandas as pd
     from mlflow.exceptions import MlflowException
 
-    from crfr.serving import CrfrPyfunc, FaceEmbedder
+    from crfr.serve.embedder import FaceEmbedder
+    from crfr.serve.pyfunc import CrfrPyfunc
 
     wrapper = CrfrPyfunc()
     wrapper.embedder = FaceEmbedder.from_dir(model_dir)

@@ -12,18 +12,11 @@ import pytest
 
 from crfr.cli import main
 from crfr.config import GalleryCfg
-from crfr.gallery import (
-    UNKNOWN,
-    Gallery,
-    GalleryError,
-    add,
-    build,
-    build_index,
-    is_gallery,
-    list_source,
-    measure_recall,
-)
-from crfr.serving import FaceEmbedder, read_image
+from crfr.faces.images import read_image
+from crfr.gallery import Gallery, GalleryError, add, build, build_index, is_gallery, list_source
+from crfr.gallery.index import measure_recall
+from crfr.gallery.store import UNKNOWN
+from crfr.serve.embedder import FaceEmbedder
 from tests.facedata import IMAGES, image_path, params_file, require_lfw, save_random_model
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
@@ -82,7 +75,7 @@ def test_build_identify_and_unknown(embedder, tmp_path):
 
 
 def test_calibrated_threshold_is_verifications_best_threshold_on_leave_one_out_scores(embedder, tmp_path):
-    from crfr.verification import best_threshold
+    from crfr.evaluation.verification import best_threshold
 
     people = people_with(3, 12)
     source = identity_folder(tmp_path / "enrol", people, numbers=(1, 2, 3))
@@ -200,7 +193,7 @@ def test_cli_build_identify_info_and_errors(model_dir, tmp_path, capsys):
 
 
 def test_bench_gallery_reports_latency_and_recall():
-    from crfr.bench_gallery import run_gallery_bench
+    from crfr.bench.gallery import run_gallery_bench
 
     result = run_gallery_bench(GalleryCfg(), sizes=(3000,), dim=32, queries=20, max_seconds=10)
     row = result["sizes"]["3000"]

@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 
 from crfr.errors import DataError
-from crfr.evaluation.identification import Identifications, eval_set_items, identify, split_open_set
+from crfr.evaluation.identification import Identifications, identify
+from crfr.evaluation.open_set import eval_set_items, split_open_set
 from tests.facedata import interleaved_pairs, params_file, require_lfw, save_random_model, write_eval_set
 
 RESOLUTIONS = [14, 28, 112]
@@ -199,8 +200,8 @@ def evaluated(tmp_path_factory):
     """evaluate on two sets of real LFW faces: ``lfw`` has names in the manifest, ``lfw_b`` none."""
     import torch
 
-    from crfr import verification
     from components.evaluate import evaluate
+    from crfr.models import embedding
 
     require_lfw()
     torch.set_num_threads(2)
@@ -213,7 +214,7 @@ def evaluated(tmp_path_factory):
     models = {"teacher": str(save_random_model(tmp / "teacher", seed=1, backbone="iresnet")),
               "student": str(save_random_model(tmp / "student", seed=2, backbone="waveresnet"))}
     calls = []
-    original = verification.embed_images
+    original = embedding.embed_images
 
     def counting(model, images, *args, **kwargs):
         calls.append((len(images), kwargs.get("desc")))
@@ -221,7 +222,7 @@ def evaluated(tmp_path_factory):
 
     mp = pytest.MonkeyPatch()
     mp.delenv("MLFLOW_TRACKING_URI", raising=False)
-    mp.setattr(verification, "embed_images", counting)
+    mp.setattr(embedding, "embed_images", counting)
     before = {k: v for k, v in os.environ.items() if k.startswith("MLFLOW_")}
     try:
         result = evaluate(str(prepared), None, models, str(tmp / "report"), make_params(tmp))
@@ -289,9 +290,9 @@ def test_evaluate_writes_identification_beside_an_unchanged_verification_layout(
 def test_identification_numbers_match_a_brute_force_search_of_the_same_faces(evaluated):
     import torch
 
-    from crfr import verification
-    from crfr.artifacts import load_model
     from crfr.evaluation.probes import make_probes, upsampler
+    from crfr.models import embedding
+    from crfr.models.model_file import load_model
 
     tmp, prepared, models, pairs, result, _ = evaluated
     split = result["identification"].splits["lfw"]
@@ -299,11 +300,11 @@ def test_identification_numbers_match_a_brute_force_search_of_the_same_faces(eva
     params = make_params(tmp)
     torch.set_num_threads(2)
     model, _ = load_model(Path(models["student"]), device="cpu")
-    hr = verification.embed_images(model, images, 64, "cpu", progress=False)
+    hr = embedding.embed_images(model, images, 64, "cpu", progress=False)
     # The rows evaluate embeds, in its batches: bit for bit its embeddings, so near ties cannot differ.
     rows = np.union1d(np.unique(np.load(prepared / "eval" / "lfw" / "pairs.npz")["left"]), split.probe_rows)
     lr = np.zeros_like(hr)
-    lr[rows] = verification.embed_images(model, make_probes(images, "linear", 14, params, rows), 64, "cpu",
+    lr[rows] = embedding.embed_images(model, make_probes(images, "linear", 14, params, rows), 64, "cpu",
                                          transform=upsampler("linear", 112), progress=False)
     for res, probes in ((112, hr), (14, lr)):
         cell = result["metrics"]["identification"]["student"]["lfw"]["linear"][str(res)]

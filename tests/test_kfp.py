@@ -143,8 +143,8 @@ def test_no_pipeline_parameter_carries_the_params(tmp_path):
 
 
 def test_each_slice_holds_its_steps_keys_and_no_other(tmp_path):
+    from crfr.config.steps import STEP_PARAMS, params_slice
     from pipeline.kfp_pipeline import task_params
-    from pipeline.step_params import STEP_PARAMS, params_slice
 
     params = load_params(REPO / "params.yaml", [ROWS])
     spec, _ = compiled(tmp_path, ROWS)
@@ -301,8 +301,9 @@ def test_checkpoint_prefix_and_torchrun_command(monkeypatch):
 
 
 def test_check_refuses_bad_params_and_missing_inputs(tmp_path, lfw_root):
+    from crfr.config.steps import slice_json
     from pipeline.kfp_pipeline import task_params
-    from pipeline.step_params import check_slices, slice_json
+    from pipeline.preflight import check_slices
 
     params = load_params(REPO / "params.yaml")
     slices = {step: slice_json(task_params(params, True), step) for step in ("prepare", "train_teacher")}
@@ -436,14 +437,15 @@ def task_run(tmp_path_factory, lfw_root, s3_server):
     import boto3
     from kfp.dsl import Artifact, Dataset, Markdown, Metrics, Model
 
-    from pipeline import kfp_pipeline as kp
-    from crfr.lineage import PIPELINE_RUN_ENV
+    from crfr.config.steps import slice_json, step_keys
+    from crfr.registry.lineage import PIPELINE_RUN_ENV
+    from pipeline import kfp_steps as ops
+    from pipeline.kfp_pipeline import STEPS
     from pipeline.kfp_training import RUN_ID_ENV
-    from pipeline.step_params import slice_json, step_keys
 
     work = tmp_path_factory.mktemp("kfp-tasks")
     params = load_params(REPO / "params.yaml", {**tiny_overrides(work), "ablation_rows": ["resnet"]})
-    slices = {step: slice_json(params, step) for step in kp.STEPS}
+    slices = {step: slice_json(params, step) for step in STEPS}
     boto3.client("s3").create_bucket(Bucket="ckpt")
     art = {name: kind(uri=str(work / name)) for name, kind in [
         ("prepared", Dataset), ("probes", Dataset), ("teacher", Model), ("student", Model), ("row", Model),
@@ -456,30 +458,30 @@ def task_run(tmp_path_factory, lfw_root, s3_server):
     with pytest.MonkeyPatch.context() as env:
         env.setenv(RUN_ID_ENV, "run-1")
         env.setenv(PIPELINE_RUN_ENV, "run-1")
-        kp.check_params_op(json.dumps({k: v for k, v in slices.items() if k != "register"}), str(lfw_root),
+        ops.check_params_op(json.dumps({k: v for k, v in slices.items() if k != "register"}), str(lfw_root),
                            str(work))
         calls = [
-            ("prepare", lambda s: kp.prepare_op(s, str(lfw_root), art["prepared"])),
-            ("synthesize", lambda s: kp.synthesize_op(s, art["prepared"], art["probes"])),
-            ("train_teacher", lambda s: kp.train_teacher_op(s, prepared=art["prepared"], teacher=art["teacher"],
+            ("prepare", lambda s: ops.prepare_op(s, str(lfw_root), art["prepared"])),
+            ("synthesize", lambda s: ops.synthesize_op(s, art["prepared"], art["probes"])),
+            ("train_teacher", lambda s: ops.train_teacher_op(s, prepared=art["prepared"], teacher=art["teacher"],
                                                             metrics=metrics("teacher"), **training)),
-            ("distill_student", lambda s: kp.distill_student_op(s, "default", prepared=art["prepared"],
+            ("distill_student", lambda s: ops.distill_student_op(s, "default", prepared=art["prepared"],
                                                                 teacher=art["teacher"], student=art["student"],
                                                                 metrics=metrics("student"), **training)),
-            ("distill_row", lambda s: kp.distill_student_op(s, "resnet", prepared=art["prepared"],
+            ("distill_row", lambda s: ops.distill_student_op(s, "resnet", prepared=art["prepared"],
                                                             teacher=art["teacher"], student=art["row"],
                                                             metrics=metrics("row"), **training)),
-            ("evaluate", lambda s: kp.evaluate_op(s, ["resnet"], art["prepared"], art["probes"], art["teacher"],
+            ("evaluate", lambda s: ops.evaluate_op(s, ["resnet"], art["prepared"], art["probes"], art["teacher"],
                                                   art["student"], art["report"], metrics("evaluate"),
                                                   Markdown(uri=str(work / "table.md")), rows=[art["row"]])),
-            ("register", lambda s: kp.register_op(s, art["prepared"], art["student"], art["teacher"],
+            ("register", lambda s: ops.register_op(s, art["prepared"], art["student"], art["teacher"],
                                                   art["report"], art["registration"])),
         ]
         for step, call in calls:
             with ParamsReads() as recorder:
                 call(slices[step])
             reads[step] = recorder.reads, recorder.touched
-    return {"params": params, "reads": reads, "keys": {s: step_keys(s, params) for s in kp.STEPS}, "work": work,
+    return {"params": params, "reads": reads, "keys": {s: step_keys(s, params) for s in STEPS}, "work": work,
             "artifacts": art}
 
 
@@ -498,11 +500,11 @@ def test_every_step_reads_only_the_params_of_its_slice(task_run):
 
 @pytest.mark.slow
 def test_register_task_records_the_whole_params_the_data_and_the_run_in_the_lineage(task_run):
-    from crfr.lineage import describe
-    from crfr.registry import connect
+    from crfr.registry.lineage import describe
+    from crfr.tracking import connect
 
     reg = json.loads((task_run["work"] / "registration" / "registration.json").read_text())
-    info = describe(connect(task_run["params"], create=False), f"{reg['name']}/{reg['version']}")
+    info = describe(connect(task_run["params"].tracking, create=False), f"{reg['name']}/{reg['version']}")
     assert info["pipeline_run_id"] == "run-1"
     assert {d["context"] for d in info["datasets"]} >= {"training", "evaluation"}
     assert info["params"]["registry"] == task_run["params"].registry.model_dump(mode="json")
@@ -531,10 +533,10 @@ def test_training_tasks_mirror_checkpoints_to_the_run_prefix_and_a_retry_resumes
     import torch
     from kfp.dsl import Model
 
+    from crfr.config.steps import slice_json
     from crfr.train import loop
-    from pipeline import kfp_pipeline as kp
+    from pipeline import kfp_steps as ops
     from pipeline.kfp_training import RUN_ID_ENV
-    from pipeline.step_params import slice_json
 
     keys = [o["Key"] for o in boto3.client("s3").list_objects_v2(Bucket="ckpt").get("Contents", [])]
     assert "kfp/run-1/teacher/checkpoint.pt" in keys and "kfp/run-1/student-resnet/checkpoint.pt" in keys
@@ -548,7 +550,7 @@ def test_training_tasks_mirror_checkpoints_to_the_run_prefix_and_a_retry_resumes
     def attempt(pod: str, run_id: str, out: str):
         monkeypatch.setenv(RUN_ID_ENV, run_id)
         params = load_params(REPO / "params.yaml", {**over, "run_dir": str(pods[pod])})
-        kp.train_teacher_op(slice_json(params, "train_teacher"), 1, "s3://ckpt/kfp", art["prepared"],
+        ops.train_teacher_op(slice_json(params, "train_teacher"), 1, "s3://ckpt/kfp", art["prepared"],
                             Model(uri=str(work / out)), Metrics_(work / f"{out}.json"))
 
     class PodKilled(BaseException):
@@ -594,14 +596,14 @@ def Metrics_(path: Path):
 def test_more_than_one_gpu_runs_the_step_under_torchrun(task_run, capfd):
     from kfp.dsl import Model
 
-    from pipeline import kfp_pipeline as kp
-    from pipeline.step_params import slice_json
+    from crfr.config.steps import slice_json
+    from pipeline import kfp_steps as ops
 
     work, art = task_run["work"], task_run["artifacts"]
     params = load_params(REPO / "params.yaml", {**tiny_overrides(work), "run_dir": str(work / "ddp-runs"),
                                                 "runtime": {"holdout_pairs": 0, "threads": 1}})
     out = Model(uri=str(work / "teacher-ddp"))
-    kp.train_teacher_op(slice_json(params, "train_teacher"), 2, "", art["prepared"], out, Metrics_(work / "ddp.json"))
+    ops.train_teacher_op(slice_json(params, "train_teacher"), 2, "", art["prepared"], out, Metrics_(work / "ddp.json"))
     printed = capfd.readouterr().out
     assert printed.count('"world_size": 2') == 2, "two ranks should each report a world of 2"
     assert (work / "teacher-ddp" / "model.pt").is_file()
@@ -753,7 +755,7 @@ def test_auth_from_env(tmp_path):
     both = auth_from_env({"KF_PIPELINES_TOKEN": " tok-123456 ", "KF_PIPELINES_COOKIES": "a=b-secret-1; c=d-secret-2"})
     assert both.existing_token == "tok-123456" and both.cookies == "a=b-secret-1; c=d-secret-2"
     assert both.describe == "$KF_PIPELINES_TOKEN + $KF_PIPELINES_COOKIES" and "tok-123456" not in both.describe
-    from crfr.redact import redact_text
+    from crfr.secrets import redact_text
 
     assert redact_text("Bearer tok-123456 cookie a=b-secret-1") == "Bearer *** cookie a=***"
     token_file = tmp_path / "token"

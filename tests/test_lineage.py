@@ -15,10 +15,10 @@ import pytest
 
 from crfr.cli import main
 from crfr.config import load_params
-from crfr.fingerprints import eval_set_fingerprint
-from crfr.lineage import git_state, parse_reference
-from crfr.redact import redact_tree
-from crfr.train.run import prepared_fingerprint
+from crfr.digests import eval_set_fingerprint, prepared_fingerprint
+from crfr.registry.lineage import git_state
+from crfr.registry.reference import parse_reference
+from crfr.secrets import redact_tree
 
 REPO = Path(__file__).resolve().parents[1]
 CANARY = "lineage-canary-pw-5b1e"

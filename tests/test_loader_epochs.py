@@ -14,11 +14,12 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from crfr.bench_data import run_data_bench
+from crfr.bench.data import run_data_bench
 from crfr.config import DegradeCfg, load_params
 from crfr.data.shards import ShardDataset
+from crfr.train.checkpoint import CHECKPOINT_FILE
 from crfr.train.data import EpochSampler, FaceTrainingSet
-from crfr.train.loop import CHECKPOINT_FILE, Trainer, TrainSpec
+from crfr.train.loop import Trainer, TrainSpec
 from crfr.train.runtime import resolve_runtime
 from tests.builders import make_prepared
 

@@ -3,7 +3,7 @@
 import numpy as np
 
 from crfr.data.pairs import interleave_within_folds
-from crfr.verification import verify
+from crfr.evaluation.verification import verify
 
 
 def lfw_like(folds: int = 2, per_side: int = 300):

@@ -16,7 +16,7 @@ import pytest
 
 from crfr.cli import main
 from crfr.config import DataCfg, load_params
-from crfr.data.lfw import parse_pairs
+from crfr.data.formats.lfw import parse_pairs
 from crfr.data.prepare import downloads_default_lfw
 from crfr.data.shards import ShardDataset
 from crfr.errors import ConfigError, DataError

@@ -11,7 +11,6 @@ from crfr.config import load_params
 from tests.pipeline_support import REPO, tiny_overrides
 
 
-
 @pytest.mark.slow
 def test_flow_runs_then_caches(lfw_root, prefect_home, tmp_path):
     from pipeline.prefect_flow import run_flow

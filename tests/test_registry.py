@@ -14,16 +14,11 @@ import pytest
 
 from crfr.cli import OFFLINE_DEFAULTS
 from crfr.errors import RegistryError
-from crfr.registry import (
-    CHALLENGER,
-    CHAMPION,
-    PREVIOUS,
-    gate,
-    gate_accuracies,
-    load_embedder,
-    promote,
-    register_model,
-)
+from crfr.registry.gate import gate, gate_accuracies
+from crfr.registry.promote import promote
+from crfr.registry.register import register_model
+from crfr.registry.resolve import load_embedder
+from crfr.registry.versions import CHALLENGER, CHAMPION, PREVIOUS
 from tests.facedata import (
     free_port,
     load_face,
@@ -159,7 +154,7 @@ def test_register_gate_promote_and_load_by_alias(backend):
     emb = embedder.embed([face, face[::4, ::4]])
     assert emb.shape == (2, 32)
     np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-5)
-    from crfr.serving import FaceEmbedder
+    from crfr.serve.embedder import FaceEmbedder
 
     local = FaceEmbedder.from_dir(tmp / "m3").embed([face])
     np.testing.assert_allclose(emb[0], local[0], atol=1e-5)

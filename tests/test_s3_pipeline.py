@@ -249,9 +249,12 @@ def test_mlflow_server_with_s3_artifacts_registers_and_serves(s3env, teacher, ml
                                                              tmp_path, lfw_root):
     from mlflow import MlflowClient
 
-    from crfr.data.images import read_image
-    from crfr.registry import CHALLENGER, align_settings, load_embedder, register_model
-    from crfr.serving import FaceEmbedder
+    from crfr.faces.images import read_image
+    from crfr.faces.preprocess import align_settings
+    from crfr.registry.register import register_model
+    from crfr.registry.resolve import load_embedder
+    from crfr.registry.versions import CHALLENGER
+    from crfr.serve.embedder import FaceEmbedder
 
     bucket = s3env["bucket"]
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_s3_server["url"])
@@ -277,7 +280,7 @@ def test_mlflow_server_with_s3_artifacts_registers_and_serves(s3env, teacher, ml
     emb = embedder.embed([face])
     assert emb.shape == (1, 32)
     np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-5)
-    local = FaceEmbedder.from_dir(model_dir, align=align_settings(params)).embed([face])
+    local = FaceEmbedder.from_dir(model_dir, align=align_settings(params.data)).embed([face])
     np.testing.assert_allclose(emb, local, atol=1e-5)
 
     # No credential in any logged param or tag, in the server's log, or in any object the pipeline stored.

@@ -25,15 +25,16 @@ import torch
 from components.train_teacher import main as teacher_main
 from components.train_teacher import train_teacher
 from crfr import storage
-from crfr.artifacts import atomic_torch_save
 from crfr.config import load_params
-from crfr.data.binset import write_bin
+from crfr.data.formats.binset import write_bin
+from crfr.data.formats.recordio import write_insightface_rec
 from crfr.data.pairs import write_pair_set
-from crfr.data.recordio import write_insightface_rec
 from crfr.data.shards import ShardWriter, save_npy, write_json
+from crfr.digests import prepared_fingerprint
 from crfr.errors import StorageError, TrainingError, UnsafeFileError
-from crfr.train.loop import _rng_state, _set_rng_state
-from crfr.train.run import prepared_fingerprint
+from crfr.models.model_file import atomic_torch_save
+from crfr.train.checkpoint import rng_state as _rng_state
+from crfr.train.checkpoint import set_rng_state as _set_rng_state
 from tests.builders import make_prepared
 
 REPO = Path(__file__).resolve().parents[1]

@@ -17,10 +17,10 @@ from pathlib import Path
 import boto3
 import pytest
 
-from crfr import redact, tracking
+from crfr import secrets, tracking
 from crfr.config import load_params
 from crfr.errors import ConfigError, RegistryError
-from crfr.registry import check_reachable
+from crfr.tracking import check_reachable
 from tests.facedata import free_port, image_path, require_lfw, stop, wait_for_health
 from tests.pipeline_support import REPO
 
@@ -129,12 +129,12 @@ def test_redaction_masks_uri_passwords_and_secret_values(monkeypatch):
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", secret)
     text = (f"at http://crfr:{canary('a')}@10.0.0.1:5000/api and postgresql://u:p%40ss@db/mlflow, "
             f"https://u:pa@ss@host/x, key {secret}")
-    masked = redact.redact_text(text)
+    masked = secrets.redact_text(text)
     assert masked == ("at http://crfr:***@10.0.0.1:5000/api and postgresql://u:***@db/mlflow, "
                       "https://u:***@host/x, key ***")
-    assert redact.redact_uri("http://127.0.0.1:5000") == "http://127.0.0.1:5000"
-    assert redact.split_userinfo("http://us%3Aer:p%40ss@h:1/p") == ("http://h:1/p", "us:er", "p@ss")
-    tree = redact.redact_tree({"tracking": {"uri": "http://a:b1234@h"}, "list": ["s3://x", 3]})
+    assert secrets.redact_uri("http://127.0.0.1:5000") == "http://127.0.0.1:5000"
+    assert secrets.split_userinfo("http://us%3Aer:p%40ss@h:1/p") == ("http://h:1/p", "us:er", "p@ss")
+    tree = secrets.redact_tree({"tracking": {"uri": "http://a:b1234@h"}, "list": ["s3://x", 3]})
     assert tree == {"tracking": {"uri": "http://a:***@h"}, "list": ["s3://x", 3]}
     assert secret not in str(RegistryError(f"MLflow at http://a:{secret}@h refused"))
 

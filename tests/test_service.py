@@ -15,7 +15,7 @@ from fastapi.testclient import TestClient
 
 from crfr.config import GalleryCfg, ServeCfg
 from crfr.gallery import build
-from crfr.serving import FaceEmbedder
+from crfr.serve.embedder import FaceEmbedder
 from tests.facedata import (
     free_port,
     image_path,
@@ -63,7 +63,7 @@ def files(**fields: bytes) -> dict:
 
 
 def test_embed_verify_identify(embedder, gallery):
-    from crfr.service import create_app
+    from crfr.serve.http import create_app
 
     client = TestClient(create_app(embedder, ServeCfg(), gallery, model={"uri": "test"}))
     health = client.get("/health")
@@ -107,7 +107,7 @@ def test_embed_verify_identify(embedder, gallery):
 
 
 def test_bad_input_is_a_clear_4xx(embedder, tmp_path):
-    from crfr.service import create_app
+    from crfr.serve.http import create_app
 
     cfg = ServeCfg(max_image_bytes=40_000, max_image_pixels=300 * 300)
     client = TestClient(create_app(embedder, cfg), raise_server_exceptions=False)
@@ -189,7 +189,7 @@ def test_crfr_serve_process_answers_verify_and_refuses_text(model_dir, tmp_path)
 
 def test_bench_serve_numbers(tmp_path):
     require_lfw()
-    from crfr.bench_serve import run_serve_bench
+    from crfr.bench.serve import run_serve_bench
     from tests.facedata import make_params
 
     params = make_params(tmp_path, ["model.width=0.125", "model.embedding_size=32"])
@@ -202,8 +202,9 @@ def test_bench_serve_numbers(tmp_path):
 
 
 def test_onnxruntime_service_answers_as_the_torch_one(embedder, tmp_path):
-    from crfr.export import OnnxFaceEmbedder, export_onnx
-    from crfr.service import create_app
+    from crfr.serve.http import create_app
+    from crfr.serve.onnx_embedder import OnnxFaceEmbedder
+    from crfr.serve.onnx_export import export_onnx
 
     export_onnx(embedder, tmp_path / "m.onnx")
     onnx_client = TestClient(create_app(OnnxFaceEmbedder(tmp_path / "m.onnx"), ServeCfg()))

@@ -15,9 +15,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from crfr.data.images import read_image
 from crfr.errors import DataError
-from crfr.serving import CrfrPyfunc, FaceEmbedder, pinned_requirements, prepare_face, resolution_key
+from crfr.faces.images import read_image
+from crfr.faces.preprocess import prepare_face
+from crfr.serve.embedder import FaceEmbedder, resolution_key
+from crfr.serve.pyfunc import CrfrPyfunc, pinned_requirements
 from tests.facedata import (
     free_port,
     image_path,
@@ -95,7 +97,8 @@ def test_requirements_are_pinned_from_the_lock():
 def test_mlflow_models_serve_returns_embeddings(tmp_path, monkeypatch):
     """``mlflow models serve -m models:/...@champion`` answers a base64 JPEG in a dataframe_split request."""
     require_lfw()
-    from crfr.registry import promote, register_model
+    from crfr.registry.promote import promote
+    from crfr.registry.register import register_model
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)

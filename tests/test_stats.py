@@ -6,8 +6,13 @@ import numpy as np
 import pytest
 from scipy import stats as sps
 
-from crfr.evaluation.stats import (PairedComparison, accuracy_interval, mcnemar_exact_p, paired_comparison,
-                                   wilson_interval)
+from crfr.evaluation.stats import (
+    PairedComparison,
+    accuracy_interval,
+    mcnemar_exact_p,
+    paired_comparison,
+    wilson_interval,
+)
 
 # ----------------------------------------------------------------------------------- one accuracy
 

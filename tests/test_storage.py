@@ -13,9 +13,10 @@ from pathlib import Path
 import boto3
 import pytest
 
-from crfr import storage
+from crfr import secrets, storage
 from crfr.config import StorageCfg
 from crfr.errors import StorageError
+from crfr.storage import transfer
 from tests.s3fixture import free_port
 
 MiB = 1024 * 1024
@@ -82,7 +83,7 @@ def test_split_and_is_s3():
 def test_redact_hides_env_secrets_and_key_ids(monkeypatch):
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY")
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIAIOSFODNN7EXAMPLE")
-    text = storage.redact(
+    text = secrets.redact_text(
         "key AKIAIOSFODNN7EXAMPLE secret wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY other ASIAABCDEFGHIJKLMNOP")
     assert "wJalrXUtnFEMI" not in text and "IOSFODNN7" not in text and "ABCDEFGHIJKLMNOP" not in text
     assert text.startswith("key ")
@@ -159,7 +160,7 @@ def test_failed_download_leaves_no_file(bucket, tmp_path, monkeypatch):
     def boom(self, future, bytes_transferred, **kwargs):
         raise RuntimeError("connection dropped mid-transfer")
 
-    monkeypatch.setattr(storage._Progress, "on_progress", boom)
+    monkeypatch.setattr(transfer._Progress, "on_progress", boom)
     with pytest.raises(RuntimeError, match="mid-transfer"):
         storage.local_input(uri)
     with pytest.raises(RuntimeError, match="mid-transfer"):
@@ -175,8 +176,8 @@ def test_failed_download_leaves_no_file(bucket, tmp_path, monkeypatch):
 
 def test_multipart_upload_and_download(bucket, tmp_path, monkeypatch):
     # S3 (and moto) need parts of at least 5 MiB, except the last.
-    monkeypatch.setattr(storage, "MULTIPART_THRESHOLD", 5 * MiB)
-    monkeypatch.setattr(storage, "MULTIPART_CHUNKSIZE", 5 * MiB)
+    monkeypatch.setattr(transfer, "MULTIPART_THRESHOLD", 5 * MiB)
+    monkeypatch.setattr(transfer, "MULTIPART_CHUNKSIZE", 5 * MiB)
     data = os.urandom(11 * MiB)
     (tmp_path / "model.pt").write_bytes(data)
     uri = f"s3://{bucket}/models/model.pt"

@@ -11,10 +11,10 @@ import torch
 import crfr.train.loop as loop
 from components.distill_student import distill_student, student_spec
 from components.train_teacher import teacher_spec, train_teacher
-from crfr.artifacts import load_model
 from crfr.config import load_params
 from crfr.data.shards import ShardDataset
 from crfr.errors import TrainingError
+from crfr.models.model_file import load_model
 from crfr.models.waveconv import WaveDown
 from crfr.train.loop import Trainer
 from crfr.train.runtime import resolve_runtime
@@ -170,7 +170,7 @@ def test_the_per_epoch_accuracy_reads_the_validation_split_never_eval(prepared, 
     import shutil
 
     from crfr.data.pairs import load_pair_set
-    from crfr.train.run import load_holdout
+    from crfr.train.holdout import load_holdout
 
     params = tiny_params(tmp_path)  # runtime.holdout_pairs=20
     only_validation = tmp_path / "only-validation"
@@ -195,7 +195,7 @@ def test_student_reports_the_teachers_soft_targets_on_validation_faces(prepared,
 
     import mlflow
 
-    from crfr.train.run import _teacher_soft_targets
+    from crfr.train.soft_targets import log_teacher_soft_targets as _teacher_soft_targets
 
     params = tiny_params(tmp_path, "loss.temperature=3.0", "runtime.holdout_pairs=0")
     summary = distill_student(str(prepared), str(teacher_dir), str(tmp_path / "student"), params)

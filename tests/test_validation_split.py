@@ -12,13 +12,13 @@ import pytest
 
 from components.prepare import prepare
 from crfr.config import load_params
-from crfr.data.align import Aligner
-from crfr.data.images import read_image
-from crfr.data.lfw import LfwFolder, pair_identities, select_folds
+from crfr.data.formats.lfw import LfwFolder, pair_identities, select_folds
 from crfr.data.pairs import load_pair_set
 from crfr.data.split import validation_people
 from crfr.data.validation import build_pairs
 from crfr.errors import DataError
+from crfr.faces.align import Aligner
+from crfr.faces.images import read_image
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["data.max_identities=8", "data.eval_sets=[{name: lfw, kind: lfw, folds: [9, 10], max_pairs: 40}]",

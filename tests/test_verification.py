@@ -8,10 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from crfr.verification import THRESHOLDS, embed_images, verify
+from crfr.evaluation.verification import THRESHOLDS, verify
+from crfr.models.embedding import embed_images
 from tests.facedata import interleaved_pairs, pair_arrays, random_model
-
-
 
 # ------------------------------------------------------------------------ independent implementation
 
@@ -183,7 +182,7 @@ def test_single_class_gives_nan_auc_and_rejects_bad_shapes():
 def test_embedding_follows_the_model_layout_and_never_changes_it(lfw_face, backbone):
     """Training calls embed_images on the net it is training (NCHW on CPU): the layout must stay as it was.
     A model switched to NHWC gives the same embeddings up to float rounding."""
-    from crfr.verification import model_layout
+    from crfr.models.embedding import model_layout
 
     model = random_model(0, backbone)
     faces = np.stack([lfw_face[:112, :112], lfw_face[-112:, -112:]])

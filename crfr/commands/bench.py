@@ -117,26 +117,24 @@ def _lfw_face():
 
 
 def _ops(args: argparse.Namespace) -> int:
-    from crfr.bench import run_ops_bench
+    from crfr.bench.ops import run_ops_bench
 
     return _print(run_ops_bench(args.width, args.batch, args.device, image=_lfw_face(), channels_last={"auto": None, "nchw": False, "channels_last": True}[args.layout]),
                   args.json)
 
 
 def _train(args: argparse.Namespace) -> int:
-    from crfr.bench import run_train_bench
+    from crfr.bench.train import run_train_bench
     from crfr.config import load_params
 
     return _print(run_train_bench(load_params(args.params, args.overrides), steps=args.steps), args.json)
 
 
 def _data(args: argparse.Namespace) -> int:
-    from crfr.bench_data import run_data_bench
-    from crfr.config import load_params
-
     from pathlib import Path
 
-    from crfr.bench_data import PAPER_IMAGES_PER_S_PER_GPU
+    from crfr.bench.data import PAPER_IMAGES_PER_S_PER_GPU, run_data_bench
+    from crfr.config import load_params
     from crfr.errors import ConfigError
 
     try:
@@ -170,7 +168,7 @@ def _counts(text: str, flag: str) -> list[int]:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from crfr.bench_serve import run_serve_bench
+    from crfr.bench.serve import run_serve_bench
     from crfr.config import load_params
 
     for flag, value in (("--images", args.images), ("--requests", args.requests),
@@ -182,7 +180,7 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _gallery(args: argparse.Namespace) -> int:
-    from crfr.bench_gallery import run_gallery_bench
+    from crfr.bench.gallery import run_gallery_bench
     from crfr.config import load_params
 
     params = load_params(args.params, args.overrides)

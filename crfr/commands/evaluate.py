@@ -68,7 +68,6 @@ def fold_list(text: str) -> list[int]:
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     from components.evaluate import add_arguments
-
     from crfr.cli import positive_int
 
     parser = subparsers.add_parser(

@@ -6,10 +6,11 @@ import argparse
 
 
 def cmd_onnx(args) -> int:
-    from crfr.commands.gallery import load_model_arg
-    from crfr.export import export_onnx, log_beside_version
+    from crfr.commands.model_option import open_model_of
+    from crfr.registry.register import log_beside_version
+    from crfr.serve.onnx_export import export_onnx
 
-    params, embedder, source = load_model_arg(args)
+    params, embedder, source = open_model_of(args)
     summary = export_onnx(embedder, args.out, source, exporter=args.exporter, opset=args.opset)
     print(f"exported {source.describe()} to {args.out} ({summary['exporter']} exporter, opset {summary['opset']}, "
           f"{summary['bytes'] / 1e6:.1f} MB, input (batch, 3, {embedder.input_size}, {embedder.input_size}), "

@@ -7,27 +7,6 @@ champion). An alias is pinned to the version it names now, and that version is w
 from __future__ import annotations
 
 import argparse
-import sys
-
-
-def load_model_arg(args):
-    """(params, embedder, ModelSource) for ``args.model`` (or the champion), loaded as ``crfr embed`` loads it."""
-    from crfr.commands.models import _embedder, _params
-    from crfr.export import resolve_model
-    from crfr.registry import CHAMPION
-
-    params = _params(args)
-    source = resolve_model(getattr(args, "model", None) or f"models:/{params.registry.student_name}@{CHAMPION}",
-                           params)
-    embedder = _embedder(argparse.Namespace(model=source.load_uri), params)
-    return params, embedder, source
-
-
-def _warn(skipped: list[str]) -> None:
-    for message in skipped[:20]:
-        print(f"crfr: warning: skipped {message}", file=sys.stderr)
-    if len(skipped) > 20:
-        print(f"crfr: warning: ... and {len(skipped) - 20} more skipped", file=sys.stderr)
 
 
 def _describe(g) -> str:
@@ -45,10 +24,11 @@ def _thresholds(g) -> str:
 
 def cmd_build(args) -> int:
     from crfr import gallery
+    from crfr.commands.model_option import open_model_of, warn_skipped
 
-    params, embedder, source = load_model_arg(args)
+    params, embedder, source = open_model_of(args)
     g, skipped = gallery.build(args.source, embedder, params.gallery, params.evaluate.resolutions, source)
-    _warn(skipped)
+    warn_skipped(skipped)
     g.save(args.out)
     print(f"gallery {args.out}: {_describe(g)}; model {source.describe()}")
     print(f"open-set thresholds: {_thresholds(g)}")
@@ -57,12 +37,13 @@ def cmd_build(args) -> int:
 
 def cmd_add(args) -> int:
     from crfr import gallery
+    from crfr.commands.model_option import open_model_of, warn_skipped
 
     current = gallery.Gallery.load(args.gallery)
-    params, embedder, source = load_model_arg(args)
+    params, embedder, source = open_model_of(args)
     g, added, skipped = gallery.add(current, args.source, embedder, params.gallery, params.evaluate.resolutions,
                                     model_desc=source.describe())
-    _warn(skipped)
+    warn_skipped(skipped)
     if added:
         g.save(args.gallery)
     print(f"gallery {args.gallery}: {added} faces added; {_describe(g)}")
@@ -86,39 +67,14 @@ def cmd_info(args) -> int:
     return 0
 
 
-def cmd_identify(args) -> int:
-    """``crfr identify PROBE --gallery DIR`` for a built gallery: FAISS search and the open-set decision."""
-    from crfr import gallery
-    from crfr.serving import read_image
-
-    probe = read_image(args.probe)
-    g = gallery.Gallery.load(args.gallery)
-    params, embedder, source = load_model_arg(args)
-    g.check_model(embedder, source.describe())
-    result = g.identify(embedder, probe, args.top_k, name=str(args.probe))
-    where = {"gallery": f"calibrated on the gallery at {result.calibrated_at} px",
-             "model": f"the model's, calibrated at {result.calibrated_at} px",
-             "default": "uncalibrated default"}[result.threshold_source]
-    print(f"probe {args.probe}: {result.probe_size} px, threshold {result.threshold:.4f} ({where}); "
-          f"gallery {args.gallery}: {g.count} faces of {len(set(g.identities))} identities")
-    print(f"{'rank':>4}  {'identity':<30} {'distance':>8} {'similarity':>10}  match")
-    for m in result.matches:
-        print(f"{m.rank:>4}  {m.identity:<30} {m.distance:>8.4f} {m.similarity:>10.4f}  {'yes' if m.match else 'no'}")
-    print(f"decision: {result.decision}")
-    return 0
-
-
 def register(sub: argparse._SubParsersAction) -> None:
     from crfr.cli import add_params_args
+    from crfr.commands.model_option import add_model_option
 
     parser = sub.add_parser("gallery", help="enrol faces into a FAISS gallery for 1:N identification",
                             description="Build, extend and inspect galleries for crfr identify --gallery and "
                                         "crfr serve.")
     kinds = parser.add_subparsers(dest="gallery_cmd", metavar="ACTION", required=True)
-
-    def model_arg(p):
-        p.add_argument("--model", default=None, metavar="URI",
-                       help="model dir or MLflow URI (default: models:/<registry.student_name>@champion)")
 
     p = kinds.add_parser(
         "build", help="embed a folder or CSV of HR faces into a new gallery",
@@ -128,7 +84,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "identity), or a CSV of path,identity rows; local or s3://.")
     p.add_argument("source", metavar="SOURCE")
     p.add_argument("--out", required=True, metavar="DIR", help="gallery folder (local or s3://)")
-    model_arg(p)
+    add_model_option(p)
     add_params_args(p)
     p.set_defaults(func=cmd_build)
 
@@ -137,7 +93,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                                      "the index is rebuilt and the thresholds recalibrated.")
     p.add_argument("source", metavar="SOURCE")
     p.add_argument("--gallery", required=True, metavar="DIR", help="the gallery to extend (local or s3://)")
-    model_arg(p)
+    add_model_option(p)
     add_params_args(p)
     p.set_defaults(func=cmd_add)
 

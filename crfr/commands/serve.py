@@ -1,4 +1,4 @@
-"""``crfr serve``: the HTTP service (POST /embed, /verify, /identify; GET / and /health), see crfr/service.py."""
+"""``crfr serve``: the HTTP service (POST /embed, /verify, /identify; GET / and /health), see crfr/serve/http.py."""
 
 from __future__ import annotations
 
@@ -6,16 +6,16 @@ import argparse
 
 
 def cmd_serve(args) -> int:
-    from crfr import service
     from crfr.cli import configure_logging
-    from crfr.commands.gallery import load_model_arg
+    from crfr.commands.model_option import open_model_of
+    from crfr.serve.http import create_app, run
 
     configure_logging()
-    params, embedder, source = load_model_arg(args)
+    params, embedder, source = open_model_of(args)
     cfg = params.serve
     model = source.to_dict() | {"described": source.describe(), "fingerprint": embedder.fingerprint}
     if args.onnx:
-        from crfr.export import OnnxFaceEmbedder
+        from crfr.serve.onnx_embedder import OnnxFaceEmbedder
 
         onnx_embedder = OnnxFaceEmbedder(args.onnx)
         if onnx_embedder.fingerprint != embedder.fingerprint:
@@ -31,7 +31,7 @@ def cmd_serve(args) -> int:
 
         gallery = Gallery.load(gallery_uri)
         gallery.check_model(embedder, source.describe())
-    app = service.create_app(embedder, cfg, gallery, model, top_k=params.gallery.top_k)
+    app = create_app(embedder, cfg, gallery, model, top_k=params.gallery.top_k)
     host = args.host or cfg.host
     port = args.port or cfg.port
     if not 1 <= port <= 65535:
@@ -41,12 +41,13 @@ def cmd_serve(args) -> int:
     print(f"crfr serve: {source.describe()} ({'onnxruntime' if args.onnx else 'torch'})"
           + (f", gallery {gallery_uri} ({gallery.count} faces)" if gallery else ", no gallery")
           + f" on http://{host}:{port}", flush=True)
-    service.run(app, host, port)
+    run(app, host, port)
     return 0
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     from crfr.cli import add_params_args
+    from crfr.commands.model_option import add_model_option
 
     p = sub.add_parser(
         "serve", help="HTTP service: POST /embed, /verify, /identify (multipart images)",
@@ -56,8 +57,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "serve.max_image_pixels; bad input gets a 4xx JSON error.")
     p.add_argument("--host", default=None, help="address to listen on (default: serve.host)")
     p.add_argument("--port", type=int, default=None, help="port (default: serve.port)")
-    p.add_argument("--model", default=None, metavar="URI",
-                   help="model dir or MLflow URI (default: models:/<registry.student_name>@champion)")
+    add_model_option(p)
     p.add_argument("--gallery", default=None, metavar="DIR",
                    help="gallery for /identify, local or s3:// (default: serve.gallery)")
     p.add_argument("--onnx", default=None, metavar="FILE.onnx",

@@ -1,1 +1,2 @@
-"""Face data: sources (LFW folders, insightface RecordIO and .bin, CSV pairs), alignment, prepared shards."""
+"""The prepare step: face sources read (``formats``), split leak-free by identity, aligned, written as shards and
+pair sets; plus checking, exporting and downloading data."""

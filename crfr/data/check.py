@@ -7,7 +7,7 @@ every image file's signature); image decoding is checked on an evenly spread sam
 everything (``decode_all``), since decoding a large set takes minutes.
 
 A source is usable when it has no problem: unreadable images are problems only above ``max_bad_fraction``.
-Unreadable includes what :mod:`crfr.data.images` refuses: a file that is not a regular file (a FIFO, a
+Unreadable includes what :mod:`crfr.faces.images` refuses: a file that is not a regular file (a FIFO, a
 device, a folder named like an image), never opened for reading, and an image declaring more pixels than
 ``MAX_PIXELS`` (a decompression bomb), never decoded.
 """
@@ -20,12 +20,12 @@ from pathlib import Path
 import numpy as np
 
 from crfr import storage
-from crfr.data.binset import read_bin
-from crfr.data.images import decode_image, read_image_bytes
-from crfr.data.lfw import VIEW1_FILES, VIEW2_FILE, LfwFolder, pair_identities, parse_pairs
-from crfr.data.pairs_csv import csv_image_root, read_pairs_csv
-from crfr.data.recordio import InsightfaceRec, unpack
+from crfr.data.formats.binset import read_bin
+from crfr.data.formats.lfw import VIEW1_FILES, VIEW2_FILE, LfwFolder, pair_identities, parse_pairs
+from crfr.data.formats.pairs_csv import csv_image_root, read_pairs_csv
+from crfr.data.formats.recordio import InsightfaceRec, unpack
 from crfr.errors import DataError, StorageError
+from crfr.faces.images import decode_image, read_image_bytes
 
 IMAGE_SUBDIRS = ("lfw-deepfunneled", "lfw_funneled", "lfw", "images")
 _SIGNATURES = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"BM", b"GIF8", b"RIFF")

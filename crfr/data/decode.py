@@ -1,7 +1,7 @@
 """Decoding face images in bulk and aligning them in batches: the one loop that prepare and export share.
 
 Images come as files (read here, or in worker processes when ``data.num_workers`` > 0) or as bytes already
-in memory (the records of a ``.bin`` or ``.rec``). Each is decoded by :func:`crfr.data.images.decode_image`
+in memory (the records of a ``.bin`` or ``.rec``). Each is decoded by :func:`crfr.faces.images.decode_image`
 and hashed (the sha256 of its encoded bytes, which ``manifest.csv`` records); the readable ones are aligned
 ``ALIGN_BATCH`` at a time, because MTCNN runs P-Net on a whole batch at once. An unreadable image is counted
 in :class:`BadImages`, never fatal by itself: the caller decides how many it tolerates.
@@ -9,7 +9,6 @@ in :class:`BadImages`, never fatal by itself: the caller decides how many it tol
 
 from __future__ import annotations
 
-import hashlib
 import multiprocessing
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -18,9 +17,10 @@ from itertools import islice
 import numpy as np
 from tqdm import tqdm
 
-from crfr.data.align import Aligner
-from crfr.data.images import decode_image, read_image_bytes
+from crfr.digests import sha256_hex
 from crfr.errors import DataError
+from crfr.faces.align import Aligner
+from crfr.faces.images import decode_image, read_image_bytes
 
 ALIGN_BATCH = 64  # images per alignment call
 
@@ -59,7 +59,7 @@ def decode_job(job: tuple[str, bytes | None]) -> tuple[str, np.ndarray | None, s
             data = read_image_bytes(where)  # a FIFO or device is refused, not read (it could block or never end)
         except DataError as exc:
             return "", None, str(exc)
-    sha = hashlib.sha256(data).hexdigest()
+    sha = sha256_hex(data)
     try:
         return sha, decode_image(data, where), ""
     except DataError as exc:

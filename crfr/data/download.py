@@ -9,7 +9,6 @@ paths, ``..``, links pointing outside, device files).
 
 from __future__ import annotations
 
-import hashlib
 import http.client
 import os
 import shutil
@@ -22,6 +21,7 @@ from pathlib import Path, PurePosixPath
 
 from tqdm import tqdm
 
+from crfr.digests import file_digest
 from crfr.errors import DataError
 
 CHUNK = 1 << 20
@@ -60,14 +60,6 @@ LFW_PAIR_FILES = {
 }
 
 
-def sha256_file(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(CHUNK), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def download(
     url: str,
     dest: str | Path,
@@ -96,7 +88,7 @@ def download(
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     if dest.exists():
-        if sha256 is None or sha256_file(dest) == sha256:
+        if sha256 is None or file_digest(dest) == sha256:
             return dest
         dest.unlink()  # a stale or damaged copy: fetch it again
     part = dest.with_name(dest.name + ".part")
@@ -118,7 +110,7 @@ def download(
             f"{last_error or 'connection closed early'}"
         )
     if sha256 is not None:
-        got = sha256_file(part)
+        got = file_digest(part)
         if got != sha256:
             part.unlink()
             raise DataError(

@@ -1,16 +1,16 @@
 """The verification sets of the prepare step: read from their source, aligned, written as ``eval/<set>/``.
 
 Kinds (``data.eval_sets``): ``lfw`` (View 2 folds of ``pairs.txt``), ``bin`` (insightface, already aligned),
-``csv`` (``path1,path2,same[,fold][,id1,id2]``, :mod:`crfr.data.pairs_csv`), ``cfp`` (CFP's official FF or FP
-protocol, :mod:`crfr.data.cfp`). ``max_pairs`` keeps a balanced subset (:func:`crfr.data.pairs.cap_pairs`:
+``csv`` (``path1,path2,same[,fold][,id1,id2]``, :mod:`crfr.data.formats.pairs_csv`), ``cfp`` (CFP's official FF or FP
+protocol, :mod:`crfr.data.formats.cfp`). ``max_pairs`` keeps a balanced subset (:func:`crfr.data.pairs.cap_pairs`:
 pairs in file order, round-robin over (fold, same/different)), so a smoke run still has both labels in every
 fold. Every person named in a set's pairs is kept out of training (``EvalData.exclude``), by name: CFP names
 and CSV ``id1``/``id2`` are LFW spellings, so a person in both datasets is left out of LFW training.
 
 Each set is aligned per its ``align`` (``EvalSetCfg.alignment``): ``fixed`` as the training images are
 (``data.align``), ``none`` (already aligned), or ``detect``: MTCNN finds each face and ``data.align`` is placed
-on it as serving does (:class:`crfr.data.align.Aligner`), cached under ``storage.cache_dir/aligned/`` when
-``data.align_cache`` is on (:mod:`crfr.data.align_cache`).
+on it as serving does (:class:`crfr.faces.align.Aligner`), cached under ``storage.cache_dir/aligned/`` when
+``data.align_cache`` is on (:mod:`crfr.faces.align_cache`).
 
 A pairs line naming a missing image fails, naming the line and the path; an image that exists but cannot be
 read is dropped with its pairs and counted, up to ``data.max_bad_fraction``.
@@ -25,16 +25,21 @@ import numpy as np
 
 from crfr import storage
 from crfr.config import DataCfg, EvalSetCfg
-from crfr.data.align import Aligner
-from crfr.data.binset import read_bin
-from crfr.data.cfp import read_cfp
 from crfr.data.decode import BadImages, aligned_faces
-from crfr.data.lfw import LfwFolder, pair_identities, select_folds
+from crfr.data.formats.binset import read_bin
+from crfr.data.formats.cfp import read_cfp
+from crfr.data.formats.lfw import LfwFolder, pair_identities, select_folds
+from crfr.data.formats.pairs_csv import (
+    check_identities,
+    check_images_exist,
+    csv_image_root,
+    pair_identity,
+    read_pairs_csv,
+)
 from crfr.data.manifest import Manifest
 from crfr.data.pairs import cap_pairs, contiguous_folds, interleave_within_folds, write_pair_set
-from crfr.data.pairs_csv import check_identities, check_images_exist, csv_image_root, pair_identity
-from crfr.data.pairs_csv import read_pairs_csv
 from crfr.errors import DataError
+from crfr.faces.align import Aligner
 
 
 @dataclass

@@ -16,15 +16,15 @@ import numpy as np
 
 from crfr import storage
 from crfr.config import Params
-from crfr.data.align import Aligner
-from crfr.data.binset import write_bin
 from crfr.data.decode import BadImages, aligned_faces, worker_pool
-from crfr.data.images import encode_image
-from crfr.data.lfw import LfwFolder, pair_identities, select_folds
+from crfr.data.formats.binset import write_bin
+from crfr.data.formats.lfw import LfwFolder, pair_identities, select_folds
+from crfr.data.formats.recordio import write_insightface_rec
 from crfr.data.pairs import cap_pairs
-from crfr.data.recordio import write_insightface_rec
 from crfr.data.split import leak_free_split
 from crfr.errors import DataError
+from crfr.faces.align import Aligner
+from crfr.faces.images import encode_image
 
 
 def _lfw(params: Params, source: str | None) -> LfwFolder:

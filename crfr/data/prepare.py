@@ -9,7 +9,7 @@ the training set (:mod:`crfr.data.train_set`), recording every image in ``manife
 
 Unreadable images are skipped and counted; above ``data.max_bad_fraction`` of a split the step fails naming
 them. Unreadable includes a path that is not a regular file (a FIFO, a device) and an image whose header
-declares more than ``crfr.data.images.MAX_PIXELS`` pixels (a decompression bomb): neither is ever read whole.
+declares more than ``crfr.faces.images.MAX_PIXELS`` pixels (a decompression bomb): neither is ever read whole.
 
 Only the default data is ever downloaded: with no source given, ``data.root`` at its default and
 ``data.download`` true. A source or a configured root that does not exist is an error naming it.
@@ -25,7 +25,7 @@ from crfr import storage
 from crfr.config import DataCfg, Params
 from crfr.data.decode import worker_pool
 from crfr.data.eval_sets import read_eval_set, write_eval_set
-from crfr.data.lfw import LfwFolder
+from crfr.data.formats.lfw import LfwFolder
 from crfr.data.manifest import Manifest
 from crfr.data.shards import write_json
 from crfr.data.train_set import lfw_train, recordio_train

@@ -21,14 +21,14 @@ import numpy as np
 
 from crfr import storage
 from crfr.config import Params
-from crfr.data.align import Aligner
 from crfr.data.decode import BadImages, aligned_faces
-from crfr.data.lfw import LfwFolder
+from crfr.data.formats.lfw import LfwFolder
+from crfr.data.formats.recordio import InsightfaceRec
 from crfr.data.manifest import EvalCopies, Manifest, relative_path
-from crfr.data.recordio import InsightfaceRec
 from crfr.data.shards import ShardWriter
 from crfr.data.split import leak_free_split
 from crfr.errors import CrfrError, DataError
+from crfr.faces.align import Aligner
 
 REC_CHUNK = 4096  # records decoded per round when streaming a .rec (bounds memory with worker processes)
 

@@ -19,13 +19,13 @@ from pathlib import Path
 import numpy as np
 
 from crfr.config import Params
-from crfr.data.align import Aligner
 from crfr.data.decode import BadImages, aligned_faces
-from crfr.data.lfw import LfwFolder
+from crfr.data.formats.lfw import LfwFolder
 from crfr.data.manifest import Manifest
 from crfr.data.pairs import VALIDATION_DIR, contiguous_folds, write_pair_set
 from crfr.data.split import VALIDATION_IMAGES, validation_people
 from crfr.errors import DataError
+from crfr.faces.align import Aligner
 
 FOLDER = VALIDATION_DIR
 SPLIT = "validation"  # its rows in manifest.csv

@@ -1,2 +1,2 @@
-"""Evaluation: LR probes (probes), verifying models (run), results and metrics.json (results), tables,
-thresholds, plots."""
+"""Evaluation: the verification protocol, LR probes, evaluating models at every resolution (run), 1:N
+identification, results with intervals, tables, thresholds, plots, and a new benchmark in one command."""

@@ -1,10 +1,6 @@
 """1:N identification on an eval set, as NIST FRVT 1:N reports it: rank-1 / rank-5 and FNIR at a fixed FPIR.
 
-The eval set is turned into a gallery and two kinds of searches (:func:`split_open_set`):
-
-* gallery: the first image (by file path) of every identity with at least two images, always HR;
-* mated searches: every other image of those identities, as LR probes at each evaluated resolution;
-* non-mated searches: the images of identities with a single image, which are therefore not enrolled.
+The eval set is turned into a gallery, mated and non-mated searches (:mod:`crfr.evaluation.open_set`).
 
 Each search is an exact inner-product search of its embedding against the gallery (the FAISS index of
 :mod:`crfr.gallery`; one gallery row per identity, so rows are identities). Closed set, on the mated searches
@@ -12,7 +8,7 @@ only: the rank-1 and rank-5 identification rates (two points of the CMC curve), 
 Open set, as FRVT: the threshold is set on the non-mated searches so that the share whose best candidate
 scores above it (FPIR) is ``evaluate.fpir``; FNIR is then the share of mated searches whose best candidate is
 not the mate or does not score above the threshold (a rank-1 criterion). FNIR and FPIR are fractions (0-1),
-like TAR and FAR in :mod:`crfr.verification`.
+like TAR and FAR in :mod:`crfr.evaluation.verification`.
 
 FPIR moves in steps of 1 / (non-mated searches). The operating point taken is the one with the largest FPIR
 not above the target (no interpolation), as TAR at FAR in verification: with fewer than 1 / FPIR non-mated
@@ -22,16 +18,11 @@ number of non-mated searches are reported beside it. The threshold is also given
 
 Intervals: Wilson 95% over the mated searches (:func:`crfr.evaluation.stats.wilson_interval`). The FNIR
 interval takes the threshold as fixed; its own uncertainty, from a few hundred non-mated searches, is not in it.
-
-Identity names come from the prepare step's ``manifest.csv`` (rows ``eval:<set>``, in image-row order), checked
-against the set's own pair labels so that a manifest out of step with ``images.npy`` is an error, not numbers.
 """
 
 from __future__ import annotations
 
-import csv
 import logging
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,12 +30,11 @@ import numpy as np
 
 from crfr.config import GalleryCfg
 from crfr.data.pairs import PairSet
-from crfr.errors import DataError
+from crfr.evaluation.open_set import MANIFEST, OpenSetSplit, eval_set_items, split_open_set
 from crfr.evaluation.stats import wilson_interval
 
 log = logging.getLogger(__name__)
 
-MANIFEST = "manifest.csv"
 TITLE = "1:N identification"  # the heading of its section of table.md
 RANKS = (1, 5)
 
@@ -52,106 +42,6 @@ RANKS = (1, 5)
 def fnir_key(fpir: float) -> str:
     """Name of the FNIR entry in metric dicts, e.g. ``fnir_at_fpir_0.01`` (valid as an MLflow key too)."""
     return f"fnir_at_fpir_{fpir:g}"
-
-
-# ------------------------------------------------------------------------------------------ the split
-
-
-def eval_set_items(prepared: Path, data: PairSet) -> list[tuple[str, str]] | None:
-    """(path, identity) of every image row of eval set ``data``, from ``prepared/manifest.csv``.
-
-    Returns:
-        One entry per row of ``data.images``, or None when the names are unknown (no manifest, or a set whose
-        source has none, such as an insightface ``.bin``).
-
-    Raises:
-        DataError: the manifest is unreadable, has another number of rows for the set than it has images, or
-            names that contradict the set's pairs (a same pair of two people, a different pair of one).
-    """
-    file = prepared / MANIFEST
-    if not file.is_file():
-        return None
-    split = f"eval:{data.name}"
-    try:
-        with open(file, newline="", encoding="utf-8") as fh:
-            items = [(row["path"], row["identity"]) for row in csv.DictReader(fh) if row.get("split") == split]
-    except (OSError, KeyError, UnicodeDecodeError, csv.Error) as exc:
-        raise DataError(f"{file}: unreadable manifest ({type(exc).__name__}: {exc})") from None
-    if not items:
-        return None
-    if len(items) != len(data.images):
-        raise DataError(f"{file}: {len(items)} rows with split {split!r} for the {len(data.images)} images of "
-                        f"eval/{data.name}/images.npy; re-run the prepare step")
-    names = np.asarray([identity for _, identity in items])
-    if not any(names):
-        return None
-    known = (names[data.left] != "") & (names[data.right] != "")
-    agree = (names[data.left] == names[data.right]) == data.same
-    if not agree[known].all():
-        bad = int(np.flatnonzero(known & ~agree)[0])
-        raise DataError(f"{file}: the identities of split {split!r} contradict pair {bad} of eval/{data.name} "
-                        f"({names[data.left[bad]]!r} and {names[data.right[bad]]!r} for a "
-                        f"{'same' if data.same[bad] else 'different'} pair): the manifest is out of step with "
-                        "images.npy; re-run the prepare step")
-    return items
-
-
-@dataclass(frozen=True)
-class OpenSetSplit:
-    """Rows of an eval set as gallery, mated and non-mated searches (see the module docstring).
-
-    Attributes:
-        gallery: the enrolled row of each identity with at least two images.
-        mated: the rows searched whose identity is enrolled.
-        mate: for each mated row, the position of its identity in ``gallery``.
-        nonmated: the rows of identities with a single image.
-    """
-
-    gallery: np.ndarray
-    mated: np.ndarray
-    mate: np.ndarray
-    nonmated: np.ndarray
-
-    @property
-    def probe_rows(self) -> np.ndarray:
-        """Every row searched (sorted): the rows whose LR versions are needed."""
-        return np.union1d(self.mated, self.nonmated)
-
-    def sizes(self) -> dict[str, int]:
-        return {"n_gallery": int(len(self.gallery)), "n_mated": int(len(self.mated)),
-                "n_nonmated": int(len(self.nonmated))}
-
-
-def split_open_set(items: Sequence[tuple[str, str]]) -> OpenSetSplit | None:
-    """Gallery and searches from the (path, identity) of each row; rows without a name are left out.
-
-    Returns:
-        The split, or None when no identity has two images (nothing to enrol).
-    """
-    groups: dict[str, list[tuple[str, int]]] = {}
-    for row, (path, identity) in enumerate(items):
-        if identity:
-            groups.setdefault(identity, []).append((path, row))
-    gallery, mated, mate, nonmated = [], [], [], []
-    for identity in sorted(groups):
-        rows = [row for _, row in sorted(groups[identity])]
-        if len(rows) == 1:
-            nonmated.append(rows[0])
-            continue
-        mated += rows[1:]
-        mate += [len(gallery)] * (len(rows) - 1)
-        gallery.append(rows[0])
-    if not gallery:
-        return None
-    order = np.argsort(mated, kind="stable")
-
-    def arr(values) -> np.ndarray:
-        return np.asarray(values, np.int64)
-
-    return OpenSetSplit(arr(gallery), arr(mated)[order], arr(mate)[order], np.sort(arr(nonmated)))
-
-
-# ------------------------------------------------------------------------------------------ the measure
 
 
 @dataclass(frozen=True)
@@ -243,9 +133,6 @@ def identify(gallery: np.ndarray, mated: np.ndarray, mate: np.ndarray, nonmated:
     misses = ~hits[1] | (top_mated <= cut)
     return IdentificationResult(hits, fpir, misses, reached, float(2.0 - 2.0 * cut), len(gallery),
                                 len(top_nonmated))
-
-
-# ------------------------------------------------------------------------------------------ the results
 
 
 @dataclass

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from crfr.evaluation.stats import accuracy_interval, paired_comparison
-from crfr.verification import VerificationResult
+from crfr.evaluation.verification import VerificationResult
 
 AVERAGE = "average"  # pseudo-dataset: the mean over eval sets (Table I's "Avg on LFW, AgeDB, ...")
 MEAN = "mean"  # pseudo-resolution: the mean over resolutions (Table I's last column)

@@ -2,7 +2,7 @@
 
 For every model, eval set, probe protocol (``evaluate.protocols``) and resolution (``evaluate.resolutions``;
 the network input size, 112, means HR: no LR image at all) the pairs are scored with insightface's protocol
-(:mod:`crfr.verification`). Cross-resolution by default: only the probe (the first image of each pair) is
+(:mod:`crfr.evaluation.verification`). Cross-resolution by default: only the probe (the first image of each pair) is
 LR, brought back to 112 with the interpolation of its protocol, and the gallery image stays HR;
 ``evaluate.probe_side: both`` makes both sides LR.
 
@@ -33,17 +33,20 @@ from pathlib import Path
 
 import numpy as np
 
-from crfr import storage, verification  # verification.embed_images is looked up per call: tests count passes
+from crfr import storage
 from crfr.config import EvaluateCfg, Params
 from crfr.data.pairs import PairSet, load_pair_set
 from crfr.devices import choose_device
 from crfr.errors import ConfigError, DataError
-from crfr.evaluation.identification import Identifications, OpenSetSplit, identify
+from crfr.evaluation import verification
+from crfr.evaluation.identification import Identifications, identify
+from crfr.evaluation.open_set import OpenSetSplit
 from crfr.evaluation.plots import write_plots
 from crfr.evaluation.probes import ProbeSource, upsampler
 from crfr.evaluation.results import AVERAGE, Evaluation
 from crfr.evaluation.tables import build_tables, render_identification_markdown, render_markdown
 from crfr.evaluation.thresholds import build_thresholds
+from crfr.models import embedding  # embedding.embed_images is looked up per call: tests count passes
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +75,7 @@ def evaluate_model(name: str, model, data: PairSet, params: Params, probes: Prob
     progress = sys.stderr.isatty()
 
     def embed(images, desc, transform=None):
-        return verification.embed_images(model, images, cfg.batch_size, device, transform=transform, desc=desc,
+        return embedding.embed_images(model, images, cfg.batch_size, device, transform=transform, desc=desc,
                                          progress=progress)
 
     t0 = time.perf_counter()
@@ -167,7 +170,7 @@ def _log_to_mlflow(folder: Path, evaluation: Evaluation, models: dict[str, str],
                    antialias: bool, identifications: Identifications | None = None) -> str:
     import mlflow
 
-    from crfr.registry import mlflow_errors
+    from crfr.tracking import mlflow_errors
 
     with mlflow_errors("logging the evaluation to MLflow"), mlflow.start_run(run_name="evaluate") as run:
         mlflow.set_tag("crfr.step", "evaluate")
@@ -207,15 +210,15 @@ def evaluate_models(prepared_dir: str, probes_dir: str | None, models: dict[str,
     """
     import torch
 
-    from crfr.artifacts import load_model
+    from crfr.models.model_file import load_model
 
     if not models:
         raise ConfigError("evaluate needs at least one model (name=DIR)")
     storage.configure(params.storage)
     if track:  # before any work: an unreachable tracking server should fail in seconds, not after hours
-        from crfr.registry import connect
+        from crfr.tracking import connect
 
-        connect(params)
+        connect(params.tracking)
     device = choose_device(device, "--device") if device else choose_device(params.runtime.device)
     prepared = storage.local_input(prepared_dir, kind="dir")
     probes = ProbeSource(storage.local_input(probes_dir, kind="dir") if probes_dir else None, params)

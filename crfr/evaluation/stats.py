@@ -1,6 +1,6 @@
 """How far a verification accuracy can be trusted: a 95% interval per cell, and paired comparisons of models.
 
-Both work on per-pair outcomes (:attr:`crfr.verification.VerificationResult.correct`): insightface's protocol
+Both work on per-pair outcomes (:attr:`crfr.evaluation.verification.VerificationResult.correct`): insightface's protocol
 picks a threshold on the other folds and applies it to each held-out fold, so every pair gets exactly one
 decision, right or wrong, and the accuracy is (for equal folds exactly) the share of right ones.
 

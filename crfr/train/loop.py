@@ -4,46 +4,40 @@ Teacher: iresnet + ArcFace on HR faces. Student: (Wave)ResNet + ArcFace on LR fa
 logit distillation (Eq. 2) and wavelet-similarity (Eq. 3) losses against the frozen teacher, which sees the
 HR version of the same face. Each Table I row is a ``TrainSpec``.
 
-Checkpoints are written atomically after every epoch (and every ``runtime.checkpoint_every_steps`` steps)
-and hold everything needed to continue exactly (model, head, optimiser, schedule, grad scaler, RNG states,
-epoch, step, the running sums of a partial epoch, MLflow run id).
+A checkpoint is written after every epoch (and every ``runtime.checkpoint_every_steps`` steps) and holds
+:meth:`Trainer.state_dict`; writing, mirroring and resuming it are :mod:`crfr.train.checkpoint`'s.
 
 Under torchrun each process trains on its share of the global ``batch_size`` and DDP averages the
-gradients. Only rank 0 reads and writes checkpoints: on ``--resume`` it sends its checkpoint to every rank
-before DDP wraps the network, so all ranks continue from one state, at the same step.
+gradients; every rank resumes from rank 0's checkpoint, and the replicas' weights are compared at the end
+(:mod:`crfr.train.distributed`).
 """
 
 from __future__ import annotations
 
-import csv
 import hashlib
-import io
 import json
 import math
 import os
-import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
-import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from crfr.artifacts import atomic_torch_save, load_model, safe_torch_load, save_model
 from crfr.config import OptimCfg, Params
-from crfr.errors import DataError, StorageError, TrainingError
+from crfr.errors import DataError, TrainingError
 from crfr.losses import ArcFace, LossTerms, WaveletSimilarity, arcface_loss, distillation_loss
 from crfr.models import build_backbone
+from crfr.models.model_file import load_head, load_model, save_head, save_model
+from crfr.train.checkpoint import Checkpoints, plain, rng_state, set_rng_state
 from crfr.train.data import EpochSampler, FaceTrainingSet
-from crfr.train.runtime import Runtime, broadcast_bytes, ranks_differing_from_main
-
-HEAD_FILE = "head.pt"
-CHECKPOINT_FILE = "checkpoint.pt"
+from crfr.train.distributed import check_replicas
+from crfr.train.holdout import Holdout, score_holdout
+from crfr.train.runtime import Runtime
 
 
 @dataclass
@@ -62,45 +56,6 @@ class TrainSpec:
     @property
     def needs_teacher(self) -> bool:
         return self.kd or self.wavesim or self.init_from_teacher
-
-
-@dataclass
-class Holdout:
-    """Validation pairs (held-out people, never the test pairs) checked at 14 and 112 px after each epoch."""
-
-    images: np.ndarray
-    left: np.ndarray
-    right: np.ndarray
-    same: np.ndarray
-
-
-HOLDOUT_SIZES = (14, 112)
-
-
-def score_holdout(backbone: nn.Module, holdout: Holdout, device: str) -> dict:
-    """The validation pairs scored as the per-epoch check scores them: the left face of each pair linearly
-    downscaled to each of :data:`HOLDOUT_SIZES` against the right face at full size.
-
-    Leaves ``backbone`` in eval mode and NCHW layout.
-
-    Returns:
-        Per size, the :class:`crfr.verification.VerificationResult` (its ``correct`` holds each pair's outcome).
-    """
-    from crfr.degrade import linear_probe
-    from crfr.verification import embed_images, verify
-
-    backbone.eval()
-    # embed_images feeds NCHW batches; never mix layouts between a model and its input (see runtime.py).
-    backbone.to(memory_format=torch.contiguous_format)
-    h = holdout
-    gallery = embed_images(backbone, h.images[h.right], batch_size=128, device=device, progress=False)
-    results = {}
-    for size in HOLDOUT_SIZES:
-        probes = h.images[h.left] if size == 112 else np.stack(
-            [linear_probe(im, size) for im in h.images[h.left]])
-        emb = embed_images(backbone, probes, batch_size=128, device=device, progress=False)
-        results[size] = verify(emb, gallery, h.same, nfolds=min(10, max(2, len(h.same) // 20)))
-    return results
 
 
 class Network(nn.Module):
@@ -135,62 +90,10 @@ def step_seed(seed: int, step: int, rank: int) -> int:
     return int.from_bytes(digest, "little") >> 1
 
 
-def weights_digest(state: dict[str, torch.Tensor]) -> str:
-    """sha256 over a state dict's names, dtypes, shapes and bytes: equal digests mean bit-identical weights."""
-    digest = hashlib.sha256()
-    for name in sorted(state):
-        t = state[name].detach().cpu().contiguous()
-        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
-
-
-def _rng_state() -> dict:
-    """Every RNG's state as tensors and plain Python data, so the checkpoint loads with ``weights_only=True``."""
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
-    version, internal, gauss_next = random.getstate()
-    state = {
-        "torch": torch.get_rng_state(),
-        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
-        "python": {"version": version, "internal": list(internal), "gauss_next": gauss_next},
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    n = state["numpy"]
-    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
-                         n["cached_gaussian"]))
-    py = state["python"]
-    random.setstate((py["version"], tuple(py["internal"]), py["gauss_next"]))
-    if "cuda" in state and torch.cuda.is_available():
-        # Per device, as many as both machines have: a checkpoint may come from a node with more GPUs.
-        for device, cuda_state in enumerate(state["cuda"][: torch.cuda.device_count()]):
-            torch.cuda.set_rng_state(cuda_state, device)
-
-
-def _plain(value):
-    """``value`` with numpy scalars and arrays turned into Python numbers and lists (weights_only-loadable)."""
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    if isinstance(value, (np.generic, np.ndarray)):
-        return value.tolist()
-    return value
-
-
 def load_teacher(teacher_dir: str, device: torch.device) -> tuple[nn.Module, ArcFace]:
     """The frozen teacher backbone and its ArcFace head (for logits), in eval mode."""
     model, _ = load_model(teacher_dir, device=str(device))
-    head_file = Path(teacher_dir) / HEAD_FILE
-    if not head_file.is_file():
-        raise DataError(f"teacher head not found: {head_file} (was the teacher trained by crfr?)")
-    head_state = safe_torch_load(head_file, "teacher head")
+    head_state = load_head(teacher_dir)
     head = ArcFace(head_state["embedding_size"], head_state["num_classes"], head_state["s"], head_state["m"])
     head.load_state_dict(head_state["state_dict"])
     head.to(device).eval()
@@ -214,7 +117,7 @@ class Trainer:
     def __init__(self, spec: TrainSpec, params: Params, faces, runtime: Runtime, work_dir: str | Path,
                  holdout: Holdout | None = None) -> None:
         self.spec, self.params, self.faces, self.rt = spec, params, faces, runtime
-        self.work_dir = Path(work_dir)
+        self.checkpoints = Checkpoints(work_dir, spec.name, params.runtime.checkpoint_uri)
         self.holdout = holdout
         self.num_classes = int(faces.num_classes)
         cfg = spec.optim
@@ -280,7 +183,6 @@ class Trainer:
         self.fingerprint: str | None = None
         self.data_fingerprint: str | None = None
 
-    # ----------------------------------------------------------------------------------------- state
     def state_dict(self) -> dict:
         return {
             "spec_name": self.spec.name,
@@ -290,15 +192,15 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
-            "rng": _rng_state(),
+            "rng": rng_state(),
             "epoch": self.epoch,
             "step": self.step,
             "steps_per_epoch": self.steps_per_epoch,
             "world_size": self.rt.world_size,
-            "partial": _plain(self.partial),
+            "partial": plain(self.partial),
             "mlflow_run_id": self.mlflow_run_id,
-            "history": _plain(self.history),
-            "step_rows": _plain(self.step_rows),
+            "history": plain(self.history),
+            "step_rows": plain(self.step_rows),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -306,7 +208,7 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
-        _set_rng_state(state["rng"])
+        set_rng_state(state["rng"])
         self.epoch, self.step = state["epoch"], state["step"]
         self.partial = state.get("partial")
         self.mlflow_run_id = state.get("mlflow_run_id")
@@ -315,113 +217,29 @@ class Trainer:
 
     @property
     def checkpoint_path(self) -> Path:
-        return self.work_dir / CHECKPOINT_FILE
-
-    @property
-    def remote_checkpoint(self) -> str | None:
-        uri = self.params.runtime.checkpoint_uri
-        return f"{uri.rstrip('/')}/{self.spec.name}/{CHECKPOINT_FILE}" if uri else None
+        return self.checkpoints.path
 
     def save_checkpoint(self) -> None:
         if self.rt.is_main:
-            atomic_torch_save(self.state_dict(), self.checkpoint_path)
-            if self.remote_checkpoint:
-                from crfr import storage
-
-                storage.upload(self.checkpoint_path, self.remote_checkpoint)
+            self.checkpoints.save(self.state_dict())
 
     def try_resume(self) -> bool:
-        """Continue from the last checkpoint in ``work_dir`` (or its remote mirror), if any.
+        """Continue from this run's last checkpoint (:meth:`crfr.train.checkpoint.Checkpoints.resume`), if any.
 
-        Call it before :meth:`fit`. Under torchrun, rank 0 alone decides: it reads its own ``work_dir``,
-        else the mirror, and sends the file to every other rank, which loads the same bytes; a rank's own
-        disk never matters (pods have their own), and every rank continues from one state at the same step.
-
-        The file is loaded weights-only: a checkpoint holds tensors and plain data, nothing that runs code,
-        whoever wrote it. One that would (or is corrupt) is refused and moved out of the way, so the next
-        ``--resume`` does not trip over it again: a downloaded copy is deleted (the remote object stays for
-        inspection), a local one is renamed to ``checkpoint.pt.refused``.
+        Call it before :meth:`fit`: every rank continues from rank 0's checkpoint, at the same step.
 
         Returns:
             Whether one was found.
-
-        Raises:
-            DataError: the checkpoint was refused (``UnsafeFileError``: it would run code) or is unreadable.
-            TrainingError: it belongs to another step, other settings, other prepared data or another number
-                of steps per epoch; on the other ranks: rank 0 failed to resume.
         """
-        state, error, blob = None, None, None
-        if self.rt.is_main:
-            try:
-                state = self._read_checkpoint()
-                if state is not None and self.rt.distributed:
-                    blob = self.checkpoint_path.read_bytes()
-            except Exception as exc:  # the other ranks wait for this decision: tell them before raising
-                error = exc
-        blob = broadcast_bytes(self.rt, blob, failed=error is not None)
-        if error is not None:
-            raise error
-        if not self.rt.is_main and blob is not None:
-            state = safe_torch_load(io.BytesIO(blob), "checkpoint sent by rank 0", map_location="cpu")
+        identity = {"spec_name": self.spec.name, "fingerprint": self.fingerprint,
+                    "data_fingerprint": self.data_fingerprint, "steps_per_epoch": self.steps_per_epoch,
+                    "world_size": self.rt.world_size}
+        state = self.checkpoints.resume(self.rt, identity)
         if state is None:
             return False
         self.load_state_dict(state)
         return True
 
-    def _read_checkpoint(self) -> dict | None:
-        """The validated checkpoint of this run from ``work_dir`` or its mirror; None if there is none."""
-        downloaded = False
-        if not self.checkpoint_path.is_file() and self.remote_checkpoint:
-            from crfr import storage
-
-            if storage.exists(self.remote_checkpoint):
-                storage.download(self.remote_checkpoint, self.checkpoint_path)
-                downloaded = True
-        if not self.checkpoint_path.is_file():
-            return None
-        try:
-            # On the CPU: RNG states must stay CPU tensors; load_state_dict moves the rest to the model's device.
-            state = safe_torch_load(self.checkpoint_path, "checkpoint", map_location="cpu")
-        except DataError as exc:
-            raise type(exc)(f"{exc}. {self._set_aside(downloaded)}") from None
-        if not isinstance(state, dict) or not {"net", "optimizer", "rng", "epoch"} <= set(state):
-            raise DataError(f"{self.checkpoint_path}: not a crfr checkpoint. {self._set_aside(downloaded)}")
-        if state.get("spec_name") != self.spec.name:
-            raise TrainingError(f"{self.checkpoint_path} belongs to {state.get('spec_name')!r}, not {self.spec.name!r}")
-        if self.fingerprint and state.get("fingerprint") != self.fingerprint:
-            raise TrainingError(f"{self.checkpoint_path}: the checkpoint was made with other settings; "
-                                "rerun without --resume to start over")
-        if self.data_fingerprint and state.get("data_fingerprint") != self.data_fingerprint:
-            raise TrainingError(
-                f"{self.checkpoint_path}: the checkpoint was trained on other prepared data "
-                f"(data fingerprint {state.get('data_fingerprint')}, this run's {self.data_fingerprint}); "
-                "pass the prepared data it was made with, or rerun without --resume to start over"
-            )
-        saved = state.get("steps_per_epoch", self.steps_per_epoch)
-        if saved != self.steps_per_epoch:
-            raise TrainingError(
-                f"{self.checkpoint_path}: the checkpoint was made with {saved} steps per epoch "
-                f"({state.get('world_size', 1)} processes), this run makes {self.steps_per_epoch} "
-                f"({self.rt.world_size} processes): resume with the same number of processes, "
-                "or rerun without --resume to start over"
-            )
-        return state
-
-    def _set_aside(self, downloaded: bool) -> str:
-        """Move a refused checkpoint out of ``work_dir``; says what was done, for the error message."""
-        path = self.checkpoint_path
-        try:
-            if downloaded:
-                path.unlink()
-                return f"The downloaded copy was deleted; the original is still at {self.remote_checkpoint}"
-            aside = path.with_name(path.name + ".refused")
-            os.replace(path, aside)
-            return f"It was renamed to {aside}; delete it, or rerun without --resume to start over"
-        except OSError as exc:
-            fault = StorageError.from_os_error(exc, path, action="remove")
-            return f"It could not be moved aside ({fault or exc}): delete it by hand"
-
-    # ------------------------------------------------------------------------------------------ step
     def loss_terms(self, batch) -> tuple[LossTerms, int]:
         spec, rt, lcfg = self.spec, self.rt, self.params.loss
         if spec.lr_data is None:
@@ -519,7 +337,6 @@ class Trainer:
         backbone.train()
         return {f"val_acc_{size}": result.accuracy for size, result in results.items()}
 
-    # ------------------------------------------------------------------------------------------- run
     def fit(self, on_log=lambda metrics, step: None, on_epoch=lambda metrics, epoch: None) -> list[dict]:
         """Train the remaining epochs, checkpointing after each; returns the per-epoch history."""
         cfg = self.spec.optim
@@ -537,41 +354,14 @@ class Trainer:
             if self.rt.is_main:
                 tqdm.write(epoch_line(self.spec.name, self.epoch, cfg.epochs, metrics))
             on_epoch(metrics, self.epoch)
-        self._check_replicas()
+        check_replicas(self.net, self.rt, self.spec.name)
         return self.history
-
-    def _check_replicas(self) -> None:
-        """Make every rank hold rank 0's state, then fail the run if any rank's weights differ from it.
-
-        DDP gives every rank rank 0's BatchNorm statistics at the start of each forward, so after the last
-        step each rank holds its own: take rank 0's, as the next forward would. The weights themselves must
-        already agree; a replica that does not was trained on other weights (a broken resume), and saying so
-        beats publishing rank 0's model as if all were well.
-        """
-        if not self.rt.distributed:
-            return
-        for buffer in self.net.buffers():
-            dist.broadcast(buffer, src=0)
-        differ = ranks_differing_from_main(self.rt, bytes.fromhex(weights_digest(self.net.state_dict())))
-        if differ:
-            raise TrainingError(f"{self.spec.name}: the weights of rank(s) {differ} differ from rank 0's at the end "
-                                "of training: the replicas diverged; rerun without --resume")
 
     def export(self, out_dir: str | Path, meta: dict | None = None) -> None:
         """Write the model directory (model.pt for inference, head.pt for a later student)."""
         out_dir = Path(out_dir)
         save_model(out_dir, self.net.backbone, self.spec.backbone, self.params.model, meta=meta)
-        head = self.net.head
-        atomic_torch_save(
-            {
-                "state_dict": {k: v.detach().cpu() for k, v in head.state_dict().items()},
-                "embedding_size": head.weight.shape[1],
-                "num_classes": head.weight.shape[0],
-                "s": head.s,
-                "m": head.m,
-            },
-            out_dir / HEAD_FILE,
-        )
+        save_head(out_dir, self.net.head)
         (out_dir / "history.json").write_text(json.dumps(self.history, indent=2))
 
 
@@ -584,14 +374,3 @@ def epoch_line(name: str, epoch: int, epochs: int, metrics: dict) -> str:
     if metrics.get("images_per_s"):
         parts.append(f"{metrics['images_per_s']:.1f} images/s")
     return ", ".join(parts)
-
-
-def write_history_csv(path: Path, rows: list[dict]) -> None:
-    """DVC plots want a flat table: one row per epoch (or step), the union of keys as columns."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    keys = sorted({k for r in rows for k in r}, key=lambda k: (k not in ("epoch", "step"), k))
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=keys)
-        writer.writeheader()
-        writer.writerows(rows)
-

@@ -10,9 +10,13 @@ student's own faces will be when it is used), fed exactly as in training.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
+
+from crfr.config import Params
 
 TEMPERATURES = (1.0, 2.0, 4.0)
 MAX_IMAGES = 600
@@ -89,3 +93,22 @@ def mlflow_metrics(stats: dict) -> dict[str, float]:
     for key, v in stats["by_temperature"].items():
         flat.update({f"teacher_soft_targets/{key}/{name}": value for name, value in v.items()})
     return flat
+
+
+def log_teacher_soft_targets(trainer, prepared: Path, params: Params) -> dict | None:
+    """The teacher's soft-target statistics on the validation faces, printed and logged to the training run.
+
+    None unless the run distils (KD) and the prepared data has a validation split.
+    """
+    from crfr.data.pairs import VALIDATION_DIR, load_pair_set
+
+    if not trainer.spec.kd or trainer.teacher is None or not (prepared / VALIDATION_DIR).is_dir():
+        return None
+    faces = load_pair_set(prepared / VALIDATION_DIR).images
+    stats = teacher_soft_targets(trainer.teacher, trainer.teacher_head, faces, params.loss.temperature, trainer.rt)
+    tqdm.write(f"{trainer.spec.name}: {summary_line(stats)}")
+    if trainer.mlflow_run_id is not None:
+        import mlflow
+
+        mlflow.log_metrics(mlflow_metrics(stats))
+    return stats

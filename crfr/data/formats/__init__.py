@@ -1,0 +1,1 @@
+"""Face data formats, read and written: LFW and CFP folders, insightface RecordIO and ``.bin``, CSV pairs."""

@@ -1,0 +1,6 @@
+"""The MLflow model registry: registering a model, the promotion gate, its lineage, and loading any model back.
+
+``gate`` (the pure promotion rule), ``versions`` (aliases and finding a version), ``register`` and ``promote``
+(the two registry operations), ``lineage`` and ``datasets`` (what made a version), ``reference`` (reading
+``models:/`` references) and ``resolve`` (any model reference to an embedder or local files).
+"""
