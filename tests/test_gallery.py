@@ -176,7 +176,7 @@ def test_cli_build_identify_info_and_errors(model_dir, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "decision: Colin_Powell" in printed and "   1  Colin_Powell" in printed
     assert main(["gallery", "info", str(out)]) == 0 and str(model_dir) in capsys.readouterr().out
-    # The old behaviour stays: a plain folder of images is still searched image by image.
+    # A plain folder of images is enrolled in memory and searched the same way.
     assert main(["identify", probe, "--gallery", str(source), "--model", str(model_dir), "--params", params]) == 0
     assert "Colin_Powell" in capsys.readouterr().out
 
