@@ -49,6 +49,7 @@ def register(
     teacher_dir: str | None = None,
     prepared_dir: str | None = None,
     pipeline_run_id: str | None = None,
+    prepared_source: str | None = None,
 ) -> dict:
     """Register ``model_dir`` with its evaluation and apply the gate (and the teacher too, if given).
 
@@ -65,12 +66,14 @@ def register(
         prepared_dir: the prepare step output both models were trained and evaluated on (local or ``s3://``):
             its fingerprints are recorded on each version.
         pipeline_run_id: the orchestrator's run id (default ``CRFR_PIPELINE_RUN_ID``).
+        prepared_source: where the prepared data lives when ``prepared_dir`` holds only the files its
+            fingerprints read (:func:`crfr.registry.datasets.copy_fingerprinted`, as Kubeflow's register task).
 
     Returns:
         The content of ``registration.json``.
     """
     storage.configure(params.storage)
-    datasets = data_refs(prepared_dir, params) if prepared_dir else []
+    datasets = data_refs(prepared_dir, params, prepared_source) if prepared_dir else []
     if not datasets:
         log.warning("registering without the prepared data (--prepared): no data fingerprints are recorded")
     made_by = {"datasets": datasets, "pipeline_run_id": pipeline_run_id}

@@ -1,17 +1,20 @@
 #!/usr/bin/env bash
 # Build docker/Dockerfile.cpu without any registry or internet access, then smoke-test the image.
 #
-#   docker/build-cpu-image.sh [--start-daemon] [--make-base] [--tag crfr:0.1.0-cpu] [--data LFW_DIR]
-#                             [--step-cmd 'CMD'] [--serve] [--serve-tag crfr:0.1.0-serve]
+#   docker/build-cpu-image.sh [--start-daemon [--keep-daemon]] [--make-base] [--tag crfr-cpu:TAG] [--data LFW_DIR]
+#                             [--step-cmd 'CMD'] [--serve] [--serve-tag crfr-serve:TAG] [--no-smoke]
+#
+# Images are tagged with the tag derived from their sources (`python -m pipeline.images tag`: src-<12 hex>),
+# never a moving tag: kfp's cache and a node's image cache key on the tag (pipeline/images.py).
 #
 # Offline means: no image pull (the base image is made locally with debootstrap, --make-base), and pip
 # inside the build installs only from a local wheelhouse served on 127.0.0.1 over plain HTTP (so the
 # image needs neither the PyTorch index nor this host's TLS interception CA). The wheelhouse is built
 # from requirements.lock by the host's pip, which knows the host's package mirrors.
 #
-# --start-daemon starts a private dockerd when none answers, with networking features that would touch
-# the host's network rules switched off (no bridge, no iptables, no IP forwarding or masquerading) and
-# all state under $CRFR_DOCKER_ROOT; the script stops that daemon when it exits.
+# --start-daemon starts a private dockerd when none answers (docker/dockerd.sh: no bridge, no iptables, no IP
+# forwarding or masquerading, all state under $CRFR_DOCKER_ROOT); the script stops that daemon when it exits,
+# unless --keep-daemon (then `eval "$(docker/dockerd.sh env)"` points docker at it, `docker/dockerd.sh stop`).
 # --make-base makes the local base image when it is missing (Debian bookworm: Python 3.11, like
 # python:3.11-slim-bookworm). Needs root, debootstrap and the Debian mirror.
 #
@@ -27,23 +30,30 @@ set -euo pipefail
 
 cd "$(dirname "$0")/.."
 
-TAG=crfr:0.1.0-cpu
+PY=.venv/bin/python
+[ -x "$PY" ] || PY=python3
+SOURCE_TAG=$("$PY" -m pipeline.images tag)
+TAG=crfr-cpu:$SOURCE_TAG
 BASE_IMAGE=crfr-local/python:3.11-bookworm
 START_DAEMON=0
 MAKE_BASE=0
 STEP_CMD=""
 SERVE=0
-SERVE_TAG=crfr:0.1.0-serve
+SERVE_TAG=crfr-serve:$SOURCE_TAG
+KEEP_DAEMON=0
+SMOKE=1
 DATA_DIR=${CRFR_LFW_ROOT:-../shared/data/lfw}
 DOCKER_ROOT=${CRFR_DOCKER_ROOT:-/tmp/crfr-docker}
 WHEELHOUSE=${CRFR_WHEELHOUSE:-/tmp/crfr-wheelhouse}
 DEBIAN_MIRROR=${DEBIAN_MIRROR:-http://deb.debian.org/debian}
 
-usage() { sed -n '2,25p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,29p' "$0" | sed 's/^# \{0,1\}//'; }
 
 while [ $# -gt 0 ]; do
   case "$1" in
     --start-daemon) START_DAEMON=1 ;;
+    --keep-daemon) KEEP_DAEMON=1 ;;
+    --no-smoke) SMOKE=0 ;;
     --make-base) MAKE_BASE=1 ;;
     --tag) TAG=$2; shift ;;
     --base-image) BASE_IMAGE=$2; shift ;;
@@ -61,40 +71,30 @@ log() { printf '[%(%H:%M:%S)T] %s\n' -1 "$*"; }
 T0=$SECONDS
 elapsed() { echo "$((SECONDS - $1))s"; }
 
-DAEMON_PID=""
+STARTED_DAEMON=0
 HTTP_PID=""
 cleanup() {
   if [ -n "$HTTP_PID" ]; then kill "$HTTP_PID" 2>/dev/null || true; fi
-  if [ -n "$DAEMON_PID" ]; then
-    log "stopping the dockerd this script started (pid $DAEMON_PID)"
-    kill "$DAEMON_PID" 2>/dev/null || true
-    for _ in $(seq 60); do kill -0 "$DAEMON_PID" 2>/dev/null || break; sleep 1; done
-    kill -0 "$DAEMON_PID" 2>/dev/null && kill -9 "$DAEMON_PID" 2>/dev/null || true
+  if [ "$STARTED_DAEMON" = 1 ] && [ "$KEEP_DAEMON" != 1 ]; then
+    log "stopping the dockerd this script started"
+    docker/dockerd.sh stop
   fi
 }
 trap cleanup EXIT
 
 # --- 1. a Docker daemon -----------------------------------------------------------------------------
 if ! docker info >/dev/null 2>&1; then
-  if [ "$START_DAEMON" != 1 ]; then
-    echo "no Docker daemon answers (DOCKER_HOST=${DOCKER_HOST:-default}); pass --start-daemon to start one" >&2
-    exit 1
+  eval "$(docker/dockerd.sh env)"
+  if ! docker info >/dev/null 2>&1; then
+    if [ "$START_DAEMON" != 1 ]; then
+      echo "no Docker daemon answers (DOCKER_HOST=${DOCKER_HOST:-default}); pass --start-daemon to start one" >&2
+      exit 1
+    fi
+    log "starting dockerd (docker/dockerd.sh; state in ${CRFR_DOCKER_ROOT:-/tmp/crfr-docker})"
+    eval "$(docker/dockerd.sh start)"
+    STARTED_DAEMON=1
   fi
-  command -v dockerd >/dev/null || { echo "dockerd not found (apt-get install docker.io)" >&2; exit 1; }
-  mkdir -p "$DOCKER_ROOT/data" "$DOCKER_ROOT/exec"
-  # A private socket: never collides with, or takes over, a system daemon's /var/run/docker.sock.
-  export DOCKER_HOST="unix://$DOCKER_ROOT/docker.sock"
-  log "starting dockerd (state in $DOCKER_ROOT, log $DOCKER_ROOT/dockerd.log)"
-  dockerd --host "$DOCKER_HOST" \
-    --data-root "$DOCKER_ROOT/data" --exec-root "$DOCKER_ROOT/exec" --pidfile "$DOCKER_ROOT/dockerd.pid" \
-    --bridge=none --iptables=false --ip6tables=false --ip-forward=false --ip-masq=false \
-    >"$DOCKER_ROOT/dockerd.log" 2>&1 &
-  DAEMON_PID=$!
-  for _ in $(seq 60); do docker info >/dev/null 2>&1 && break; sleep 1; done
-  docker info >/dev/null 2>&1 || { echo "dockerd did not come up; see $DOCKER_ROOT/dockerd.log" >&2; exit 1; }
 fi
-log "daemon: $(docker version -f 'server {{.Server.Version}}, client {{.Client.Version}}') storage=$(docker info -f '{{.Driver}}')"
-
 # --- 2. the base image ------------------------------------------------------------------------------
 if ! docker image inspect "$BASE_IMAGE" >/dev/null 2>&1; then
   if [ "$MAKE_BASE" != 1 ]; then
@@ -119,8 +119,6 @@ if ! docker image inspect "$BASE_IMAGE" >/dev/null 2>&1; then
 fi
 
 # --- 3. a local wheelhouse, served on 127.0.0.1 ------------------------------------------------------
-PY=.venv/bin/python
-[ -x "$PY" ] || PY=python3
 # Debian bookworm's python3 is 3.11.2: below 3.11.3, redis (from the lock) also needs async-timeout,
 # which the lock, resolved on a newer 3.11, does not list. python:3.11-slim-bookworm does not need it.
 EXTRA_WHEELS="pip==25.3 async-timeout==5.0.1"
@@ -177,6 +175,7 @@ if [ "$SERVE" = 1 ]; then build docker/Dockerfile.serve "$SERVE_TAG"; fi
 kill "$HTTP_PID" 2>/dev/null || true
 HTTP_PID=""
 
+if [ "$SMOKE" != 1 ]; then log "built; no smoke test (--no-smoke); total $(elapsed $T0)"; exit 0; fi
 # --- 5. smoke test, the way Kubernetes runs it --------------------------------------------------------
 # No network, read-only root with a tmpfs /tmp, uid 10001, no capabilities, no privilege escalation.
 run() {

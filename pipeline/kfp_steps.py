@@ -11,22 +11,31 @@ from typing import List
 from kfp.dsl import Artifact, Dataset, Input, Markdown, Metrics, Model, Output
 
 
-def check_params_op(slices_json: str, source_uri: str, scratch: str):
-    """Refuse invalid params, missing input data or an unwritable scratch volume once, before any retried step."""
+def check_params_op(slices_json: str, source_uri: str, scratch: str, strict: bool):
+    """Refuse a local or missing tracking store, S3 without credentials, invalid params, missing input data or
+    an unwritable scratch volume once, before any retried step."""
     import json
 
-    from pipeline.preflight import check_slices
+    from pipeline.preflight import check_environment, check_slices
 
-    found = check_slices(json.loads(slices_json), source_uri or None, scratch or None)
+    slices = json.loads(slices_json)
+    if strict:
+        check_environment(slices, source_uri or None)
+    found = check_slices(slices, source_uri or None, scratch or None)
     print(json.dumps({"inputs_found": found}))
 
 
-def prepare_op(params_json: str, source_uri: str, prepared: Output[Dataset]):
-    """Align faces, split without identity leaks, write shards and eval pairs."""
+def prepare_op(params_json: str, source_uri: str, prepared: Output[Dataset], fingerprinted: Output[Artifact]):
+    """Align faces, split without identity leaks, write shards and eval pairs; and, apart, the few files the
+    data's fingerprints read, so that the register task does not stage the shards."""
     from components.prepare import prepare
     from crfr.config import params_from_json
+    from crfr.registry.datasets import copy_fingerprinted
 
-    prepare(source_uri or None, prepared.path, params_from_json(params_json))
+    params = params_from_json(params_json)
+    prepare(source_uri or None, prepared.path, params)
+    copy_fingerprinted(prepared.path, [s.name for s in params.data.eval_sets], fingerprinted.path)
+    fingerprinted.metadata["prepared_uri"] = prepared.uri  # what the lineage names: the data, not this copy
 
 
 def synthesize_op(params_json: str, prepared: Input[Dataset], probes: Output[Dataset]):
@@ -94,13 +103,14 @@ def evaluate_op(params_json: str, row_order: List[str], prepared: Input[Dataset]
     print(json.dumps(summary["tables"], default=str)[:4000])
 
 
-def register_op(params_json: str, prepared: Input[Dataset], student: Input[Model], teacher: Input[Model],
+def register_op(params_json: str, fingerprinted: Input[Artifact], student: Input[Model], teacher: Input[Model],
                 report: Input[Artifact], registration: Output[Artifact]):
     """Register both models in MLflow (alias challenger, lineage of code, params, data and runs) and apply the
-    promotion gate to the student."""
+    promotion gate to the student. The data is fingerprinted from the prepare task's small ``fingerprinted``
+    artifact, never from the staged shards."""
     from components.register import register
     from crfr.config import params_from_json
 
     params = params_from_json(params_json)
     register(student.path, report.path, registration.path, params, role="student", teacher_dir=teacher.path,
-             prepared_dir=prepared.path)
+             prepared_dir=fingerprinted.path, prepared_source=fingerprinted.metadata.get("prepared_uri"))

@@ -3,8 +3,9 @@
 Every overlay is rendered with `kubectl kustomize` (from a copy of k8s/ whose secret files are filled in
 from the committed templates, so a developer's real secret files are never read) and every object is
 validated in strict mode against the Kubernetes JSON schemas bundled with `kubernetes_validate`. The
-PyTorchJob CRD, which those schemas do not cover, is validated against a schema written here, and the pod
-templates inside it against the core/v1 PodTemplate schema. Then the properties that matter and that a
+TrainJob CRD, which those schemas do not cover, is validated against Kubeflow Trainer's published API models
+(tests/k8s_trainjob.py), and the pod it makes against the core/v1 PodTemplate schema; the TrainJobs' own
+properties are in tests/test_k8s_cluster_path.py. Then the properties that matter and that a
 schema cannot express: hardening of every container, placeholders only in Secrets, network reachability,
 GPU scheduling.
 
@@ -15,17 +16,21 @@ check does fail when it should.
 from __future__ import annotations
 
 import base64
+import configparser
 import copy
 import re
 import shutil
 import subprocess
+import uuid
 from decimal import Decimal
 from pathlib import Path
+from urllib.parse import urlsplit
 
-import jsonschema
 import kubernetes_validate
 import pytest
 import yaml
+
+from tests.k8s_trainjob import UNSETTABLE_POD_FIELDS, trainjob_pod_spec, validate_trainjob
 
 ROOT = Path(__file__).resolve().parents[1]
 K8S = ROOT / "k8s"
@@ -34,8 +39,11 @@ NAMESPACE = "crfr"
 K8S_VERSION = "1.37"  # the newest schema set kubernetes_validate 1.37.0 bundles
 KUBECTL = shutil.which("kubectl")
 PLACEHOLDER = "CHANGE_ME"
-SECRET_FILES = ("crfr-s3.env", "crfr-postgres.env")
-OUR_IMAGE = re.compile(r"(^|/)crfr(:|@)")
+SECRET_FILES = ("crfr-s3.env", "crfr-postgres.env", "crfr-mlflow-auth.env", "crfr-mlflow-pipeline.env",
+                "crfr-mlflow-serve.env")
+# Keys that name who signs in, not a secret: their template value is the user's real name, not a placeholder.
+IDENTITY_KEY = re.compile(r"_USERNAME$")
+OUR_IMAGE = re.compile(r"(^|/)crfr(-cpu|-cuda|-serve)?(:|@)")
 OUR_UID = 10001
 SECRETISH = re.compile(r"PASSWORD|SECRET|TOKEN|ACCESS_KEY|PRIVATE_KEY|CREDENTIAL", re.IGNORECASE)
 GPU = "nvidia.com/gpu"
@@ -101,88 +109,8 @@ def _by_prefix(objects: list[dict], kind: str, prefix: str) -> dict:
 # ------------------------------------------------------------------------------------------------------
 # Schema validation, CRD included
 
-_POD_TEMPLATE = {"type": "object", "required": ["spec"]}  # validated in full as a core/v1 PodTemplate below
-_REPLICA_SPEC = {
-    "type": "object",
-    "additionalProperties": False,
-    "required": ["replicas", "template"],
-    "properties": {
-        "replicas": {"type": "integer", "minimum": 1},
-        "restartPolicy": {"enum": ["Always", "OnFailure", "Never", "ExitCode"]},
-        "template": _POD_TEMPLATE,
-    },
-}
-# kubeflow.org/v1 PyTorchJob as served by the Training Operator (>= 1.7), restricted to the fields used
-# here: an unexpected field is more likely a typo than a feature.
-PYTORCHJOB_SCHEMA = {
-    "type": "object",
-    "additionalProperties": False,
-    "required": ["apiVersion", "kind", "metadata", "spec"],
-    "properties": {
-        "apiVersion": {"const": "kubeflow.org/v1"},
-        "kind": {"const": "PyTorchJob"},
-        "metadata": {
-            "type": "object",
-            "required": ["name", "namespace"],
-            "properties": {
-                "name": {"type": "string", "pattern": "^[a-z0-9]([-a-z0-9]*[a-z0-9])?$", "maxLength": 63},
-                "namespace": {"type": "string"},
-                "labels": {"type": "object", "additionalProperties": {"type": "string"}},
-                "annotations": {"type": "object", "additionalProperties": {"type": "string"}},
-            },
-        },
-        "spec": {
-            "type": "object",
-            "additionalProperties": False,
-            "required": ["pytorchReplicaSpecs"],
-            "properties": {
-                "nprocPerNode": {"type": "string", "pattern": "^([1-9][0-9]*|auto|gpu|cpu)$"},
-                "runPolicy": {
-                    "type": "object",
-                    "additionalProperties": False,
-                    "properties": {
-                        "cleanPodPolicy": {"enum": ["All", "Running", "None"]},
-                        "backoffLimit": {"type": "integer", "minimum": 0},
-                        "ttlSecondsAfterFinished": {"type": "integer", "minimum": 0},
-                        "activeDeadlineSeconds": {"type": "integer", "minimum": 1},
-                        "suspend": {"type": "boolean"},
-                    },
-                },
-                "pytorchReplicaSpecs": {
-                    "type": "object",
-                    "additionalProperties": False,
-                    "required": ["Master"],
-                    "properties": {
-                        "Master": {**_REPLICA_SPEC, "properties": {
-                            **_REPLICA_SPEC["properties"], "replicas": {"const": 1}}},
-                        "Worker": _REPLICA_SPEC,
-                    },
-                },
-            },
-        },
-    },
-}
-
-
-def validate_pytorchjob(obj: dict) -> list[str]:
-    problems = [f"PyTorchJob: {e.message} at {list(e.absolute_path)}"
-                for e in jsonschema.Draft202012Validator(PYTORCHJOB_SCHEMA).iter_errors(obj)]
-    for role, replica in obj.get("spec", {}).get("pytorchReplicaSpecs", {}).items():
-        template = {"apiVersion": "v1", "kind": "PodTemplate",
-                    "metadata": {"name": f"{obj['metadata']['name']}-{role.lower()}"},
-                    "template": replica.get("template", {})}
-        try:
-            kubernetes_validate.validate(template, K8S_VERSION, strict=True)
-        except kubernetes_validate.ValidationError as e:
-            problems.append(f"PyTorchJob {role} pod template: {e.message} at {list(e.absolute_path)}")
-        containers = replica.get("template", {}).get("spec", {}).get("containers", [])
-        if "pytorch" not in [c.get("name") for c in containers]:
-            problems.append(f"PyTorchJob {role}: the Training Operator needs a container named 'pytorch'")
-    return problems
-
-
 # Kinds the bundled schemas cannot know, each with its own validator. Anything else without a schema fails.
-CRD_VALIDATORS = {("kubeflow.org/v1", "PyTorchJob"): validate_pytorchjob}
+CRD_VALIDATORS = {("trainer.kubeflow.org/v1alpha1", "TrainJob"): lambda obj: validate_trainjob(obj, K8S_VERSION)}
 
 
 def schema_problems(obj: dict) -> list[str]:
@@ -214,9 +142,8 @@ def pod_specs(obj: dict) -> list[tuple[str, dict]]:
         return [(f"{kind}/{name}", obj["spec"]["jobTemplate"]["spec"]["template"]["spec"])]
     if kind == "Pod":
         return [(f"{kind}/{name}", obj["spec"])]
-    if kind == "PyTorchJob":
-        return [(f"{kind}/{name}/{role}", r["template"]["spec"])
-                for role, r in obj["spec"]["pytorchReplicaSpecs"].items()]
+    if kind == "TrainJob":  # the trainer nodes' pod, as the TrainJob decides it (tests/k8s_trainjob.py)
+        return [(f"{kind}/{name}/node", trainjob_pod_spec(obj))]
     if "containers" in yaml.safe_dump(obj):
         raise AssertionError(f"{kind}/{name} seems to run containers but pod_specs() does not know its layout")
     return []
@@ -245,9 +172,10 @@ def container_problems(obj: dict) -> list[str]:
     problems = []
     claims = {t["metadata"]["name"] for t in obj["spec"].get("volumeClaimTemplates", [])} if "spec" in obj else set()
     for where, pod in pod_specs(obj):
-        if pod.get("automountServiceAccountToken") is not False:
+        unsettable = UNSETTABLE_POD_FIELDS if obj["kind"] == "TrainJob" else frozenset()  # see k8s_trainjob.py
+        if pod.get("automountServiceAccountToken") is not False and "automountServiceAccountToken" not in unsettable:
             problems.append(f"{where}: automountServiceAccountToken is not false")
-        if pod.get("enableServiceLinks") is not False:
+        if pod.get("enableServiceLinks") is not False and "enableServiceLinks" not in unsettable:
             problems.append(f"{where}: enableServiceLinks is not false (MLFLOW_PORT=tcp://... breaks mlflow)")
         for flag in ("hostNetwork", "hostPID", "hostIPC"):
             if pod.get(flag):
@@ -309,7 +237,8 @@ def secret_problems(objects: list[dict]) -> list[str]:
             values.update(obj.get("stringData") or {})
             if not values:
                 problems.append(f"{label}: empty")
-            problems += [f"{label}: {k} is not a placeholder" for k, v in values.items() if PLACEHOLDER not in v]
+            problems += [f"{label}: {k} is not a placeholder" for k, v in values.items()
+                         if PLACEHOLDER not in v and not IDENTITY_KEY.search(k)]
         if obj["kind"] == "ConfigMap":
             problems += [f"{label}: secret-looking key {k} in a ConfigMap" for k in obj.get("data", {})
                          if SECRETISH.search(k)]
@@ -385,7 +314,7 @@ def test_every_object_is_valid_in_strict_mode(rendered, overlay):
     problems = [p for obj in objects for p in schema_problems(obj)]
     assert problems == []
     crds = {o["kind"] for o in objects if (o["apiVersion"], o["kind"]) in CRD_VALIDATORS}
-    assert crds == ({"PyTorchJob"} if overlay == "gpu-cluster" else set())
+    assert crds == ({"TrainJob"} if overlay == "gpu-cluster" else set())
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
@@ -419,6 +348,12 @@ def test_rendered_secrets_hold_only_placeholders(rendered, overlay):
     s3 = _one(objects, "Secret", "crfr-s3")
     assert set(s3["data"]) == {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}
     assert set(_by_prefix(objects, "Secret", "crfr-postgres-")["data"]) == {"POSTGRES_PASSWORD"}
+    assert set(_by_prefix(objects, "Secret", "crfr-mlflow-auth-")["data"]) == {
+        "MLFLOW_AUTH_ADMIN_PASSWORD", "MLFLOW_FLASK_SERVER_SECRET_KEY"}
+    for user, secret in [("crfr-pipeline", _one(objects, "Secret", "crfr-mlflow-pipeline")),
+                         ("crfr-serve", _by_prefix(objects, "Secret", "crfr-mlflow-serve-"))]:
+        assert set(secret["data"]) == {"MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"}
+        assert base64.b64decode(secret["data"]["MLFLOW_TRACKING_USERNAME"]).decode() == user
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
@@ -503,99 +438,7 @@ def test_network_policies(rendered, overlay):
     assert not ingress_allowed(objects, PIPELINE_POD, 8080, MLFLOW)
 
 
-JOBS = {"crfr-train-teacher": "components.train_teacher", "crfr-distill-student": "components.distill_student"}
-
-
-def _arg(args: list[str], flag: str) -> str | None:
-    return args[args.index(flag) + 1] if flag in args else None
-
-
-def _set_values(args: list[str]) -> dict[str, str]:
-    return dict(args[i + 1].split("=", 1) for i, a in enumerate(args) if a == "--set")
-
-
-def checkpoint_problems(objects: list[dict]) -> list[str]:
-    """Every replica of every training job resumes from one shared checkpoint prefix on S3."""
-    problems, prefixes = [], set()
-    for name, module in JOBS.items():
-        job = _one(objects, "PyTorchJob", name)
-        for role, replica in job["spec"]["pytorchReplicaSpecs"].items():
-            (c,) = replica["template"]["spec"]["containers"]
-            args = c["args"]
-            if module not in c["command"]:
-                problems.append(f"{name}/{role}: does not run {module}")
-            if "--resume" not in args:
-                problems.append(f"{name}/{role}: no --resume, a restarted replica starts from scratch")
-            uri = _set_values(args).get("runtime.checkpoint_uri")
-            if not uri or not uri.startswith("s3://"):
-                problems.append(f"{name}/{role}: checkpoints are not mirrored to S3 (runtime.checkpoint_uri)")
-            prefixes.add(uri)
-    if len(prefixes) > 1:
-        problems.append(f"the replicas use different checkpoint prefixes: {sorted(map(str, prefixes))}")
-    return problems
-
-
-def test_training_jobs_resume_from_one_shared_checkpoint_prefix(rendered):
-    objects = rendered("gpu-cluster")
-    assert checkpoint_problems(objects) == []
-    student = _one(objects, "PyTorchJob", "crfr-distill-student")
-    teacher = _one(objects, "PyTorchJob", "crfr-train-teacher")
-    # The student needs the teacher's model: its job waits, suspended, until someone starts it.
-    assert student["spec"]["runPolicy"]["suspend"] is True and not teacher["spec"]["runPolicy"].get("suspend")
-    (t,) = teacher["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"]
-    (s,) = student["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"]
-    assert _arg(s["args"], "--teacher") == _arg(t["args"], "--out")
-    assert _arg(s["args"], "--prepared") == _arg(t["args"], "--prepared")
-    # The arguments are the steps' own: their parsers take them.
-    import argparse
-    import importlib
-
-    for c in (t, s):
-        parser = argparse.ArgumentParser()
-        importlib.import_module(c["command"][-1]).add_arguments(parser)
-        assert parser.parse_args(c["args"]).resume
-    for mutate, expected in [
-        (lambda a: a.remove("--resume"), "no --resume"),
-        (lambda a: a.__setitem__(a.index("--set", 1) + 1, "runtime.checkpoint_uri=s3://crfr/other"), "different"),
-        (lambda a: a.__setitem__(a.index("--set", 1) + 1, "runtime.checkpoint_every_steps=100"), "not mirrored"),
-    ]:
-        broken = copy.deepcopy(objects)
-        job = _one(broken, "PyTorchJob", "crfr-distill-student")
-        mutate(job["spec"]["pytorchReplicaSpecs"]["Worker"]["template"]["spec"]["containers"][0]["args"])
-        assert any(expected in p for p in checkpoint_problems(broken)), expected
-
-
-@pytest.mark.parametrize("job_name", sorted(JOBS))
-def test_gpu_overlay_trains_on_gpu_nodes(rendered, job_name):
-    objects = rendered("gpu-cluster")
-    job = _one(objects, "PyTorchJob", job_name)
-    replicas = job["spec"]["pytorchReplicaSpecs"]
-    assert replicas["Master"]["replicas"] == 1 and replicas["Worker"]["replicas"] >= 1
-    for role, replica in replicas.items():
-        pod = replica["template"]["spec"]
-        assert pod["nodeSelector"] == {"nvidia.com/gpu.present": "true"}, role
-        assert {"key": GPU, "operator": "Exists", "effect": "NoSchedule"} in pod["tolerations"], role
-        (c,) = pod["containers"]
-        assert c["name"] == "pytorch"
-        assert c["image"] == "crfr:0.1.0-cuda"
-        assert c["command"][:1] == ["torchrun"] and JOBS[job_name] in c["command"]
-        assert {"--prepared", "--out"} <= set(c["args"])  # required by both training steps
-        assert c["args"][c["args"].index("--set") + 1] == "profile=paper"
-        gpus = int(c["resources"]["limits"][GPU])
-        assert gpus >= 1 and int(c["resources"]["requests"].get(GPU, gpus)) == gpus
-        assert int(job["spec"]["nprocPerNode"]) == gpus  # one torchrun process per GPU
-        volumes = {v["name"]: v for v in pod["volumes"]}
-        (shm,) = [m for m in c["volumeMounts"] if m["mountPath"] == "/dev/shm"]
-        assert volumes[shm["name"]]["emptyDir"]["medium"] == "Memory"
-        assert {"configMapRef": {"name": "crfr-settings"}} in c["envFrom"]
-        assert {"secretRef": {"name": "crfr-s3"}} in c["envFrom"]
-        assert volumes["data-cache"]["persistentVolumeClaim"]["claimName"] == "crfr-data-cache"
-    # Replicas on different nodes share the cache, and must reach each other despite the default deny.
-    assert _one(objects, "PersistentVolumeClaim", "crfr-data-cache")["spec"]["accessModes"] == ["ReadWriteMany"]
-    peer = {"training.kubeflow.org/job-name": job_name, "training.kubeflow.org/replica-type": "worker"}
-    master = {**peer, "training.kubeflow.org/replica-type": "master"}
-    assert ingress_allowed(objects, master, 23456, peer)
-    assert not ingress_allowed(objects, master, 23456, PIPELINE_POD)
+# The training jobs (TrainJobs of the gpu-cluster overlay): tests/test_k8s_cluster_path.py.
 
 
 def _gpu_mentions(node, path="") -> list[str]:
@@ -610,7 +453,7 @@ def _gpu_mentions(node, path="") -> list[str]:
 
 def test_dev_overlay_requests_no_gpu(rendered):
     objects = rendered("dev")
-    assert not [o for o in objects if o["kind"] == "PyTorchJob"]
+    assert not [o for o in objects if o["kind"] == "TrainJob"]
     assert [m for o in objects for m in _gpu_mentions(o, f"{o['kind']}/{o['metadata']['name']}")] == []
     # and it is the small one
     mlflow = _one(objects, "Deployment", "mlflow")["spec"]["template"]["spec"]["containers"][0]
@@ -631,9 +474,16 @@ def test_secret_templates_are_placeholders_and_real_files_are_git_ignored():
     assert set(templates) == {f"{n}.example" for n in SECRET_FILES}
     assert set(templates["crfr-s3.env.example"]) == {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}
     assert set(templates["crfr-postgres.env.example"]) == {"POSTGRES_PASSWORD"}
-    assert all(v == PLACEHOLDER for t in templates.values() for v in t.values())
+    assert set(templates["crfr-mlflow-auth.env.example"]) == {"MLFLOW_AUTH_ADMIN_PASSWORD",
+                                                               "MLFLOW_FLASK_SERVER_SECRET_KEY"}
+    for user in ("pipeline", "serve"):
+        template = templates[f"crfr-mlflow-{user}.env.example"]
+        assert template == {"MLFLOW_TRACKING_USERNAME": f"crfr-{user}", "MLFLOW_TRACKING_PASSWORD": PLACEHOLDER}
+    assert all(v == PLACEHOLDER for t in templates.values() for k, v in t.items() if not IDENTITY_KEY.search(k))
     readme = (K8S / "README.md").read_text()
-    for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL", "POSTGRES_PASSWORD"):
+    for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL", "POSTGRES_PASSWORD",
+                "MLFLOW_AUTH_ADMIN_PASSWORD", "MLFLOW_FLASK_SERVER_SECRET_KEY", "crfr-mlflow-pipeline",
+                "crfr-mlflow-serve"):
         assert key in readme
     git = shutil.which("git")
     if git is None or subprocess.run([git, "-C", str(ROOT), "rev-parse"], capture_output=True).returncode:
@@ -660,9 +510,9 @@ def test_checks_catch_broken_manifests(rendered):
     assert schema_problems(typo)
     unknown = {"apiVersion": "example.com/v1", "kind": "Widget", "metadata": {"name": "w"}}
     assert "Couldn't find schema" in schema_problems(unknown)[0]
-    job = copy.deepcopy(_one(objects, "PyTorchJob", "crfr-train-teacher"))
-    job["spec"]["pytorchReplicaSpecs"]["Master"]["replicas"] = 2
-    job["spec"]["pytorchReplicaSpecs"]["Worker"]["template"]["spec"]["containers"][0]["gpus"] = 1
+    job = copy.deepcopy(_one(objects, "TrainJob", "crfr-train-teacher"))
+    job["spec"]["trainer"]["numNode"] = 2
+    job["spec"]["trainer"]["resourcesPerNode"]["limit"] = {}
     assert len(schema_problems(job)) == 2
 
     assert container_problems(deployment) == []
@@ -784,3 +634,164 @@ def test_serve_checks_catch_broken_manifests(rendered):
         assert any(expected in p for p in serve_problems(broken)), expected
     closed = [o for o in copy.deepcopy(objects) if o["metadata"]["name"] != "allow-crfr-serve"]
     assert any("NetworkPolicies" in p for p in serve_problems(closed))
+
+
+# ------------------------------------------------------------------------------------------------------
+# MLflow basic auth: the server demands it, the Job mlflow-users sets up its users, crfr-serve signs in
+# (the server's behaviour itself, with a real `mlflow server --app-name basic-auth`: tests/test_mlflow_auth.py)
+
+
+def _env(container: dict) -> dict[str, dict]:
+    return {e["name"]: e for e in container.get("env", [])}
+
+
+def _secret_ref(env: dict[str, dict], name: str) -> tuple[str, str] | None:
+    ref = env.get(name, {}).get("valueFrom", {}).get("secretKeyRef")
+    return (ref["name"], ref["key"]) if ref else None
+
+
+def auth_ini(objects: list[dict], pod: dict, container: dict) -> configparser.SectionProxy | None:
+    """The ``[mlflow]`` section of the file MLFLOW_AUTH_CONFIG_PATH names, read from the ConfigMap mounted there."""
+    path = _env(container).get("MLFLOW_AUTH_CONFIG_PATH", {}).get("value", "")
+    volumes = {v["name"]: v for v in pod.get("volumes", [])}
+    for mount in container.get("volumeMounts", []):
+        folder = mount["mountPath"].rstrip("/") + "/"
+        source = volumes.get(mount["name"], {}).get("configMap")
+        if path.startswith(folder) and source:
+            parser = configparser.ConfigParser()
+            parser.read_string(_one(objects, "ConfigMap", source["name"])["data"].get(path[len(folder):], ""))
+            return parser["mlflow"] if parser.has_section("mlflow") else None
+    return None
+
+
+def auth_problems(objects: list[dict]) -> list[str]:
+    """What basic auth on the MLflow server needs, from the server's flags to the pods that sign in."""
+    problems = []
+    auth_secret = _by_prefix(objects, "Secret", "crfr-mlflow-auth-")["metadata"]["name"]
+    serve_secret = _by_prefix(objects, "Secret", "crfr-mlflow-serve-")["metadata"]["name"]
+    postgres_secret = _by_prefix(objects, "Secret", "crfr-postgres-")["metadata"]["name"]
+    pod = _one(objects, "Deployment", "mlflow")["spec"]["template"]["spec"]
+    (c,) = pod["containers"]
+    env = _env(c)
+    if "--app-name=basic-auth" not in c.get("args", []):
+        problems.append("mlflow server does not run with --app-name=basic-auth")
+    for name in ("MLFLOW_AUTH_ADMIN_PASSWORD", "MLFLOW_FLASK_SERVER_SECRET_KEY"):
+        if _secret_ref(env, name) != (auth_secret, name):
+            problems.append(f"mlflow: {name} does not come from Secret {auth_secret}")
+    if _secret_ref(env, "PGPASSWORD") != (postgres_secret, "POSTGRES_PASSWORD"):
+        problems.append("mlflow: PGPASSWORD (the auth store's database password) does not come from crfr-postgres")
+    ini = auth_ini(objects, pod, c)
+    if ini is None:
+        problems.append("mlflow: MLFLOW_AUTH_CONFIG_PATH names no [mlflow] file of a mounted ConfigMap")
+    else:
+        if ini.get("default_permission") != "NO_PERMISSIONS":
+            problems.append(f"auth ini: default_permission is {ini.get('default_permission')}, not NO_PERMISSIONS")
+        if "admin_password" in ini:
+            problems.append("auth ini: admin_password in a ConfigMap (MLFLOW_AUTH_ADMIN_PASSWORD gives it)")
+        if urlsplit(ini.get("database_uri", "")).password is not None:
+            problems.append("auth ini: database_uri holds a password (PGPASSWORD gives it)")
+    job = _one(objects, "Job", "mlflow-users")
+    (j,) = job["spec"]["template"]["spec"]["containers"]
+    jenv = _env(j)
+    if j.get("command") != ["python", "-m", "crfr.registry.auth_users"]:
+        problems.append(f"mlflow-users: runs {j.get('command')}, not python -m crfr.registry.auth_users")
+    if ini is not None and jenv.get("MLFLOW_TRACKING_USERNAME", {}).get("value") != ini.get("admin_username"):
+        problems.append("mlflow-users: MLFLOW_TRACKING_USERNAME is not the auth ini's admin_username")
+    if jenv.get("MLFLOW_TRACKING_URI", {}).get("valueFrom", {}).get("configMapKeyRef") != {
+            "name": "crfr-settings", "key": "MLFLOW_TRACKING_URI"}:
+        problems.append("mlflow-users: MLFLOW_TRACKING_URI does not come from crfr-settings")
+    for name, ref in {"MLFLOW_TRACKING_PASSWORD": (auth_secret, "MLFLOW_AUTH_ADMIN_PASSWORD"),
+                      "CRFR_MLFLOW_PIPELINE_USERNAME": ("crfr-mlflow-pipeline", "MLFLOW_TRACKING_USERNAME"),
+                      "CRFR_MLFLOW_PIPELINE_PASSWORD": ("crfr-mlflow-pipeline", "MLFLOW_TRACKING_PASSWORD"),
+                      "CRFR_MLFLOW_SERVE_USERNAME": (serve_secret, "MLFLOW_TRACKING_USERNAME"),
+                      "CRFR_MLFLOW_SERVE_PASSWORD": (serve_secret, "MLFLOW_TRACKING_PASSWORD")}.items():
+        if _secret_ref(jenv, name) != ref:
+            problems.append(f"mlflow-users: {name} does not come from Secret {ref[0]}, key {ref[1]}")
+    if not ingress_allowed(objects, MLFLOW, 5000, job["spec"]["template"]["metadata"]["labels"]):
+        problems.append("the NetworkPolicies keep mlflow-users from MLflow")
+    serve = _env(_one(objects, "Deployment", "crfr-serve")["spec"]["template"]["spec"]["containers"][0])
+    for key in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
+        if _secret_ref(serve, key) != (serve_secret, key):
+            problems.append(f"crfr-serve: {key} does not come from Secret {serve_secret}")
+    return problems
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_mlflow_requires_basic_auth_and_a_job_sets_up_its_users(rendered, overlay):
+    from crfr.registry.auth_users import build_parser
+
+    objects = rendered(overlay)
+    assert auth_problems(objects) == []
+    job = _one(objects, "Job", "mlflow-users")
+    args = build_parser().parse_args(job["spec"]["template"]["spec"]["containers"][0]["args"])
+    assert args.wait >= 60  # applied with the server, it outwaits the server's start
+    assert job["spec"]["template"]["spec"]["restartPolicy"] in ("Never", "OnFailure")
+    assert job["spec"].get("ttlSecondsAfterFinished")  # so that a later apply runs it again
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_secret_values_reach_only_secrets(rendered, overlay, tmp_path):
+    """Filled in with unique values, the secret files show up in Secrets and nowhere else of the output."""
+    rendered(overlay)  # skips without kubectl
+    tree = _copy_without_secret_files(tmp_path)
+    canaries = {}
+    for name in SECRET_FILES:
+        lines = []
+        for key, value in _env_file(tree / "base" / "secrets" / f"{name}.example").items():
+            if value == PLACEHOLDER:
+                value = canaries[f"{name}: {key}"] = f"canary-{uuid.uuid4().hex}"
+            lines.append(f"{key}={value}")
+        (tree / "overlays" / overlay / "secrets" / name).write_text("\n".join(lines) + "\n")
+    done = _kustomize(tree / "overlays" / overlay)
+    assert done.returncode == 0, done.stderr
+    objects = [doc for doc in yaml.safe_load_all(done.stdout) if doc]
+    in_secrets = yaml.safe_dump([o for o in objects if o["kind"] == "Secret"])
+    elsewhere = yaml.safe_dump([o for o in objects if o["kind"] != "Secret"])
+    assert len(canaries) == 7
+    for where, canary in canaries.items():
+        encoded = base64.b64encode(canary.encode()).decode()
+        assert encoded in in_secrets, f"{where} is in no Secret"
+        assert canary not in elsewhere and encoded not in elsewhere, f"{where} leaks out of its Secret"
+    assert "canary-" not in elsewhere
+
+
+def test_auth_checks_catch_broken_manifests(rendered):
+    objects = rendered("dev")
+
+    def mlflow(o):
+        return _one(o, "Deployment", "mlflow")["spec"]["template"]["spec"]["containers"][0]
+
+    def job(o):
+        return _one(o, "Job", "mlflow-users")["spec"]["template"]["spec"]["containers"][0]
+
+    def ini(o, text):
+        (config,) = [c for c in o if c["kind"] == "ConfigMap" and c["metadata"]["name"].startswith("mlflow-auth")]
+        config["data"]["basic_auth.ini"] = text(config["data"]["basic_auth.ini"])
+
+    def set_env(container, name, entry):
+        container["env"] = [entry if e["name"] == name else e for e in container["env"]]
+
+    for mutate, expected in [
+        (lambda o: mlflow(o).update(args=[a for a in mlflow(o)["args"] if "app-name" not in a]), "basic-auth"),
+        (lambda o: ini(o, lambda t: t.replace("NO_PERMISSIONS", "READ")), "default_permission is READ"),
+        (lambda o: ini(o, lambda t: t + "admin_password = hunter2hunter2\n"), "admin_password"),
+        (lambda o: ini(o, lambda t: t.replace("mlflow@", "mlflow:hunter2@")), "database_uri"),
+        (lambda o: set_env(mlflow(o), "MLFLOW_AUTH_ADMIN_PASSWORD",
+                           {"name": "MLFLOW_AUTH_ADMIN_PASSWORD", "value": "hunter2hunter2"}), "MLFLOW_AUTH_ADMIN"),
+        (lambda o: set_env(job(o), "CRFR_MLFLOW_SERVE_PASSWORD",
+                           {"name": "CRFR_MLFLOW_SERVE_PASSWORD", "valueFrom": {"secretKeyRef": {
+                               "name": "crfr-mlflow-pipeline", "key": "MLFLOW_TRACKING_PASSWORD"}}}),
+         "CRFR_MLFLOW_SERVE_PASSWORD"),
+        (lambda o: set_env(job(o), "MLFLOW_TRACKING_USERNAME", {"name": "MLFLOW_TRACKING_USERNAME", "value": "root"}),
+         "admin_username"),
+        (lambda o: _one(o, "Deployment", "crfr-serve")["spec"]["template"]["spec"]["containers"][0].update(env=[]),
+         "crfr-serve: MLFLOW_TRACKING_PASSWORD"),
+        (lambda o: o.remove(_one(o, "NetworkPolicy", "allow-mlflow")), "keep mlflow-users from MLflow"),
+    ]:
+        broken = copy.deepcopy(objects)
+        mutate(broken)
+        assert any(expected in p for p in auth_problems(broken)), expected
+    literal = copy.deepcopy(objects)
+    set_env(mlflow(literal), "MLFLOW_AUTH_ADMIN_PASSWORD", {"name": "MLFLOW_AUTH_ADMIN_PASSWORD", "value": "hunter2"})
+    assert "Deployment/mlflow/mlflow: MLFLOW_AUTH_ADMIN_PASSWORD does not come from a Secret" in secret_problems(
+        literal)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,7 @@ import yaml
 
 from crfr.config import load_params
 from crfr.errors import ConfigError, DataError
+from pipeline.images import source_tag
 from pipeline.kfp_pipeline import compile_pipeline, run_local
 from tests.pipeline_support import REPO, tiny_overrides
 
@@ -38,17 +40,50 @@ def test_training_steps_request_gpus_on_the_gpu_pool(tmp_path, profile):
     executors = spec["deploymentSpec"]["executors"]
     for name in TRAINING_EXECUTORS:
         resources = executors[name]["container"]["resources"]
-        assert resources["accelerator"]["resourceType"] == "nvidia.com/gpu"
-        assert int(resources["accelerator"]["resourceCount"]) == 1
-        assert executors[name]["container"]["image"] == "crfr:0.1.0-cuda"
+        # GPU type and count are the run's parameters, set when it is submitted; params give their defaults.
+        assert "gpu_accelerator_type" in resources["accelerator"]["resourceType"]
+        assert "gpu_count" in resources["accelerator"]["resourceCount"]
+        assert executors[name]["container"]["image"] == f"crfr-cuda:{source_tag()}"
+    defaults = {k: v["defaultValue"] for k, v in spec["root"]["inputDefinitions"]["parameters"].items()}
+    assert defaults["gpu_accelerator_type"] == "nvidia.com/gpu" and defaults["gpu_count"] == 1
+    assert defaults["gpu_node_selector"] == {"nvidia.com/gpu.present": "true"}
+    assert defaults["gpu_tolerations"][0]["key"] == "nvidia.com/gpu"
     assert "accelerator" not in executors["exec-prepare-op"]["container"].get("resources", {})
     k8s = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
     for name in TRAINING_EXECUTORS:
-        assert k8s[name]["nodeSelector"]["labels"] == {"nvidia.com/gpu.present": "true"}
-        assert k8s[name]["tolerations"][0]["key"] == "nvidia.com/gpu"
+        assert k8s[name]["nodeSelector"] == {"nodeSelectorJson": {"componentInputParameter": "gpu_node_selector"}}
+        assert k8s[name]["tolerations"] == [{"tolerationJson": {"componentInputParameter": "gpu_tolerations"}}]
     for name, cfg in k8s.items():
-        assert {s["secretName"] for s in cfg["secretAsEnv"]} == {"crfr-s3"}, name
+        assert {s["secretName"] for s in cfg["secretAsEnv"]} == {"crfr-s3", "crfr-mlflow-pipeline"}, name
     assert "nodeSelector" not in k8s["exec-prepare-op"]
+
+
+def test_every_task_fails_closed_times_out_and_runs_restricted(tmp_path):
+    spec, platform = compiled(tmp_path, ROWS)
+    executors = spec["deploymentSpec"]["executors"]
+    k8s = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    assert set(k8s) == set(executors)
+    for name, cfg in k8s.items():
+        # Required: a namespace without the ConfigMap or the Secrets cannot start a pod, let alone train into one.
+        assert [c["optional"] for c in cfg["configMapAsEnv"]] == [False], name
+        assert all(not s.get("optional") for s in cfg["secretAsEnv"]), name
+        assert int(cfg["activeDeadlineSeconds"]) > 0, name
+        assert cfg["securityContext"] == {"runAsGroup": "10001", "runAsNonRoot": True, "runAsUser": "10001"}, name
+        assert executors[name]["container"]["resources"]["resourceMemoryLimit"], name
+    assert int(k8s["exec-check-params-op"]["activeDeadlineSeconds"]) == 900
+    params = spec["root"]["dag"]["tasks"]["check-params-op"]["inputs"]["parameters"]
+    assert params["strict"]["runtimeValue"]["constant"] is True
+
+
+def test_gpu_parameters_are_set_at_submit_time(tmp_path):
+    spec, _ = compiled(tmp_path, "kubeflow.gpus=4")
+    assert spec["root"]["inputDefinitions"]["parameters"]["gpu_count"]["defaultValue"] == 4
+    tasks = spec["root"]["dag"]["tasks"]
+    for name in ("train-teacher-op", "distill-student-op", "evaluate-op"):
+        assert tasks[name]["inputs"]["parameters"]["pipelinechannel--gpu_count"] == {
+            "componentInputParameter": "gpu_count"}
+    for name in ("train-teacher-op", "distill-student-op"):
+        assert tasks[name]["inputs"]["parameters"]["gpus"] == {"componentInputParameter": "gpu_count"}
 
 
 def test_paper_profile_bakes_in_the_papers_setting_and_no_secret(tmp_path):
@@ -61,8 +96,9 @@ def test_paper_profile_bakes_in_the_papers_setting_and_no_secret(tmp_path):
     for executor in yaml.safe_load_all(text):
         for cfg in executor.get("platforms", {}).get("kubernetes", {}).get("deploymentSpec", {}).get(
                 "executors", {}).values():
-            for secret in cfg["secretAsEnv"]:
-                assert {k["secretKey"] for k in secret["keyToEnv"]} == {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}
+            keys = {secret["secretName"]: {k["secretKey"] for k in secret["keyToEnv"]} for secret in cfg["secretAsEnv"]}
+            assert keys == {"crfr-s3": {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"},
+                            "crfr-mlflow-pipeline": {"MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"}}
     for name in ("AWS_SECRET_ACCESS_KEY", "AWS_ACCESS_KEY_ID"):
         value = os.environ.get(name)
         if value:
@@ -135,7 +171,8 @@ def test_an_edit_changes_only_the_tasks_that_read_it(tmp_path, edit, expected):
 
 def test_no_pipeline_parameter_carries_the_params(tmp_path):
     spec, _ = compiled(tmp_path)
-    assert set(spec["root"]["inputDefinitions"]["parameters"]) == {"source_uri"}
+    assert set(spec["root"]["inputDefinitions"]["parameters"]) == {
+        "source_uri", "gpu_accelerator_type", "gpu_count", "gpu_node_selector", "gpu_tolerations"}
     for name, inputs in task_inputs(spec).items():
         for key, value in inputs.get("parameters", {}).items():
             if key in ("params_json", "slices_json"):
@@ -204,41 +241,40 @@ def test_without_scratch_size_no_volume_and_params_paths_stay(tmp_path):
         "constant"] == ""
 
 
-def test_accelerator_limit_is_kubeflow_gpus_and_reaches_the_training_tasks(tmp_path):
-    spec, _ = compiled(tmp_path, "kubeflow.gpus=4")
-    executors = spec["deploymentSpec"]["executors"]
-    for name in TRAINING_EXECUTORS + ("exec-evaluate-op",):
-        assert int(executors[name]["container"]["resources"]["accelerator"]["resourceCount"]) == 4
-    tasks = spec["root"]["dag"]["tasks"]
-    for name in ("train-teacher-op", "distill-student-op"):
-        assert tasks[name]["inputs"]["parameters"]["gpus"]["runtimeValue"]["constant"] == 4
-
-
 def test_images_and_pipeline_root_come_from_params(tmp_path):
-    digest = "registry.example.com/ml/crfr@sha256:" + "0123456789abcdef" * 4
-    spec, _ = compiled(tmp_path, f"kubeflow.gpu_image={digest}", "kubeflow.image=registry.example.com/ml/crfr:1.2.3",
+    digest = "registry.example.com/ml/crfr-cuda@sha256:" + "0123456789abcdef" * 4
+    spec, _ = compiled(tmp_path, f"kubeflow.gpu_image={digest}", "kubeflow.image=registry.example.com/ml/crfr-cpu:git-1a2b3c4",
                        "kubeflow.pipeline_root=minio://mlpipeline/v2/artifacts")
     assert spec["defaultPipelineRoot"] == "minio://mlpipeline/v2/artifacts"
     executors = spec["deploymentSpec"]["executors"]
     for name, executor in executors.items():
         gpu = name in TRAINING_EXECUTORS or name == "exec-evaluate-op"
-        assert executor["container"]["image"] == (digest if gpu else "registry.example.com/ml/crfr:1.2.3"), name
+        assert executor["container"]["image"] == (digest if gpu else "registry.example.com/ml/crfr-cpu:git-1a2b3c4"), name
 
 
-@pytest.mark.parametrize("setting, named", [
-    ("kubeflow.image=crfr:latest", "kubeflow.image"),
-    ("kubeflow.gpu_image=crfr", "kubeflow.gpu_image"),
-    ("kubeflow.pipeline_root=/tmp/kfp", "kubeflow.pipeline_root"),
-    ("kubeflow.checkpoint_base=/tmp/ckpt", "kubeflow.checkpoint_base"),
-    ("kubeflow.shm_size=16 gigs", "kubeflow.shm_size"),
-])
-def test_compile_refuses_unpinned_images_and_wrong_locations(tmp_path, setting, named):
-    from crfr.cli import main
+def test_a_bare_image_name_gets_the_tag_of_its_sources(tmp_path):
+    spec, _ = compiled(tmp_path, "kubeflow.image=registry.example.com:5000/ml/crfr-cpu")
+    image = spec["deploymentSpec"]["executors"]["exec-prepare-op"]["container"]["image"]
+    assert image == f"registry.example.com:5000/ml/crfr-cpu:{source_tag()}"
+    assert re.fullmatch(r"src-[0-9a-f]{12}", source_tag())
 
-    assert main(["pipeline", "compile", "--set", setting, "--out", str(tmp_path / "p.yaml")]) == 2
-    assert not (tmp_path / "p.yaml").exists()
-    with pytest.raises(ConfigError, match=named):
-        load_params(REPO / "params.yaml", [setting])
+
+def test_the_source_tag_follows_the_sources_and_nothing_else(tmp_path):
+    import shutil
+
+    from pipeline.images import source_digest
+
+    for name in ("crfr", "components", "pipeline"):
+        shutil.copytree(REPO / name, tmp_path / name, ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("params.yaml", "requirements.lock"):
+        shutil.copy(REPO / name, tmp_path / name)
+    before = source_digest(tmp_path)
+    (tmp_path / "pipeline" / "crfr_pipeline.yaml").write_text("recompiled")  # names the tag: not a source
+    (tmp_path / "crfr" / "__pycache__").mkdir(exist_ok=True)
+    (tmp_path / "crfr" / "__pycache__" / "x.pyc").write_bytes(b"\0")
+    assert source_digest(tmp_path) == before
+    (tmp_path / "crfr" / "losses.py").write_text((tmp_path / "crfr" / "losses.py").read_text() + "\n")
+    assert source_digest(tmp_path) != before
 
 
 def test_retries_skip_the_check_and_register_tasks(tmp_path):
@@ -449,7 +485,7 @@ def task_run(tmp_path_factory, lfw_root, s3_server):
     boto3.client("s3").create_bucket(Bucket="ckpt")
     art = {name: kind(uri=str(work / name)) for name, kind in [
         ("prepared", Dataset), ("probes", Dataset), ("teacher", Model), ("student", Model), ("row", Model),
-        ("report", Artifact), ("registration", Artifact)]}
+        ("report", Artifact), ("registration", Artifact), ("fingerprinted", Artifact)]}
 
     art["row"].metadata["row"] = "resnet"
     metrics = lambda name: Metrics(uri=str(work / f"{name}-metrics.json"))  # noqa: E731
@@ -459,9 +495,9 @@ def task_run(tmp_path_factory, lfw_root, s3_server):
         env.setenv(RUN_ID_ENV, "run-1")
         env.setenv(PIPELINE_RUN_ENV, "run-1")
         ops.check_params_op(json.dumps({k: v for k, v in slices.items() if k != "register"}), str(lfw_root),
-                           str(work))
+                           str(work), False)
         calls = [
-            ("prepare", lambda s: ops.prepare_op(s, str(lfw_root), art["prepared"])),
+            ("prepare", lambda s: ops.prepare_op(s, str(lfw_root), art["prepared"], art["fingerprinted"])),
             ("synthesize", lambda s: ops.synthesize_op(s, art["prepared"], art["probes"])),
             ("train_teacher", lambda s: ops.train_teacher_op(s, prepared=art["prepared"], teacher=art["teacher"],
                                                             metrics=metrics("teacher"), **training)),
@@ -474,7 +510,7 @@ def task_run(tmp_path_factory, lfw_root, s3_server):
             ("evaluate", lambda s: ops.evaluate_op(s, ["resnet"], art["prepared"], art["probes"], art["teacher"],
                                                   art["student"], art["report"], metrics("evaluate"),
                                                   Markdown(uri=str(work / "table.md")), rows=[art["row"]])),
-            ("register", lambda s: ops.register_op(s, art["prepared"], art["student"], art["teacher"],
+            ("register", lambda s: ops.register_op(s, art["fingerprinted"], art["student"], art["teacher"],
                                                   art["report"], art["registration"])),
         ]
         for step, call in calls:

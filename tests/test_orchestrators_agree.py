@@ -188,7 +188,8 @@ def prefect_plan(tmp_path: Path, params, monkeypatch) -> Plan:
         calls.append(("evaluate", set(models)))
         return {}
 
-    def register(model_dir, eval_dir, out_dir, params, role="student", row=None, force=False, teacher_dir=None):
+    def register(model_dir, eval_dir, out_dir, params, role="student", row=None, force=False, teacher_dir=None,
+                 prepared_dir=None, **kw):
         calls.append(("register", {names[model_dir]} | ({names[teacher_dir]} if teacher_dir else set())))
         return {"name": "recorded", "version": "1"}
 

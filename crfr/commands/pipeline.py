@@ -45,11 +45,29 @@ def register(sub) -> None:
                       help="--wait: seconds between state checks (default: %(default)s)")
     sub_.set_defaults(func=_submit)
 
-    loc = actions.add_parser("local", help="run the kfp pipeline on this machine with kfp.local",
-                             description="kfp.local SubprocessRunner: every component in this environment.")
+    pre = actions.add_parser(
+        "preflight", help="check, here, what a cluster run's first task checks: tracking, S3, params, inputs",
+        description="Fail closed before a submit: MLFLOW_TRACKING_URI must name a shared MLflow server (not a "
+                    "sqlite/file store, which lives and dies with a pod), s3:// paths need AWS credentials and "
+                    "AWS_ENDPOINT_URL or AWS_DEFAULT_REGION, every step's params must be valid and the input "
+                    "data must exist. In a pod these come from the ConfigMap crfr-settings and the Secret crfr-s3. "
+                    "Exit 0: the run would start; 2: the one line printed names what is missing.")
+    add_params_args(pre)
+    pre.add_argument("--source", default=None, help="raw dataset URI (default: params kubeflow.data_uri)")
+    pre.set_defaults(func=_preflight)
+
+    loc = actions.add_parser(
+        "local", help="run the kfp pipeline on this machine with kfp.local (in this environment or in containers)",
+        description="kfp.local runs the pipeline on this machine. --runner subprocess: every task in this "
+                    "environment. --runner docker: every task in its image (kubeflow.image / gpu_image, built by "
+                    "docker/build-cpu-image.sh; never pulled) as a pod runs it: uid 10001, read-only root, no "
+                    "capabilities, host network only; tracking and S3 settings and credentials are passed from "
+                    "this environment (MLFLOW_TRACKING_URI, AWS_*), and the run fails closed like a cluster run.")
     add_params_args(loc)
     loc.add_argument("--source", required=True, help="raw dataset (LFW root) or s3:// URI")
     loc.add_argument("--root", default="outputs/kfp-local", help="local pipeline root (default: %(default)s)")
+    loc.add_argument("--runner", choices=("subprocess", "docker"), default="subprocess",
+                     help="where tasks run (default: %(default)s)")
     loc.set_defaults(func=_local)
 
     pf = actions.add_parser("prefect", help="run the Prefect flow locally",
@@ -57,6 +75,11 @@ def register(sub) -> None:
     add_params_args(pf)
     pf.add_argument("--workdir", default="outputs/prefect", help="outputs (default: %(default)s)")
     pf.add_argument("--source", default=None, help="raw dataset (default: params data.root)")
+    pf.add_argument("--results", default=None,
+                    help="where task results persist: a folder or s3:// prefix (default: Prefect's local storage)")
+    pf.add_argument("--checkpoints", default=None,
+                    help="s3:// prefix training checkpoints are mirrored to, per flow run, so a retry resumes "
+                         "(default: params runtime.checkpoint_uri)")
     pf.set_defaults(func=_prefect)
 
 
@@ -86,12 +109,21 @@ def _submit(args: argparse.Namespace) -> int:
     return code
 
 
+def _preflight(args: argparse.Namespace) -> int:
+    from crfr.config import load_params
+    from pipeline.kfp_pipeline import preflight
+
+    found = preflight(load_params(args.params, args.overrides), args.source)
+    print(f"preflight ok: tracking and storage settings, every step's params, inputs found: {', '.join(found)}")
+    return 0
+
+
 def _local(args: argparse.Namespace) -> int:
     from crfr.config import load_params
     from pipeline.kfp_pipeline import run_local
 
-    run_local(load_params(args.params, args.overrides), args.source, args.root)
-    print(f"kfp.local run finished; outputs under {args.root}")
+    run_local(load_params(args.params, args.overrides), args.source, args.root, args.runner)
+    print(f"kfp.local run ({args.runner}) finished; outputs under {args.root}")
     return 0
 
 
@@ -99,6 +131,6 @@ def _prefect(args: argparse.Namespace) -> int:
     from crfr.config import load_params
     from pipeline.prefect_flow import run_flow
 
-    print(json.dumps(run_flow(load_params(args.params, args.overrides), args.workdir, args.source), indent=2,
-                     default=str))
+    print(json.dumps(run_flow(load_params(args.params, args.overrides), args.workdir, args.source, args.results,
+                              args.checkpoints), indent=2, default=str))
     return 0

@@ -40,11 +40,18 @@ class StorageCfg(Section):
 _QUANTITY = r"^[0-9]+(\.[0-9]+)?(m|k|M|G|T|P|Ki|Mi|Gi|Ti|Pi)?$"  # a Kubernetes resource quantity
 
 
+# The Kubeflow pipeline's tasks, each with its own timeout; a Table I row runs as distill_student.
+TASKS = ("check", "prepare", "synthesize", "train_teacher", "distill_student", "evaluate", "register")
+
+
 class KubeflowCfg(Section):
     """How the kfp pipeline schedules steps on a cluster."""
 
-    image: str = Field(default="crfr:0.1.0-cpu", description="CPU steps' image: a tag or @sha256 digest")
-    gpu_image: str = Field(default="crfr:0.1.0-cuda", description="GPU steps' image: a tag or @sha256 digest")
+    image: str = Field(
+        default="crfr-cpu", description="CPU steps' image: a name, tagged at compile time with the tag derived from "
+                                        "the sources (src-<12 hex>), or name:<tag with 7+ hex digits> or @sha256:"
+    )
+    gpu_image: str = Field(default="crfr-cuda", description="GPU steps' image; the same forms as image")
     pipeline_root: str | None = Field(
         default=None, description="where kfp keeps artifacts (s3://, minio:// or gs://); null: the cluster's default"
     )
@@ -77,24 +84,51 @@ class KubeflowCfg(Section):
     memory_request: str = "8G"
     gpu_cpu_request: str = "8"
     gpu_memory_request: str = "32G"
+    memory_limit: str = Field(default="16G", pattern=_QUANTITY, description="CPU steps: the pod is OOM-killed above it")
+    gpu_memory_limit: str = Field(default="96G", pattern=_QUANTITY, description="GPU steps' memory limit")
+    timeouts: dict[str, Int] = Field(
+        default_factory=lambda: {"check": 900, "prepare": 86400, "synthesize": 21600, "train_teacher": 1209600,
+                                 "distill_student": 1209600, "evaluate": 43200, "register": 3600},
+        description="seconds each task may run (activeDeadlineSeconds) before Kubernetes stops it",
+    )
     retries: Int = Field(default=2, ge=0)
     caching: Bool = True
     s3_secret: str = Field(default="crfr-s3", description="Secret with AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY")
     settings_configmap: str = Field(default="crfr-settings", description="ConfigMap with MLFLOW_TRACKING_URI etc.")
+    mlflow_secret: str = Field(
+        default="crfr-mlflow-pipeline",
+        description="Secret with MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD of the pipeline's MLflow user",
+    )
 
     @field_validator("image", "gpu_image")
     @classmethod
     def _pinned_image(cls, ref: str) -> str:
         import re
 
-        # A moving tag would let a retry or a cached step run other code than the one the run started with.
+        # kfp keys its cache on the image string and nodes pull a tag once: a tag that moves to new code would let
+        # a cached step or a retried pod run other code than the run was compiled for. A bare name gets the tag
+        # derived from the sources at compile time (pipeline/images.py).
         name, _, digest = ref.partition("@")
         tag = name.rsplit("/", 1)[-1].partition(":")[2]
         if digest and not re.fullmatch(r"sha256:[0-9a-f]{64}", digest):
             raise ValueError(f"image {ref!r}: a digest must look like @sha256:<64 hex digits>")
-        if not digest and (not re.fullmatch(r"[\w][\w.-]{0,127}", tag) or tag == "latest"):
-            raise ValueError(f"image {ref!r} needs a fixed tag (name:0.1.0, not :latest) or a @sha256: digest")
+        if not digest and tag and not (re.fullmatch(r"[\w][\w.-]{0,127}", tag) and re.search(r"[0-9a-f]{7,40}", tag)):
+            raise ValueError(f"image {ref!r}: a tag must be derived from what the image is built from (a commit or "
+                             "source hash of 7+ hex digits, e.g. src-0123456789ab), or give a @sha256: digest, "
+                             "or the bare name to get the tag of these sources")
         return ref
+
+    @field_validator("timeouts")
+    @classmethod
+    def _every_task_times_out(cls, timeouts: dict[str, int]) -> dict[str, int]:
+        missing = sorted(set(TASKS) - set(timeouts))
+        unknown = sorted(set(timeouts) - set(TASKS))
+        if missing or unknown:
+            raise ValueError(f"needs a timeout for each task {sorted(TASKS)}" + (f"; missing {missing}" if missing else "")
+                             + (f"; unknown {unknown}" if unknown else ""))
+        if any(t <= 0 for t in timeouts.values()):
+            raise ValueError("timeouts are seconds above 0")
+        return timeouts
 
     @field_validator("pipeline_root")
     @classmethod

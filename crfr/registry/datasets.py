@@ -16,26 +16,52 @@ from crfr.errors import DataError
 from crfr.registry.lineage import EVALUATION, TRAINING, DataRef
 
 
+FINGERPRINTED = ("train/index.json", "train/labels.npy", "manifest.csv")
+
+
+def _rels(sets: list[str]) -> list[str]:
+    return list(FINGERPRINTED) + [f"eval/{name}/{file}" for name in sets for file in ("meta.json", "pairs.npz")]
+
+
+def copy_fingerprinted(prepared_uri: str, sets: list[str], dest: str | Path) -> Path:
+    """Copy what the fingerprints read (about a megabyte: index, labels, manifest, pairs) into ``dest``.
+
+    The Kubeflow prepare task hands this folder to the register task, which then fingerprints the data without
+    staging the whole prepared artifact (the shards: about 195 GB in the paper profile).
+
+    Raises:
+        DataError: the folder has no ``manifest.csv`` (without it the shards themselves are fingerprinted).
+    """
+    base = str(prepared_uri).rstrip("/")
+    if not storage.exists(f"{base}/manifest.csv"):
+        raise DataError(f"{prepared_uri}: no manifest.csv, so its fingerprints need the shards themselves")
+    dest = Path(dest)
+    for rel in _rels(sets):
+        storage.download(f"{base}/{rel}", dest / rel)
+    return dest
+
+
 def _fingerprint_files(prepared_uri: str, sets: list[str], tmp: Path) -> Path:
     """A local folder holding what the fingerprints read: for ``s3://`` only those files, not the shards."""
     if not storage.is_s3(prepared_uri) or not storage.exists(f"{prepared_uri.rstrip('/')}/manifest.csv"):
         return storage.local_input(prepared_uri, kind="dir")  # without a manifest the shards stand in
-    rels = ["train/index.json", "train/labels.npy", "manifest.csv"]
-    rels += [f"eval/{name}/{file}" for name in sets for file in ("meta.json", "pairs.npz")]
-    for rel in rels:
-        storage.download(f"{prepared_uri.rstrip('/')}/{rel}", tmp / rel)
-    return tmp
+    return copy_fingerprinted(prepared_uri, sets, tmp)
 
 
-def data_refs(prepared_uri: str, params: Params) -> list[DataRef]:
+def data_refs(prepared_uri: str, params: Params, source: str | None = None) -> list[DataRef]:
     """The training split and each of ``data.eval_sets`` of a prepared folder, fingerprinted.
+
+    Args:
+        prepared_uri: the prepare step's output, or a :func:`copy_fingerprinted` folder of it.
+        source: where the prepared data lives, as recorded (default: ``prepared_uri``).
 
     Raises:
         DataError: the folder is not a prepare step output.
         StorageError: it cannot be read.
     """
     sets = [s.name for s in params.data.eval_sets]
-    source = prepared_uri.rstrip("/") if storage.is_s3(prepared_uri) else str(Path(prepared_uri).resolve())
+    source = source or prepared_uri
+    source = source.rstrip("/") if storage.is_s3(source) else str(Path(source).resolve())
     source = secrets.redact_uri(source)
     with tempfile.TemporaryDirectory(prefix="crfr-lineage-") as tmp:
         local = _fingerprint_files(prepared_uri, sets, Path(tmp))

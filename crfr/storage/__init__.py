@@ -15,9 +15,10 @@ credentials it finds there).
 
 Modules: ``door`` (the functions above, for local paths and ``s3://`` alike), ``s3`` (settings, client,
 listing, error translation), ``transfer`` (parallel transfers with progress), ``cache`` (the ETag-keyed
-mirror of ``s3://`` inputs) and ``atomic`` (local staging folders with locks, publishing by rename).
-Imports run one way: ``door`` uses the other four, ``cache`` uses ``transfer`` and ``s3``, ``transfer`` uses
-``s3`` and ``atomic``; ``s3`` and ``atomic`` use none of them.
+mirror of ``s3://`` inputs), ``atomic`` (local staging folders with locks, publishing by rename) and
+``traffic`` (requests and bytes this process moved over S3).
+Imports run one way: ``door`` uses the others, ``cache`` uses ``transfer`` and ``s3``, ``transfer`` uses
+``s3`` and ``atomic``, ``s3`` uses ``traffic``; ``traffic`` and ``atomic`` use none of them.
 """
 
 from crfr.storage.atomic import STAGING_LOCK, STALE_UNLOCKED_S, remove_stale_staging

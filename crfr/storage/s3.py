@@ -28,6 +28,7 @@ from botocore.exceptions import (
 from crfr import secrets
 from crfr.config import StorageCfg
 from crfr.errors import StorageError
+from crfr.storage import traffic
 
 # Parallel requests of one transfer; the client's connection pool is sized for it. Module-level so that tests
 # (and unusual deployments) can change it.
@@ -119,6 +120,7 @@ def client():
                 s3={"addressing_style": "path"} if endpoint else None,
             )
             _clients[key] = session.client("s3", endpoint_url=endpoint, region_name=region, config=config)
+            traffic.watch(_clients[key])
             creds = session.get_credentials()
             if creds is not None:  # credentials from config files are in no variable that secrets knows of
                 frozen = creds.get_frozen_credentials()

@@ -1,0 +1,185 @@
+"""The Kubeflow pipeline run for real in containers: ``kfp.local.DockerRunner`` on the images ``docker/`` builds.
+
+Every task of the compiled pipeline (the check, prepare, synthesize, teacher, student, the Table I rows of the
+``ParallelFor``, evaluate, register) runs in the CPU image as a pod would run it: uid 10001, read-only root,
+no capabilities, the host network only (the daemon has no bridge; containers reach only 127.0.0.1). The data
+lives on S3 (moto's server on 127.0.0.1), checkpoints are mirrored to S3, and the models are registered in a real
+``mlflow server`` whose artifacts live on S3 too. kfp.local keeps its ``pipeline_root`` on local disk (it
+bind-mounts it into every container); the cluster's S3 ``pipeline_root`` is configured by ``k8s/``'s
+``kfp-launcher`` ConfigMap and is not exercised here.
+
+Opt-in, minutes: ``CRFR_DOCKER_TESTS=1``. The test starts the private daemon of ``docker/dockerd.sh`` (as
+``docker/build-cpu-image.sh --start-daemon`` does; needs root and Debian's docker.io) and builds the CPU image
+for the current sources when the daemon lacks it (``docker/build-cpu-image.sh --make-base``).
+Per task, the wall time and the bytes read from S3 are written to ``outputs/docker-pipeline.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from crfr import storage
+from crfr.config import load_params
+from tests.facedata import free_port, stop, wait_for_health
+from tests.pipeline_support import REPO, tiny_overrides
+from tests.test_s3_pipeline import make_mini_lfw
+
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(
+    os.environ.get("CRFR_DOCKER_TESTS") != "1",
+    reason="opt-in: CRFR_DOCKER_TESTS=1 (needs root and docker.io: the test starts docker/dockerd.sh's daemon "
+           "and builds the CPU image with docker/build-cpu-image.sh)")]
+
+ROWS = ["resnet", "kd"]
+REPORT = REPO / "outputs" / "docker-pipeline.json"
+
+
+@pytest.fixture(scope="module")
+def daemon():
+    """DOCKER_HOST of a daemon that answers: the environment's, or docker/dockerd.sh's (started if needed)."""
+    if subprocess.run(["docker", "info"], capture_output=True).returncode == 0:
+        yield os.environ.get("DOCKER_HOST", "")
+        return
+    started = subprocess.run(["bash", str(REPO / "docker" / "dockerd.sh"), "start"], capture_output=True, text=True)
+    if started.returncode != 0:
+        pytest.skip(f"no Docker daemon: docker/dockerd.sh start failed: {started.stderr.strip()[-300:]}")
+    host = started.stdout.strip().split("=", 1)[1]
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("DOCKER_HOST", host)
+        yield host
+
+
+@pytest.fixture(scope="module")
+def image(daemon):
+    """The CPU image of the current sources, built when the daemon does not have it."""
+    from pipeline.kfp_pipeline import missing_images
+
+    params = load_params(REPO / "params.yaml", ["kubeflow.gpu_image=crfr-cpu"])
+    if missing_images(params):
+        build = subprocess.run(["bash", str(REPO / "docker" / "build-cpu-image.sh"), "--make-base", "--no-smoke"],
+                               cwd=REPO, capture_output=True, text=True)
+        assert build.returncode == 0, build.stdout[-3000:] + build.stderr[-3000:]
+    assert missing_images(params) == []
+    return params.kubeflow.image
+
+
+@pytest.fixture(scope="module")
+def mlflow_on_s3(s3_server, tmp_path_factory):
+    """A real ``mlflow server`` (sqlite store) whose artifacts it proxies to S3 on the moto server."""
+    root = tmp_path_factory.mktemp("mlflow-server")
+    bucket = f"mlflow-{uuid.uuid4().hex[:8]}"
+    storage.client().create_bucket(Bucket=bucket)
+    port = free_port()
+    env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false", MLFLOW_DISABLE_TELEMETRY="true",
+               MLFLOW_S3_ENDPOINT_URL=s3_server)
+    env.pop("MLFLOW_TRACKING_URI", None)
+    log = open(root / "server.log", "wb")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+         "--backend-store-uri", f"sqlite:///{root}/server.db", "--artifacts-destination", f"s3://{bucket}/mlflow"],
+        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=root)
+    try:
+        wait_for_health(f"http://127.0.0.1:{port}/health", proc)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        stop(proc)
+        log.close()
+
+
+ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def _seconds(clock: str) -> float:
+    h, m, rest = clock.split(":")
+    return int(h) * 3600 + int(m) * 60 + float(rest)
+
+
+def task_lines(output: str) -> dict[str, dict]:
+    """Per task: wall seconds (between kfp.local's ``Executing task`` and ``finished`` lines, which carry a
+    clock time), its status and the S3 traffic its process reported (``crfr-s3-traffic``)."""
+    tasks: dict[str, dict] = {}
+    current = None
+    for raw in output.splitlines():
+        line = ANSI.sub("", raw)
+        clock = re.match(r"(\d\d:\d\d:\d\d\.\d+) - ", line)
+        started = re.search(r"Executing task '([\w-]+)'", line)
+        if started:
+            current = started.group(1)
+            tasks[current] = {"start": _seconds(clock.group(1)) if clock else None}
+        traffic = re.search(r"crfr-s3-traffic (\{.*\})", line)
+        if traffic and current:
+            tasks[current]["s3"] = json.loads(traffic.group(1))
+        ended = re.search(r"Task '([\w-]+)' finished with status (\w+)", line)
+        if ended and ended.group(1) in tasks:
+            task = tasks[ended.group(1)]
+            task["status"] = ended.group(2)
+            if clock and task.get("start") is not None:
+                task["wall_s"] = round((_seconds(clock.group(1)) - task.pop("start")) % 86400, 1)
+    return tasks
+
+
+def test_the_compiled_pipeline_runs_in_its_images_with_s3_and_a_tracking_server(
+        image, s3_server, mlflow_on_s3, lfw_root, tmp_path, capfd):
+    from mlflow import MlflowClient
+
+    from pipeline.kfp_pipeline import run_local
+
+    bucket = f"crfr-{uuid.uuid4().hex[:8]}"
+    storage.client().create_bucket(Bucket=bucket)
+    mini, _, _ = make_mini_lfw(tmp_path / "mini-lfw", lfw_root)
+    storage.upload(mini, f"s3://{bucket}/lfw")
+    over = tiny_overrides(tmp_path)
+    over["data"] = {**over["data"], "validation_identities": 0}  # no one with 2-3 images in the mini set
+    over["ablation_rows"] = ROWS
+    over["tracking"] = {"uri": mlflow_on_s3, "artifact_location": None}
+    over["kubeflow"] = {"gpu_image": "crfr-cpu", "checkpoint_base": f"s3://{bucket}/checkpoints"}
+    params = load_params(REPO / "params.yaml", over)
+    root = tmp_path / "root"
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("MLFLOW_TRACKING_URI", mlflow_on_s3)
+        env.setenv("CRFR_S3_TRAFFIC", "1")
+        started = time.monotonic()
+        run_local(params, f"s3://{bucket}/lfw", root, runner="docker")
+        wall = time.monotonic() - started
+    output = capfd.readouterr()
+    text = output.out + output.err
+    sys.stdout.write(text[-20000:])
+
+    tasks = task_lines(text)
+    expected = {"check-params-op", "prepare-op", "synthesize-op", "train-teacher-op", "distill-student-op",
+                "evaluate-op", "register-op"}
+    assert expected <= set(tasks), sorted(tasks)
+    assert sum(name.startswith("distill-student-op") for name in tasks) >= 1 + len(ROWS) or "for-loop" in text
+    assert all(t.get("status") in (None, "SUCCESS") for t in tasks.values()), tasks
+    # Every task ran in the image, as its uid, with the read-only root.
+    assert "Found image 'crfr-cpu:src-" in text and "Pulling image" not in text
+
+    client = MlflowClient(mlflow_on_s3)
+    version = client.get_model_version_by_alias(params.registry.model_name, "challenger")
+    assert version.run_id
+    checkpoints = storage.list_files(f"s3://{bucket}/checkpoints")
+    assert any(uri.endswith("teacher/checkpoint.pt") for uri in checkpoints), checkpoints
+    assert any("/local-" in uri for uri in checkpoints), "checkpoints must go to <checkpoint_base>/<run id>/"
+    # Register fingerprints the data from the small `fingerprinted` artifact: it reads nothing of the shards.
+    if "s3" in tasks.get("register-op", {}):
+        assert tasks["register-op"]["s3"]["bytes_read"] < 5_000_000, tasks["register-op"]
+
+    REPORT.parent.mkdir(exist_ok=True)
+    REPORT.write_text(json.dumps({"wall_s": round(wall, 1), "tasks": tasks, "model_version": version.version},
+                                 indent=2, default=str) + "\n")
+
+
+def test_the_docker_runner_refuses_an_image_the_daemon_lacks(daemon, tmp_path):
+    from crfr.cli import main
+
+    code = main(["pipeline", "local", "--runner", "docker", "--source", "s3://nowhere/lfw", "--root",
+                 str(tmp_path / "root"), "--set", "kubeflow.image=crfr-cpu:src-000000000000"])
+    assert code == 2
