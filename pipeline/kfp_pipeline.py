@@ -183,8 +183,8 @@ def build_pipeline(params: Params, cluster: bool = True, strict: bool | None = N
                   description="Cross-resolution face recognition: ResNet teacher, WaveResNet student (KD + "
                               "wavelet similarity), multi-resolution evaluation, MLflow registration.")
     def crfr_pipeline(source_uri: str = kf.data_uri, gpu_accelerator_type: str = kf.accelerator_type,
-                      gpu_count: int = kf.gpus, gpu_node_selector: dict = dict(kf.gpu_node_selector),
-                      gpu_tolerations: list = list(kf.gpu_tolerations)):
+                      gpu_count: int = kf.gpus, gpu_node_selector: dict = dict(sorted(kf.gpu_node_selector.items())),
+                      gpu_tolerations: list = [dict(sorted(t.items())) for t in kf.gpu_tolerations]):
         scheduling = {"type": gpu_accelerator_type, "count": gpu_count, "node_selector": gpu_node_selector,
                       "tolerations": gpu_tolerations}
         training = {"gpus": gpu_count, "checkpoint_base": checkpoint_base}
@@ -231,7 +231,24 @@ def compile_pipeline(params: Params, path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     compiler.Compiler().compile(build_pipeline(params), str(path))
+    _sort_header_defaults(path)
     return path
+
+
+def _sort_header_defaults(path: Path) -> None:
+    # kfp's header comment prints a dict default in the order of a protobuf map, which changes from process to
+    # process; the spec below it is ordered. Printed sorted, the same params give the same bytes.
+    import ast
+
+    lines = path.read_text().splitlines(keepends=True)
+    for i, line in enumerate(lines):
+        if not line.startswith("#"):
+            break
+        head, sep, rest = line.partition(" [Default: ")
+        if sep and rest.rstrip().endswith("]") and rest[:1] in "[{":
+            value = ast.literal_eval(rest.rstrip()[:-1])
+            lines[i] = f"{head}{sep}{json.dumps(value, sort_keys=True)}]\n"
+    path.write_text("".join(lines))
 
 
 RUNNERS = ("subprocess", "docker")
