@@ -7,6 +7,7 @@ resized to 112.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -195,3 +196,27 @@ def stop(proc: subprocess.Popen, grace: float = 20.0) -> None:
     deadline = time.monotonic() + 10
     while _group_alive(group) and time.monotonic() < deadline:
         time.sleep(0.05)
+
+
+@contextlib.contextmanager
+def running_mlflow_server(root: Path, artifacts: str, extra_env: dict | None = None, extra_args: tuple[str, ...] = ()):
+    """A real ``mlflow server`` on 127.0.0.1 (sqlite store in ``root``, artifacts proxied to ``artifacts``);
+    yields its URL and stops it, workers included, on the way out."""
+    import sys
+
+    from crfr.cli import OFFLINE_DEFAULTS
+
+    port = free_port()
+    env = {**os.environ, **OFFLINE_DEFAULTS, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **(extra_env or {})}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    with open(root / "server.log", "wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "mlflow", "server", *extra_args, "--host", "127.0.0.1", "--port", str(port),
+             "--workers", "1", "--backend-store-uri", f"sqlite:///{root}/server.db", "--artifacts-destination",
+             artifacts],
+            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=root)
+        try:
+            wait_for_health(f"http://127.0.0.1:{port}/health", proc)
+            yield f"http://127.0.0.1:{port}"
+        finally:
+            stop(proc)

@@ -20,16 +20,14 @@ import json
 import os
 import re
 import subprocess
-import sys
 import time
 import uuid
-from pathlib import Path
 
 import pytest
 
 from crfr import storage
 from crfr.config import load_params
-from tests.facedata import free_port, stop, wait_for_health
+from tests.facedata import running_mlflow_server
 from tests.pipeline_support import REPO, tiny_overrides
 from tests.test_s3_pipeline import make_mini_lfw
 
@@ -77,21 +75,8 @@ def mlflow_on_s3(s3_server, tmp_path_factory):
     root = tmp_path_factory.mktemp("mlflow-server")
     bucket = f"mlflow-{uuid.uuid4().hex[:8]}"
     storage.client().create_bucket(Bucket=bucket)
-    port = free_port()
-    env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false", MLFLOW_DISABLE_TELEMETRY="true",
-               MLFLOW_S3_ENDPOINT_URL=s3_server)
-    env.pop("MLFLOW_TRACKING_URI", None)
-    log = open(root / "server.log", "wb")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-         "--backend-store-uri", f"sqlite:///{root}/server.db", "--artifacts-destination", f"s3://{bucket}/mlflow"],
-        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=root)
-    try:
-        wait_for_health(f"http://127.0.0.1:{port}/health", proc)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        stop(proc)
-        log.close()
+    with running_mlflow_server(root, f"s3://{bucket}/mlflow", {"MLFLOW_S3_ENDPOINT_URL": s3_server}) as url:
+        yield url
 
 
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
@@ -104,7 +89,11 @@ def _seconds(clock: str) -> float:
 
 def task_lines(output: str) -> dict[str, dict]:
     """Per task: wall seconds (between kfp.local's ``Executing task`` and ``finished`` lines, which carry a
-    clock time), its status and the S3 traffic its process reported (``crfr-s3-traffic``)."""
+    clock time), its status and the S3 traffic its process reported (``crfr-s3-traffic``).
+
+    The rows of a ``ParallelFor`` run at once under one name: the second is keyed ``name#2``, and a traffic line
+    goes to the task started last (with parallel rows, approximately).
+    """
     tasks: dict[str, dict] = {}
     current = None
     for raw in output.splitlines():
@@ -112,17 +101,22 @@ def task_lines(output: str) -> dict[str, dict]:
         clock = re.match(r"(\d\d:\d\d:\d\d\.\d+) - ", line)
         started = re.search(r"Executing task '([\w-]+)'", line)
         if started:
-            current = started.group(1)
-            tasks[current] = {"start": _seconds(clock.group(1)) if clock else None}
+            name, n = started.group(1), 1
+            while (key := name if n == 1 else f"{name}#{n}") in tasks:
+                n += 1
+            current = key
+            tasks[key] = {"start": _seconds(clock.group(1)) if clock else None}
         traffic = re.search(r"crfr-s3-traffic (\{.*\})", line)
         if traffic and current:
             tasks[current]["s3"] = json.loads(traffic.group(1))
         ended = re.search(r"Task '([\w-]+)' finished with status (\w+)", line)
-        if ended and ended.group(1) in tasks:
-            task = tasks[ended.group(1)]
-            task["status"] = ended.group(2)
-            if clock and task.get("start") is not None:
-                task["wall_s"] = round((_seconds(clock.group(1)) - task.pop("start")) % 86400, 1)
+        if ended:
+            open_ = [k for k, t in tasks.items() if k.split("#")[0] == ended.group(1) and "status" not in t]
+            if open_:
+                task = tasks[open_[0]]
+                task["status"] = ended.group(2)
+                if clock and task.get("start") is not None:
+                    task["wall_s"] = round((_seconds(clock.group(1)) - task.pop("start")) % 86400, 1)
     return tasks
 
 
@@ -151,26 +145,31 @@ def test_the_compiled_pipeline_runs_in_its_images_with_s3_and_a_tracking_server(
         wall = time.monotonic() - started
     output = capfd.readouterr()
     text = output.out + output.err
-    sys.stdout.write(text[-20000:])
+    REPORT.parent.mkdir(exist_ok=True)
+    REPORT.with_suffix(".log").write_text(text)
 
     tasks = task_lines(text)
     expected = {"check-params-op", "prepare-op", "synthesize-op", "train-teacher-op", "distill-student-op",
                 "evaluate-op", "register-op"}
     assert expected <= set(tasks), sorted(tasks)
-    assert sum(name.startswith("distill-student-op") for name in tasks) >= 1 + len(ROWS) or "for-loop" in text
-    assert all(t.get("status") in (None, "SUCCESS") for t in tasks.values()), tasks
+    # The default student and each Table I row of the ParallelFor.
+    assert sum(name.startswith("distill-student-op") for name in tasks) == 1 + len(ROWS), sorted(tasks)
+    # kfp.local can lose the "finished" line of one of two rows that end together; a failed task raises anyway.
+    assert all(t.get("status") == "SUCCESS" for name, t in tasks.items() if "#" not in name), tasks
+    assert re.search(r"Pipeline '[\w-]+' finished with status SUCCESS", ANSI.sub("", text))
     # Every task ran in the image, as its uid, with the read-only root.
     assert "Found image 'crfr-cpu:src-" in text and "Pulling image" not in text
 
     client = MlflowClient(mlflow_on_s3)
-    version = client.get_model_version_by_alias(params.registry.model_name, "challenger")
+    version = client.get_model_version_by_alias(params.registry.student_name, "challenger")
     assert version.run_id
     checkpoints = storage.list_files(f"s3://{bucket}/checkpoints")
     assert any(uri.endswith("teacher/checkpoint.pt") for uri in checkpoints), checkpoints
     assert any("/local-" in uri for uri in checkpoints), "checkpoints must go to <checkpoint_base>/<run id>/"
     # Register fingerprints the data from the small `fingerprinted` artifact: it reads nothing of the shards.
-    if "s3" in tasks.get("register-op", {}):
-        assert tasks["register-op"]["s3"]["bytes_read"] < 5_000_000, tasks["register-op"]
+    assert tasks["register-op"]["s3"]["bytes_read"] < 5_000_000, tasks["register-op"]
+    # The source data is read from S3 by prepare (and checked by the first task), by no one else.
+    assert tasks["prepare-op"]["s3"]["bytes_read"] > 0
 
     REPORT.parent.mkdir(exist_ok=True)
     REPORT.write_text(json.dumps({"wall_s": round(wall, 1), "tasks": tasks, "model_version": version.version},

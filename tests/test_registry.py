@@ -3,16 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import time
 import uuid
 
 import numpy as np
 import pytest
 
-from crfr.cli import OFFLINE_DEFAULTS
 from crfr.errors import RegistryError
 from crfr.registry.gate import gate, gate_accuracies
 from crfr.registry.promote import promote
@@ -25,9 +21,8 @@ from tests.facedata import (
     make_params,
     params_file,
     require_lfw,
+    running_mlflow_server,
     save_random_model,
-    stop,
-    wait_for_health,
 )
 
 THRESHOLDS = {"14": 1.31, "28": 1.22, "112": 1.15}
@@ -76,21 +71,8 @@ def test_gate_accuracies_from_evaluate_metrics(tmp_path):
 def mlflow_server(tmp_path_factory):
     """``mlflow server`` on 127.0.0.1 with a sqlite store and proxied artifacts, for this session."""
     root = tmp_path_factory.mktemp("mlflow-server")
-    port = free_port()
-    env = {**os.environ, **OFFLINE_DEFAULTS, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-    env.pop("MLFLOW_TRACKING_URI", None)
-    log = open(root / "server.log", "wb")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-         "--backend-store-uri", f"sqlite:///{root}/server.db", "--artifacts-destination", str(root / "artifacts")],
-        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=root,
-    )
-    try:
-        wait_for_health(f"http://127.0.0.1:{port}/health", proc)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        stop(proc)
-        log.close()
+    with running_mlflow_server(root, str(root / "artifacts")) as url:
+        yield url
 
 
 @pytest.fixture(params=["sqlite", "server"])

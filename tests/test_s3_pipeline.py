@@ -14,10 +14,7 @@ error messages, MLflow params or stored objects means something.
 
 from __future__ import annotations
 
-import os
 import shutil
-import subprocess
-import sys
 import uuid
 from pathlib import Path
 
@@ -31,7 +28,7 @@ from crfr import storage
 from crfr.config import load_params
 from crfr.errors import StorageError
 from crfr.train.loop import Trainer
-from tests.facedata import free_port, stop, wait_for_health
+from tests.facedata import running_mlflow_server
 from tests.pipeline_support import REPO, tiny_overrides
 
 pytestmark = pytest.mark.slow
@@ -146,24 +143,8 @@ def mlflow_s3_server(s3env):
     """``mlflow server`` with a sqlite store and artifacts proxied to s3://<bucket>/mlflow on the moto server."""
     root = s3env["work"] / "mlflow-server"
     root.mkdir()
-    port = free_port()
-    env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false", MLFLOW_DISABLE_TELEMETRY="true",
-               MLFLOW_S3_ENDPOINT_URL=s3env["endpoint"])
-    env.pop("MLFLOW_TRACKING_URI", None)
-    log_path = root / "server.log"
-    log = open(log_path, "wb")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-         "--backend-store-uri", f"sqlite:///{root}/server.db",
-         "--artifacts-destination", f"s3://{s3env['bucket']}/mlflow"],
-        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=root,
-    )
-    try:
-        wait_for_health(f"http://127.0.0.1:{port}/health", proc)
-        yield {"url": f"http://127.0.0.1:{port}", "log": log_path}
-    finally:
-        stop(proc)
-        log.close()
+    with running_mlflow_server(root, f"s3://{s3env['bucket']}/mlflow", {"MLFLOW_S3_ENDPOINT_URL": s3env["endpoint"]}) as url:
+        yield {"url": url, "log": root / "server.log"}
 
 
 # ----------------------------------------------------------------------------------------------- tests
