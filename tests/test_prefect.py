@@ -50,8 +50,10 @@ class Steps:
             self.calls[-1]["found"] = checkpoint.read_text() if checkpoint.exists() else None
             return record("train-teacher", out_dir, params)
 
-        def register(model_dir, eval_dir, out_dir, params, role="student", row=None, force=False, teacher_dir=None):
+        def register(model_dir, eval_dir, out_dir, params, role="student", row=None, force=False, teacher_dir=None,
+                     prepared_dir=None):
             self.ran.append("register")
+            self.seen["register_prepared"] = prepared_dir
             self.seen["register"] = params
             self.run_id = os.environ.get("CRFR_PIPELINE_RUN_ID")
             if self.register_fails:

@@ -23,6 +23,7 @@ import pytest
 import yaml
 
 from crfr.config import load_params
+from tests.conftest import MLFLOW_ENV
 from tests.facedata import free_port, stop, wait_for_health
 from tests.pipeline_support import REPO, copy_repo, tiny_overrides
 
@@ -206,7 +207,7 @@ def prefect_server(tmp_path):
 
 @pytest.mark.slow
 def test_deployment_from_prefect_yaml_runs_on_a_worker_with_results_on_s3(lfw_root, tmp_path, s3_server,
-                                                                          prefect_server):
+                                                                          prefect_server, monkeypatch):
     import boto3
     from mlflow import MlflowClient
 
@@ -217,6 +218,11 @@ def test_deployment_from_prefect_yaml_runs_on_a_worker_with_results_on_s3(lfw_ro
     env = {**os.environ, "PREFECT_API_URL": prefect_server, "PREFECT_HOME": str(tmp_path / "client-home"),
            "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",  # the build steps run `python` and `pwd`
            "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1"}
+    # The environment's MLflow settings win over params when they are loaded: one left by an earlier test of the
+    # session would send this flow's registrations to its store.
+    for key in MLFLOW_ENV:
+        env.pop(key, None)
+        monkeypatch.delenv(key, raising=False)
 
     def prefect(*args: str, cwd: Path = repo, timeout: float = 180) -> str:
         done = subprocess.run([PREFECT, "--no-prompt", *args], cwd=cwd, env=env, capture_output=True, text=True,
@@ -291,5 +297,6 @@ def test_deployment_from_prefect_yaml_runs_on_a_worker_with_results_on_s3(lfw_ro
                       "register": ("Completed", 1)}
     assert teacher.stat().st_mtime_ns == mtime
     assert json.loads((work / "reports" / "register" / "registration.json").read_text())["version"] == "2"
-    versions = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").search_model_versions("name='crfr-student'")
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    versions = MlflowClient(store, registry_uri=store).search_model_versions("name='crfr-student'")
     assert sorted(int(v.version) for v in versions) == [1, 2], "one registration per flow run"
