@@ -43,12 +43,18 @@ def _files(root: Path) -> list[Path]:
     return sorted(p for p in found if p.relative_to(root).as_posix() not in NOT_SOURCES)
 
 
-def source_digest(root: Path = REPO) -> str:
-    """SHA-256 (hex) over the relative path and bytes of every file an image is built from."""
+def source_digest(root: Path = REPO, leave_out: frozenset[str] = frozenset()) -> str:
+    """SHA-256 (hex) over the relative path and bytes of every file an image is built from.
+
+    Args:
+        leave_out: relative paths not counted (the Prefect flow's code version leaves out params.yaml).
+    """
     digest = hashlib.sha256()
     for path in _files(root):
-        digest.update(path.relative_to(root).as_posix().encode() + b"\0")
-        digest.update(hashlib.sha256(path.read_bytes()).digest())
+        rel = path.relative_to(root).as_posix()
+        if rel not in leave_out:
+            digest.update(rel.encode() + b"\0")
+            digest.update(hashlib.sha256(path.read_bytes()).digest())
     return digest.hexdigest()
 
 

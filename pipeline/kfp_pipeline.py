@@ -61,6 +61,10 @@ def task_params(params: Params, cluster: bool) -> Params:
     kf = params.kubeflow
     if not cluster or not (kf.scratch_size and kf.gpu_scratch_size):
         return params
+    return _on_scratch(params)
+
+
+def _on_scratch(params: Params) -> Params:
     tasks = params.model_copy(deep=True)
     tasks.run_dir = f"{SCRATCH}/runs"
     tasks.storage.cache_dir = f"{SCRATCH}/cache"
@@ -316,10 +320,8 @@ def run_local(params: Params, source_uri: str, pipeline_root: str | Path, runner
     if missing:
         raise ConfigError(f"image {missing[0]} is not on the Docker daemon (never pulled here): build it with "
                           "docker/build-cpu-image.sh, or set kubeflow.image / gpu_image to an image it has")
-    tasks = params.model_copy(deep=True)
     # In the containers as in a pod: run_dir and the S3 cache on the scratch volume, not the read-only root.
-    tasks.run_dir = f"{SCRATCH}/runs"
-    tasks.storage.cache_dir = f"{SCRATCH}/cache"
+    tasks = _on_scratch(params)
     root = Path(pipeline_root).resolve()
     root.mkdir(parents=True, exist_ok=True)
     run_id = f"local-{uuid.uuid4().hex[:12]}"

@@ -47,7 +47,7 @@ from crfr.storage.s3 import listing
 
 # Files an image is built from that are not code: params reach every task as its slice, and prefect.yaml only says
 # where the flow runs. Counted, any edit of params.yaml would re-run every step.
-NOT_CODE = {"params.yaml", "prefect.yaml"}
+NOT_CODE = frozenset({"params.yaml", "prefect.yaml"})
 # Task arguments that say where bytes go while a step runs, not what it computes: outside the cache key.
 NOT_KEYED = {"checkpoints"}
 
@@ -58,12 +58,7 @@ def code_version() -> str:
     :data:`NOT_CODE`. Computed once per process, so a file saved during a run does not split its cache keys."""
     from pipeline import images
 
-    digest = hashlib.sha256()
-    for path in images._files(images.REPO):  # the one list of what an image holds
-        rel = path.relative_to(images.REPO).as_posix()
-        if rel not in NOT_CODE:
-            digest.update(rel.encode() + b"\0" + hashlib.sha256(path.read_bytes()).digest())
-    return digest.hexdigest()
+    return images.source_digest(images.REPO, leave_out=NOT_CODE)
 
 
 def fingerprint(path: str | None) -> str:

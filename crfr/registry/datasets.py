@@ -43,9 +43,12 @@ def copy_fingerprinted(prepared_uri: str, sets: list[str], dest: str | Path) -> 
 
 def _fingerprint_files(prepared_uri: str, sets: list[str], tmp: Path) -> Path:
     """A local folder holding what the fingerprints read: for ``s3://`` only those files, not the shards."""
-    if not storage.is_s3(prepared_uri) or not storage.exists(f"{prepared_uri.rstrip('/')}/manifest.csv"):
-        return storage.local_input(prepared_uri, kind="dir")  # without a manifest the shards stand in
-    return copy_fingerprinted(prepared_uri, sets, tmp)
+    if storage.is_s3(prepared_uri):
+        try:
+            return copy_fingerprinted(prepared_uri, sets, tmp)
+        except DataError:
+            pass  # without a manifest the shards stand in
+    return storage.local_input(prepared_uri, kind="dir")
 
 
 def data_refs(prepared_uri: str, params: Params, source: str | None = None) -> list[DataRef]:
