@@ -102,7 +102,7 @@ def preflight(params: Params, source_uri: str | None = None) -> list[str]:
     kf = params.kubeflow
     slices = {step: text for step, text in task_slices(params, cluster=False).items() if step != "register"}
     source = source_uri or kf.data_uri
-    check_environment(slices, source, tuple(u for u in (kf.checkpoint_base, kf.pipeline_root) if u))
+    check_environment(slices, source, tuple(u for u in (kf.checkpoint_base, kf.pipeline_root, kf.shards_uri) if u))
     return check_slices(slices, source)
 
 
@@ -196,7 +196,8 @@ def build_pipeline(params: Params, cluster: bool = True, strict: bool | None = N
         check = common(check_c(slices_json=checked, source_uri=source_uri, scratch=scratch_check, strict=strict),
                        False, "check params and inputs", "check", retries=0)
         check.set_caching_options(False)
-        prep = common(prepare_c(params_json=slices["prepare"], source_uri=source_uri), False, "prepare", "prepare")
+        prep = common(prepare_c(params_json=slices["prepare"], source_uri=source_uri, shards_uri=kf.shards_uri or ""),
+                      False, "prepare", "prepare")
         prep.after(check)
         synth = common(synthesize_c(params_json=slices["synthesize"], prepared=prep.outputs["prepared"]), False,
                        "synthesize LR probes", "synthesize")

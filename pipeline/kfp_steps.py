@@ -25,17 +25,22 @@ def check_params_op(slices_json: str, source_uri: str, scratch: str, strict: boo
     print(json.dumps({"inputs_found": found}))
 
 
-def prepare_op(params_json: str, source_uri: str, prepared: Output[Dataset], fingerprinted: Output[Artifact]):
-    """Align faces, split without identity leaks, write shards and eval pairs; and, apart, the few files the
-    data's fingerprints read, so that the register task does not stage the shards."""
+def prepare_op(params_json: str, source_uri: str, shards_uri: str, prepared: Output[Dataset],
+               shards: Output[Dataset], fingerprinted: Output[Artifact]):
+    """Align faces, split without identity leaks, write shards and eval pairs. The training shards go apart
+    (the ``shards`` artifact, or ``shards_uri`` on S3), so that ``prepared`` stays small: the launcher stages
+    every input artifact whole, and training reads the shards where they lie, each when first needed. Apart
+    too, the few files the data's fingerprints read, for the register task."""
     from components.prepare import prepare
     from crfr.config import params_from_json
+    from crfr.data.remote_shards import move_shards
     from crfr.registry.datasets import copy_fingerprinted
 
     params = params_from_json(params_json)
     prepare(source_uri or None, prepared.path, params)
     copy_fingerprinted(prepared.path, [s.name for s in params.data.eval_sets], fingerprinted.path)
     fingerprinted.metadata["prepared_uri"] = prepared.uri  # what the lineage names: the data, not this copy
+    shards.metadata["location"] = move_shards(prepared.path, shards.path, shards.uri, shards_uri or None)
 
 
 def synthesize_op(params_json: str, prepared: Input[Dataset], probes: Output[Dataset]):

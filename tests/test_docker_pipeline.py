@@ -3,7 +3,8 @@
 Every task of the compiled pipeline (the check, prepare, synthesize, teacher, student, the Table I rows of the
 ``ParallelFor``, evaluate, register) runs in the CPU image as a pod would run it: uid 10001, read-only root,
 no capabilities, the host network only (the daemon has no bridge; containers reach only 127.0.0.1). The data
-lives on S3 (moto's server on 127.0.0.1), checkpoints are mirrored to S3, and the models are registered in a real
+lives on S3 (moto's server on 127.0.0.1), the prepare task puts the training shards on S3 and the training
+tasks read them from there, checkpoints are mirrored to S3, and the models are registered in a real
 ``mlflow server`` whose artifacts live on S3 too. kfp.local keeps its ``pipeline_root`` on local disk (it
 bind-mounts it into every container); the cluster's S3 ``pipeline_root`` is configured by ``k8s/``'s
 ``kfp-launcher`` ConfigMap and is not exercised here.
@@ -134,7 +135,8 @@ def test_the_compiled_pipeline_runs_in_its_images_with_s3_and_a_tracking_server(
     over["data"] = {**over["data"], "validation_identities": 0}  # no one with 2-3 images in the mini set
     over["ablation_rows"] = ROWS
     over["tracking"] = {"uri": mlflow_on_s3, "artifact_location": None}
-    over["kubeflow"] = {"gpu_image": "crfr-cpu", "checkpoint_base": f"s3://{bucket}/checkpoints"}
+    over["kubeflow"] = {"gpu_image": "crfr-cpu", "checkpoint_base": f"s3://{bucket}/checkpoints",
+                        "shards_uri": f"s3://{bucket}/shards"}
     params = load_params(REPO / "params.yaml", over)
     root = tmp_path / "root"
     with pytest.MonkeyPatch.context() as env:
@@ -166,13 +168,28 @@ def test_the_compiled_pipeline_runs_in_its_images_with_s3_and_a_tracking_server(
     checkpoints = storage.list_files(f"s3://{bucket}/checkpoints")
     assert any(uri.endswith("teacher/checkpoint.pt") for uri in checkpoints), checkpoints
     assert any("/local-" in uri for uri in checkpoints), "checkpoints must go to <checkpoint_base>/<run id>/"
+    # The training shards went to S3, out of the `prepared` artifact that every later task stages whole; each
+    # training task read them from there.
+    shards = [uri for uri in storage.list_files(f"s3://{bucket}/shards") if uri.endswith(".npy")]
+    shard_bytes = sum(storage.client().head_object(Bucket=bucket, Key=uri.split("/", 3)[3])["ContentLength"]
+                      for uri in shards)
+    assert shards and shard_bytes > 0
+    staged = list(root.rglob("prepared/train/index.json"))
+    assert staged and all((p.parent / "location.json").is_file() and not list(p.parent.glob("shard-*"))
+                          for p in staged), staged
+    for name, task in tasks.items():
+        if name.startswith(("train-teacher-op", "distill-student-op")) and "s3" in task:
+            assert task["s3"]["bytes_read"] >= shard_bytes, (name, task)
+    for name in ("synthesize-op", "evaluate-op"):
+        assert tasks[name]["s3"]["bytes_read"] < shard_bytes, (name, tasks[name])
     # Register fingerprints the data from the small `fingerprinted` artifact: it reads nothing of the shards.
     assert tasks["register-op"]["s3"]["bytes_read"] < 5_000_000, tasks["register-op"]
     # The source data is read from S3 by prepare (and checked by the first task), by no one else.
     assert tasks["prepare-op"]["s3"]["bytes_read"] > 0
 
     REPORT.parent.mkdir(exist_ok=True)
-    REPORT.write_text(json.dumps({"wall_s": round(wall, 1), "tasks": tasks, "model_version": version.version},
+    REPORT.write_text(json.dumps({"wall_s": round(wall, 1), "tasks": tasks, "model_version": version.version,
+                                  "shards": {"files": len(shards), "bytes": shard_bytes}},
                                  indent=2, default=str) + "\n")
 
 

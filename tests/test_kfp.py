@@ -485,7 +485,7 @@ def task_run(tmp_path_factory, lfw_root, s3_server):
     boto3.client("s3").create_bucket(Bucket="ckpt")
     art = {name: kind(uri=str(work / name)) for name, kind in [
         ("prepared", Dataset), ("probes", Dataset), ("teacher", Model), ("student", Model), ("row", Model),
-        ("report", Artifact), ("registration", Artifact), ("fingerprinted", Artifact)]}
+        ("report", Artifact), ("registration", Artifact), ("fingerprinted", Artifact), ("shards", Dataset)]}
 
     art["row"].metadata["row"] = "resnet"
     metrics = lambda name: Metrics(uri=str(work / f"{name}-metrics.json"))  # noqa: E731
@@ -497,7 +497,8 @@ def task_run(tmp_path_factory, lfw_root, s3_server):
         ops.check_params_op(json.dumps({k: v for k, v in slices.items() if k != "register"}), str(lfw_root),
                            str(work), False)
         calls = [
-            ("prepare", lambda s: ops.prepare_op(s, str(lfw_root), art["prepared"], art["fingerprinted"])),
+            ("prepare", lambda s: ops.prepare_op(s, str(lfw_root), "", art["prepared"], art["shards"],
+                                                           art["fingerprinted"])),
             ("synthesize", lambda s: ops.synthesize_op(s, art["prepared"], art["probes"])),
             ("train_teacher", lambda s: ops.train_teacher_op(s, prepared=art["prepared"], teacher=art["teacher"],
                                                             metrics=metrics("teacher"), **training)),
@@ -532,6 +533,12 @@ def test_every_step_reads_only_the_params_of_its_slice(task_run):
     reg = json.loads((task_run["work"] / "registration" / "registration.json").read_text())
     assert reg["name"] == "crfr-student" and "| resnet |" in (task_run["work"] / "table.md").read_text()
     assert task_run["keys"]["register"] == ["*"]  # its lineage records all params, below
+    # The shards left the `prepared` artifact (staged whole by kfp's launcher) for the `shards` one; the
+    # training tasks found them there through train/location.json.
+    work = task_run["work"]
+    assert not list((work / "prepared" / "train").glob("shard-*")) and list((work / "shards").glob("shard-*.npy"))
+    location = json.loads((work / "prepared" / "train" / "location.json").read_text())
+    assert location == {"uri": str(work / "shards")} == {"uri": task_run["artifacts"]["shards"].metadata["location"]}
 
 
 @pytest.mark.slow

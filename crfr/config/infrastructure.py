@@ -56,6 +56,11 @@ class KubeflowCfg(Section):
         default=None, description="where kfp keeps artifacts (s3://, minio:// or gs://); null: the cluster's default"
     )
     data_uri: str = Field(default="s3://crfr/data/lfw", description="raw dataset location the prepare step reads")
+    shards_uri: str | None = Field(
+        default=None, description="s3:// prefix the prepare task uploads the training shards to itself (under the "
+                                  "data's fingerprint), training reading them from there shard by shard; null: they "
+                                  "are the prepare task's `shards` artifact, in pipeline_root"
+    )
     checkpoint_base: str | None = Field(
         default=None, description="s3:// prefix: training steps mirror checkpoints to <this>/<run id>/<model>, "
                                   "so a retried pod resumes; null: checkpoints stay in the pod"
@@ -135,6 +140,13 @@ class KubeflowCfg(Section):
     def _artifact_store(cls, uri: str | None) -> str | None:
         if uri is not None and not uri.startswith(("s3://", "minio://", "gs://")):
             raise ValueError(f"pipeline_root {uri!r} must be an s3://, minio:// or gs:// URI (kfp's artifact stores)")
+        return uri
+
+    @field_validator("shards_uri")
+    @classmethod
+    def _shards_on_s3(cls, uri: str | None) -> str | None:
+        if uri is not None and not uri.startswith("s3://"):
+            raise ValueError(f"shards_uri {uri!r} must be an s3:// prefix: every training pod reads it")
         return uri
 
     @field_validator("checkpoint_base")

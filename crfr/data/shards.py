@@ -9,13 +9,17 @@ Layout (docs/formats.md)::
 
 Each file is written under a temporary name and renamed (a failed write leaves nothing); ``index.json`` comes
 last, so a folder without it is incomplete. Reading is a memory-map per shard plus one copy of the requested
-image: no decoding, so the reader is never the bottleneck of training.
+image: no decoding, so the reader is never the bottleneck of training. The shards may lie elsewhere than the
+index (an ``s3://`` prefix: :mod:`crfr.data.remote_shards`); each is then fetched when first read.
 """
 
 from __future__ import annotations
 
 import bisect
+import fcntl
+import hashlib
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +30,7 @@ from crfr.errors import DataError, storage_faults
 FORMAT = "crfr-shards/1"
 INDEX = "index.json"
 LABELS = "labels.npy"
+SHARD_NAME = re.compile(r"shard-\d{5}\.npy")
 
 
 class _WriteOnly:
@@ -138,14 +143,29 @@ class ShardWriter:
         return index
 
 
+def fetch_shard(uri: str) -> Path:
+    """The cached local copy of the shard ``uri`` (s3://), downloaded once however many loader workers ask."""
+    locks = storage.cache_dir() / ".locks"
+    with storage_faults(locks):
+        locks.mkdir(parents=True, exist_ok=True)
+    with open(locks / hashlib.sha256(uri.encode()).hexdigest()[:24], "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # the others wait, then find it cached
+        return storage.local_input(uri, kind="file")
+
+
 class ShardDataset:
     """Memory-mapped reader of a shard folder; a map-style dataset for ``torch.utils.data.DataLoader``.
 
     ``ds[i] -> (uint8 (S, S, 3) RGB array, int label)``. Shards are opened lazily in each process, so the dataset
     pickles cheaply into DataLoader workers.
+
+    Args:
+        directory: the folder with ``index.json`` and ``labels.npy``.
+        shards_from: where the shard files lie when not in ``directory``: a folder or an ``s3://`` prefix, whose
+            shards are each downloaded to the S3 cache when first read.
     """
 
-    def __init__(self, directory: str | Path) -> None:
+    def __init__(self, directory: str | Path, shards_from: str | None = None) -> None:
         self.dir = Path(directory)
         index_path = self.dir / INDEX
         if not index_path.is_file():
@@ -161,16 +181,25 @@ class ShardDataset:
         except (OSError, ValueError) as exc:
             raise DataError(f"{self.dir / LABELS}: unreadable: {exc}") from None
         counts = [int(s["count"]) for s in self.index["shards"]]
-        self._files = [self.dir / s["file"] for s in self.index["shards"]]
         self._starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64).tolist()
         if self._starts[-1] != len(self.labels) or len(self.labels) != self.index["num_images"]:
             raise DataError(
                 f"{self.dir}: index.json lists {self._starts[-1]} images in shards, num_images "
                 f"{self.index['num_images']}, labels.npy {len(self.labels)}: the folder is inconsistent"
             )
-        for f in self._files:
-            if not f.is_file():
-                raise DataError(f"{self.dir}: shard {f.name} listed in index.json is missing")
+        names = [s["file"] for s in self.index["shards"]]
+        if any(not SHARD_NAME.fullmatch(name) for name in names):
+            raise DataError(f"{index_path}: shard names must look like shard-00000.npy")
+        self.shards_from = str(shards_from or self.dir).rstrip("/")
+        if storage.is_s3(self.shards_from):  # one listing now: a missing shard fails here, not hours into training
+            present = {Path(f).name for f in storage.list_files(self.shards_from)}
+            self._files: list = [f"{self.shards_from}/{name}" for name in names]
+        else:
+            present = {p.name for p in Path(self.shards_from).glob("shard-*.npy")}
+            self._files = [Path(self.shards_from) / name for name in names]
+        for name in names:
+            if name not in present:
+                raise DataError(f"{self.shards_from}: shard {name} listed in {index_path} is missing")
         self.classes: list[str] = list(self.index.get("classes", []))
         self.num_classes = int(self.index["num_classes"])
         self.image_size = int(self.index["image_size"])
@@ -188,8 +217,10 @@ class ShardDataset:
         """Shard ``k`` as a read-only memory map."""
         arr = self._maps[k]
         if arr is None:
+            file = self._files[k]
+            path = fetch_shard(file) if isinstance(file, str) else file
             try:
-                arr = np.load(self._files[k], mmap_mode="r")
+                arr = np.load(path, mmap_mode="r")
             except (OSError, ValueError) as exc:
                 raise DataError(f"{self._files[k]}: unreadable shard: {exc}") from None
             expected = self._starts[k + 1] - self._starts[k]

@@ -26,6 +26,7 @@ from tqdm import tqdm
 from crfr import storage
 from crfr.config import DegradeCfg, Params
 from crfr.data.pairs import PairSet, load_pair_set
+from crfr.data.remote_shards import local_prepared
 from crfr.data.shards import write_json
 from crfr.degrade import Degrader, linear_down, upsample
 from crfr.errors import DataError
@@ -158,7 +159,7 @@ def write_probes(prepared_dir: str, out_dir: str, params: Params, progress: bool
     """
     storage.configure(params.storage)
     t0 = time.perf_counter()
-    prepared = storage.local_input(prepared_dir, kind="dir")
+    prepared = local_prepared(prepared_dir)  # the training shards are not read here
     sets = {es.name: load_pair_set(prepared / "eval" / es.name) for es in params.data.eval_sets}
     image_size = {int(ps.images.shape[1]) for ps in sets.values()}
     if len(image_size) != 1:

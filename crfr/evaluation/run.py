@@ -36,6 +36,7 @@ import numpy as np
 from crfr import storage
 from crfr.config import EvaluateCfg, Params
 from crfr.data.pairs import PairSet, load_pair_set
+from crfr.data.remote_shards import local_prepared
 from crfr.devices import choose_device
 from crfr.errors import ConfigError, DataError
 from crfr.evaluation import verification
@@ -220,7 +221,7 @@ def evaluate_models(prepared_dir: str, probes_dir: str | None, models: dict[str,
 
         connect(params.tracking)
     device = choose_device(device, "--device") if device else choose_device(params.runtime.device)
-    prepared = storage.local_input(prepared_dir, kind="dir")
+    prepared = local_prepared(prepared_dir)  # the training shards are not read here
     probes = ProbeSource(storage.local_input(probes_dir, kind="dir") if probes_dir else None, params)
     set_names = [s.name for s in params.data.eval_sets]
     if AVERAGE in set_names:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
 
@@ -53,10 +54,12 @@ def _sync(uri: str, objects: list[dict]) -> None:
     transfer.get_many(uri, todo, on_done=record)
 
 
-def mirror(uri: str, kind: Literal["file", "dir", "auto"] = "auto") -> Path:
+def mirror(uri: str, kind: Literal["file", "dir", "auto"] = "auto", skip: Callable[[str], bool] | None = None) -> Path:
     """The up-to-date local copy of the s3:// object or prefix ``uri`` (see :func:`crfr.storage.local_input`).
 
-    Cached files that no longer exist under a remote prefix are removed, so the folder equals the prefix.
+    Cached files that no longer exist under a remote prefix are removed, so the folder equals the prefix, less
+    the objects ``skip`` names (by their path below the prefix): those are not downloaded, and a copy cached
+    earlier is kept.
 
     Raises:
         StorageError: the input does not exist or cannot be fetched; the message names it.
@@ -73,7 +76,8 @@ def mirror(uri: str, kind: Literal["file", "dir", "auto"] = "auto") -> Path:
     objects = s3.listing(uri)
     if not objects:
         raise StorageError(f"{uri}: no object or folder with this name; check the path")
-    _sync(uri, objects)
+    prefix = key.rstrip("/") + "/" if key.strip("/") else ""
+    _sync(uri, [o for o in objects if not (skip and skip(o["Key"][len(prefix):]))])
     local = transfer.key_path(s3.cache_dir(), bucket, key)
     wanted = {transfer.key_path(s3.cache_dir(), bucket, o["Key"]) for o in objects}
     for stale in set(transfer.files_under(local)) - wanted:  # mirror deletions

@@ -6,7 +6,7 @@ import contextlib
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Literal
 
@@ -14,7 +14,8 @@ from crfr.errors import StorageError, storage_faults
 from crfr.storage import atomic, cache, s3, transfer
 
 
-def local_input(uri: str | os.PathLike, kind: Literal["file", "dir", "auto"] = "auto") -> Path:
+def local_input(uri: str | os.PathLike, kind: Literal["file", "dir", "auto"] = "auto",
+                skip: Callable[[str], bool] | None = None) -> Path:
     """A local path holding the input ``uri``.
 
     A local path is returned as it is. An ``s3://`` object or prefix is mirrored to
@@ -25,12 +26,13 @@ def local_input(uri: str | os.PathLike, kind: Literal["file", "dir", "auto"] = "
         uri: local path or ``s3://bucket/key``.
         kind: ``file`` (one object), ``dir`` (everything under ``key/``) or ``auto`` (an object with exactly
             this key if there is one, else the prefix).
+        skip: of an ``s3://`` prefix, the objects (by their path below it) not to download: read later, or never.
 
     Raises:
         StorageError: the input does not exist or cannot be fetched; the message names it.
     """
     if s3.is_s3(uri):
-        return cache.mirror(str(uri), kind)
+        return cache.mirror(str(uri), kind, skip)
     path = Path(uri)
     if not path.exists():
         raise StorageError(f"input not found: {path}")

@@ -10,6 +10,7 @@ import numpy as np
 from crfr import secrets, storage
 from crfr.config import Params
 from crfr.config.steps import shaping_settings
+from crfr.data.remote_shards import local_prepared, shards_location
 from crfr.data.shards import ShardDataset
 from crfr.digests import json_digest, prepared_fingerprint, weights_digest
 from crfr.train.checkpoint import CHECKPOINT_FILE
@@ -56,9 +57,9 @@ def run_training(
         A summary: final metrics, images/s, MLflow run id, paths.
     """
     storage.configure(params.storage)
-    prepared = storage.local_input(prepared_dir, kind="dir")
+    prepared = local_prepared(prepared_dir)  # the shards are read where they lie, each when first needed
     runtime = resolve_runtime(params.runtime)
-    faces = ShardDataset(prepared / "train")
+    faces = ShardDataset(prepared / "train", shards_location(prepared, prepared_dir))
     work_dir = Path(params.run_dir) / "checkpoints" / spec.name
     if runtime.is_main:  # before any training: a read-only or full target fails now, not hours later
         for target in (work_dir / CHECKPOINT_FILE, out_dir, report_dir):
