@@ -65,10 +65,10 @@ def files(**fields: bytes) -> dict:
 def test_embed_verify_identify(embedder, gallery):
     from crfr.serve.http import create_app
 
-    client = TestClient(create_app(embedder, ServeCfg(), gallery, model={"uri": "test"}))
+    client = TestClient(create_app(embedder, ServeCfg(), gallery, about={"uri": "test"}))
     health = client.get("/health")
     assert health.status_code == 200 and health.json()["status"] == "ok"
-    assert client.get("/").json()["gallery"]["faces"] == 3
+    assert client.get("/health").json()["gallery"]["faces"] == 3
 
     emb = client.post("/embed", files=files(image=jpeg("Colin_Powell", 2)))
     assert emb.status_code == 200, emb.text

@@ -6,7 +6,8 @@ must show a face. The model is a given one (``--model``) or, by default, the con
 with random weights: speed does not depend on the weights, and a fresh checkout has no trained model. Both
 runtimes run with torch's thread count on the same aligned faces (:meth:`crfr.serve.embedder.FaceEmbedder.prepare`,
 timed on its own as ``prepare_images_per_s``: face detection and alignment), so their difference is the
-network alone. The load test sends ``requests`` POST /verify requests (two real faces each) from ``concurrency``
+network alone. The load test (run twice: one request per forward pass, then with ``serve.max_batch``, their
+ratio ``http_batching_speedup``) sends ``requests`` POST /verify requests (two real faces each) from ``concurrency``
 client threads to a uvicorn server in this process, stopping early after ``max_seconds``; it only ever
 talks to 127.0.0.1.
 """
@@ -168,6 +169,14 @@ def run_serve_bench(params: Params, model_uri: str | None = None, images: int = 
         result["onnx_max_cosine_deviation"] = max_cosine_deviation(embedder.embed_faces(faces),
                                                                    onnx_embedder.embed_faces(faces))
     result["onnx_speedup"] = round(result["onnxruntime_images_per_s"] / result["torch_images_per_s"], 3)
-    app = create_app(embedder, params.serve, model={"uri": model})
+    # The same load with one face pair per forward pass (no batching), then with the configured batches.
+    single = create_app(embedder, params.serve.model_copy(update={"max_batch": 1}), about={"uri": model})
+    unbatched = http_load_test(single, jpegs, requests, concurrency, max_seconds)
+    result.update({f"unbatched_{k}": v for k, v in unbatched.items() if k in (
+        "http_requests_per_s", "http_p50_ms", "http_p99_ms", "http_errors")})
+    app = create_app(embedder, params.serve, about={"uri": model})
     result.update(http_load_test(app, jpegs, requests, concurrency, max_seconds))
+    result["http_max_batch"] = params.serve.max_batch
+    if unbatched["http_requests_per_s"] and result["http_requests_per_s"]:
+        result["http_batching_speedup"] = round(result["http_requests_per_s"] / unbatched["http_requests_per_s"], 3)
     return result

@@ -57,7 +57,7 @@ def register(sub) -> None:
                        help="model dir or MLflow URI (default: the configured student with random weights)")
     serve.add_argument("--images", type=int, default=64, help="faces in the batch (default: %(default)s)")
     serve.add_argument("--requests", type=int, default=200, help="HTTP requests (default: %(default)s)")
-    serve.add_argument("--concurrency", type=int, default=4, help="client threads (default: %(default)s)")
+    serve.add_argument("--concurrency", type=int, default=8, help="client threads (default: %(default)s)")
     serve.add_argument("--max-seconds", type=float, default=60.0,
                        help="stop the load test after this long (default: %(default)s)")
     serve.add_argument("--json", action="store_true", help="print one JSON object")

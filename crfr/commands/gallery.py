@@ -27,10 +27,19 @@ def cmd_build(args) -> int:
     from crfr.commands.model_option import open_model_of, warn_skipped
 
     params, embedder, source = open_model_of(args)
+    out = args.out
+    if out is None:
+        from crfr.errors import ConfigError
+        from crfr.gallery.home import gallery_uri
+
+        if not params.serve.gallery:
+            raise ConfigError("crfr gallery build: give --out DIR, or set serve.gallery (the gallery home, where "
+                              "each model version's gallery goes)")
+        out = gallery_uri(params.serve.gallery, source.name, source.version, embedder.fingerprint)
     g, skipped = gallery.build(args.source, embedder, params.gallery, params.evaluate.resolutions, source)
     warn_skipped(skipped)
-    g.save(args.out)
-    print(f"gallery {args.out}: {_describe(g)}; model {source.describe()}")
+    g.save(out)
+    print(f"gallery {out}: {_describe(g)}; model {source.describe()}")
     print(f"open-set thresholds: {_thresholds(g)}")
     return 0
 
@@ -83,7 +92,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "open-set thresholds to DIR. SOURCE: a folder of identity subfolders (or of images named by "
                     "identity), or a CSV of path,identity rows; local or s3://.")
     p.add_argument("source", metavar="SOURCE")
-    p.add_argument("--out", required=True, metavar="DIR", help="gallery folder (local or s3://)")
+    p.add_argument("--out", default=None, metavar="DIR",
+                   help="a one-off gallery folder (local or s3://); default: the model version's own gallery in "
+                        "the gallery home serve.gallery (<home>/<name>-v<version>), which crfr serve and crfr "
+                        "promote use")
     add_model_option(p)
     add_params_args(p)
     p.set_defaults(func=cmd_build)

@@ -43,7 +43,16 @@ class ServeCfg(Section):
 
     host: str = "127.0.0.1"
     port: Int = Field(default=8080, ge=1, le=65535)
-    gallery: str | None = Field(default=None, description="gallery folder or s3:// URI for POST /identify")
+    gallery: str | None = Field(
+        default=None, description="gallery home: a folder or s3:// prefix holding one gallery per model version "
+                                  "(<name>-v<version>; crfr gallery build --model, crfr promote); null: none"
+    )
+    alias_poll_s: float = Field(
+        default=30.0, ge=0, description="how often crfr serve --model models:/NAME@ALIAS asks where the alias "
+                                        "points, swapping model and gallery when it moved; 0: never"
+    )
+    max_batch: Int = Field(default=16, ge=1, description="faces of concurrent requests embedded in one forward pass")
+    batch_wait_ms: float = Field(default=5.0, ge=0, le=1000, description="how long queued faces wait for company")
     max_image_bytes: Int = Field(default=8 * 1024 * 1024, ge=1024, description="largest accepted upload per image")
     max_image_pixels: Int = Field(
         default=40_000_000, ge=1024, description="largest accepted width x height (refuses decompression bombs)"

@@ -42,10 +42,12 @@ class Match:
     similarity: float
     match: bool
     source: str
+    row: int = -1  # the face's row in the gallery (its thumbnail: GET /gallery/faces/<row>)
 
     def to_dict(self) -> dict:
         return {"rank": self.rank, "identity": self.identity, "distance": round(self.distance, 6),
-                "similarity": round(self.similarity, 6), "match": self.match, "source": self.source}
+                "similarity": round(self.similarity, 6), "match": self.match, "source": self.source,
+                "row": self.row}
 
 
 @dataclass
@@ -148,12 +150,15 @@ class Gallery:
             DataError: no face found in the probe (``name`` says which), as :meth:`FaceEmbedder.embed`.
         """
         emb = embedder.embed([image], names=[name])
-        size = int(min(image.shape[:2]))
+        return self.rank(embedder, emb, int(min(image.shape[:2])), top_k)
+
+    def rank(self, embedder: FaceEmbedder, embedding: np.ndarray, size: int, top_k: int) -> Identification:
+        """:meth:`identify` for a probe already embedded (a (1, D) row) whose smaller side is ``size`` px."""
         key, threshold, origin = self.threshold_for(size, embedder)
         matches = []
-        for rank, (name, sim, row) in enumerate(self.search(emb, top_k)[0], start=1):
+        for rank, (name, sim, row) in enumerate(self.search(embedding, top_k)[0], start=1):
             distance = float(np.clip(2.0 - 2.0 * sim, 0.0, 4.0))
-            matches.append(Match(rank, name, distance, float(sim), distance < threshold, self.sources[row]))
+            matches.append(Match(rank, name, distance, float(sim), distance < threshold, self.sources[row], row))
         decision = matches[0].identity if matches and matches[0].match else UNKNOWN
         return Identification(matches, threshold, key, origin, size, decision)
 

@@ -25,6 +25,7 @@ class GateDecision:
         gain: candidate mean minus champion mean over the compared resolutions (None without a champion).
         forced: promoted although the gate said no.
         name, version, champion_version: filled in by :func:`promote`.
+        gallery: the promoted version's gallery, built before the alias moved (None without a gallery home).
     """
 
     promote: bool
@@ -35,6 +36,7 @@ class GateDecision:
     name: str | None = None
     version: str | None = None
     champion_version: str | None = None
+    gallery: str | None = None
 
     @property
     def outcome(self) -> str:

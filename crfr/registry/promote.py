@@ -4,6 +4,10 @@
 (:func:`crfr.registry.gate.gate`). ``force`` overrides a blocked gate and is recorded as such. The champion
 being replaced keeps the alias ``previous_champion`` for a rollback. Each decision is written to the
 version's tags and logged as an MLflow run (``gate_decision.json``, ``comparison.md``).
+
+With a gallery home (``serve.gallery``), promotion is one step from challenger to traffic: the candidate's
+own gallery is built from the sources the champion's gallery records (:mod:`crfr.gallery.home`) before the
+alias moves, so a service that follows the alias (:mod:`crfr.serve.live`) finds both ready.
 """
 
 from __future__ import annotations
@@ -68,11 +72,44 @@ def promote(name: str, version: str | int, params: Params, force: bool = False) 
         decision.name, decision.version = name, version
         decision.champion_version = str(current.version) if current is not None else None
         if decision.promote and (current is None or str(current.version) != version):
+            # Before the alias moves: a failure here leaves the old champion and its gallery serving.
+            decision.gallery = gallery_for_promotion(name, current, version, params)
             if current is not None:
                 client.set_registered_model_alias(name, PREVIOUS, current.version)
             client.set_registered_model_alias(name, CHAMPION, version)
         _record(client, decision, force)
     return decision
+
+
+def gallery_for_promotion(name: str, champion, version: str, params: Params) -> str | None:
+    """Build version ``version``'s gallery like the champion's, in the gallery home; returns its URI.
+
+    Nothing to do (None) without a home or a champion gallery to rebuild; a gallery already built with this
+    very model is kept.
+
+    Raises:
+        DataError, RegistryError: the gallery could not be built (the alias must not move).
+    """
+    home = params.serve.gallery
+    if not home or champion is None:
+        return None
+    from crfr.gallery.home import build_like, gallery_uri, has_gallery_for
+    from crfr.gallery.store import Gallery, is_gallery
+    from crfr.registry.resolve import open_model
+
+    current_uri = gallery_uri(home, name, str(champion.version))
+    if not is_gallery(current_uri):
+        log.warning("the champion %s v%s has no gallery at %s: none is built for version %s", name,
+                    champion.version, current_uri, version)
+        return None
+    target = gallery_uri(home, name, version)
+    embedder, source = open_model(f"models:/{name}/{version}", params)
+    if has_gallery_for(target, embedder):
+        log.info("%s already holds version %s's gallery", target, version)
+        return target
+    log.info("building version %s's gallery at %s from the sources of %s", version, target, current_uri)
+    build_like(Gallery.load(current_uri), embedder, params, source, target)
+    return target
 
 
 def _record(client, decision: GateDecision, force: bool) -> None:
@@ -86,6 +123,8 @@ def _record(client, decision: GateDecision, force: bool) -> None:
         "gate.champion_version": decision.champion_version or "none",
         "gate.time": stamp,
     }
+    if decision.gallery:
+        tags["gallery"] = decision.gallery
     for key, value in tags.items():
         client.set_model_version_tag(decision.name, decision.version, key, value)
     with mlflow.start_run(run_name=f"promote-{decision.name}-v{decision.version}"):
