@@ -19,6 +19,7 @@ LAYERS = [
     ["crfr.evaluation.benchmark", "crfr.evaluation.benchmark_sets", "crfr.evaluation.run",
      "crfr.evaluation.identification", "crfr.evaluation.open_set", "crfr.evaluation.tables",
      "crfr.evaluation.plots", "crfr.evaluation.results", "crfr.evaluation.thresholds", "crfr.evaluation.seeds"],
+    ["crfr.serve.http", "crfr.serve.live", "crfr.serve.batcher", "crfr.serve.metrics"],  # the service
     ["crfr.registry"],
     ["crfr.gallery"],
     ["crfr.serve"],

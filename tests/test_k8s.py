@@ -40,7 +40,7 @@ K8S_VERSION = "1.37"  # the newest schema set kubernetes_validate 1.37.0 bundles
 KUBECTL = shutil.which("kubectl")
 PLACEHOLDER = "CHANGE_ME"
 SECRET_FILES = ("crfr-s3.env", "crfr-postgres.env", "crfr-mlflow-auth.env", "crfr-mlflow-pipeline.env",
-                "crfr-mlflow-serve.env")
+                "crfr-mlflow-serve.env", "crfr-serve-token.env")
 # Keys that name who signs in, not a secret: their template value is the user's real name, not a placeholder.
 IDENTITY_KEY = re.compile(r"_USERNAME$")
 OUR_IMAGE = re.compile(r"(^|/)crfr(-cpu|-cuda|-serve)?(:|@)")
@@ -567,7 +567,8 @@ def serve_problems(objects: list[dict]) -> list[str]:
         problems.append(f"image {c['image']!r} is not the crfr image")
     if c.get("command") != ["crfr", "serve"]:
         problems.append(f"command {c.get('command')} is not crfr serve")
-    args = dict(a.split("=", 1) for a in c.get("args", []))
+    args = dict(a.split("=", 1) for a in c.get("args", []) if not a.startswith("--set="))
+    sets = dict(a.removeprefix("--set=").split("=", 1) for a in c.get("args", []) if a.startswith("--set="))
     if args.get("--model") != CHAMPION_URI:
         problems.append(f"--model is {args.get('--model')!r}, not {CHAMPION_URI}")
     if args.get("--host") != "0.0.0.0":
@@ -576,15 +577,21 @@ def serve_problems(objects: list[dict]) -> list[str]:
     if str(ports.get("http")) != args.get("--port"):
         problems.append(f"container port {ports.get('http')} is not --port {args.get('--port')}")
     env = {e["name"]: e for e in c.get("env", [])}
-    gallery = args.get("--gallery", "")
+    gallery = sets.get("serve.gallery", "")
     var = re.fullmatch(r"\$\(([A-Z0-9_]+)\)", gallery)
     if not var or var.group(1) not in env:
-        problems.append(f"--gallery {gallery!r} is not a variable defined in env")
+        problems.append(f"the gallery home (--set=serve.gallery) {gallery!r} is not a variable defined in env")
     else:
         ref = env[var.group(1)].get("valueFrom", {}).get("configMapKeyRef", {})
         settings = _one(objects, "ConfigMap", "crfr-settings")["data"]
         if ref.get("name") != "crfr-settings" or not settings.get(ref.get("key"), "").startswith("s3://"):
-            problems.append("the gallery URI does not come from crfr-settings as an s3:// URI")
+            problems.append("the gallery home does not come from crfr-settings as an s3:// URI")
+    if float(sets.get("serve.alias_poll_s", "0")) <= 0:
+        problems.append("serve.alias_poll_s is not set above 0: the pods would never follow a promotion")
+    token = env.get("CRFR_SERVE_TOKEN", {}).get("valueFrom", {}).get("secretKeyRef", {})
+    if token.get("key") != "CRFR_SERVE_TOKEN" or not any(
+            o["kind"] == "Secret" and o["metadata"]["name"] == token.get("name") for o in objects):
+        problems.append("CRFR_SERVE_TOKEN does not come from a generated Secret: crfr serve refuses 0.0.0.0")
     sources = c.get("envFrom", [])
     if {"configMapRef": {"name": "crfr-settings"}} not in sources:
         problems.append("no MLFLOW_TRACKING_URI: envFrom lacks the crfr-settings ConfigMap")
@@ -608,7 +615,7 @@ def serve_problems(objects: list[dict]) -> list[str]:
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
-def test_serve_deployment_loads_the_champion_and_an_s3_gallery(rendered, overlay):
+def test_serve_deployment_follows_the_champion_with_its_gallery_home_token_and_autoscaler(rendered, overlay):
     objects = rendered(overlay)
     assert serve_problems(objects) == []
     pod = _one(objects, "Deployment", "crfr-serve")["spec"]["template"]["spec"]
@@ -616,15 +623,22 @@ def test_serve_deployment_loads_the_champion_and_an_s3_gallery(rendered, overlay
     assert not ingress_allowed(objects, SERVE, 8080, PIPELINE_POD, src_namespace="elsewhere")
     assert ingress_allowed(objects, SERVE, 8080, {"app": "web"}, src_namespace="frontend",
                            src_ns_labels={"crfr.io/serve-client": "true"})
-    replicas = _one(objects, "Deployment", "crfr-serve")["spec"]["replicas"]
-    assert replicas == (1 if overlay == "dev" else 2)
+    # The autoscaler owns the replica count; a disruption budget keeps one pod at most out during drains.
+    assert "replicas" not in _one(objects, "Deployment", "crfr-serve")["spec"]
+    hpa = _one(objects, "HorizontalPodAutoscaler", "crfr-serve")["spec"]
+    assert hpa["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": "crfr-serve"}
+    assert (hpa["minReplicas"], hpa["maxReplicas"]) == ((1, 2) if overlay == "dev" else (2, 8))
+    pdb = _one(objects, "PodDisruptionBudget", "crfr-serve")["spec"]
+    assert pdb["maxUnavailable"] == 1 and _selects(pdb["selector"], SERVE)
 
 
 def test_serve_checks_catch_broken_manifests(rendered):
     objects = rendered("dev")
     for mutate, expected in [
         (lambda c: c.update(args=[a.replace("@champion", "@challenger") for a in c["args"]]), "--model"),
-        (lambda c: c.update(args=[a for a in c["args"] if not a.startswith("--gallery")]), "--gallery"),
+        (lambda c: c.update(args=[a for a in c["args"] if "serve.gallery" not in a]), "gallery home"),
+        (lambda c: c.update(args=[a for a in c["args"] if "alias_poll_s" not in a]), "alias_poll_s"),
+        (lambda c: c.update(env=[e for e in c["env"] if e["name"] != "CRFR_SERVE_TOKEN"]), "CRFR_SERVE_TOKEN"),
         (lambda c: c.update(envFrom=[e for e in c["envFrom"] if "secretRef" not in e]), "S3 credentials"),
         (lambda c: c["readinessProbe"]["httpGet"].update(path="/"), "readinessProbe"),
         (lambda c: c["ports"][0].update(containerPort=9000), "container port"),
@@ -747,7 +761,7 @@ def test_secret_values_reach_only_secrets(rendered, overlay, tmp_path):
     objects = [doc for doc in yaml.safe_load_all(done.stdout) if doc]
     in_secrets = yaml.safe_dump([o for o in objects if o["kind"] == "Secret"])
     elsewhere = yaml.safe_dump([o for o in objects if o["kind"] != "Secret"])
-    assert len(canaries) == 7
+    assert len(canaries) == 8
     for where, canary in canaries.items():
         encoded = base64.b64encode(canary.encode()).decode()
         assert encoded in in_secrets, f"{where} is in no Secret"
