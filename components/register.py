@@ -19,8 +19,10 @@ from collections.abc import Sequence
 from crfr import storage
 from crfr.config import Params, load_params
 from crfr.errors import DataError
+from crfr.evaluation.results import OUTCOMES
 from crfr.registry import lineage
 from crfr.registry.datasets import data_refs
+from crfr.registry.evidence import gate_outcomes
 from crfr.registry.promote import promote
 from crfr.registry.register import register_model
 from crfr.registry.versions import CHAMPION, model_name
@@ -99,7 +101,9 @@ def _register_one(model_dir: str, eval_dir: str, params: Params, role: str, row:
     local_model = storage.local_input(model_dir, kind="dir")
     record = lineage.collect(local_model, params, eval_dir=evaluation, pipeline_run_id=made_by["pipeline_run_id"])
     record.datasets = made_by["datasets"]
-    version = register_model(local_model, metrics[row], model_thresholds, params, role=role, lineage=record)
+    outcomes = gate_outcomes(evaluation / OUTCOMES, row, params)
+    version = register_model(local_model, metrics[row], model_thresholds, params, role=role, lineage=record,
+                             outcomes=outcomes)
     decision = promote(name, version.version, params, force=force)
     from mlflow import MlflowClient
 

@@ -10,13 +10,13 @@ export CRFR_LFW_ROOT="${CRFR_LFW_ROOT:-$(cd .. && pwd)/shared/data/lfw}"
 export MLFLOW_DISABLE_TELEMETRY=true DVC_NO_ANALYTICS=1 DO_NOT_TRACK=1 PYTHONUNBUFFERED=1
 mkdir -p reports
 start=$(date +%s)
-if dvc status --quiet dvc.yaml >/dev/null 2>&1; then
+if dvc status --quiet dvc.yaml release/dvc.yaml >/dev/null 2>&1; then
   echo "crfr: pipeline already up to date (dvc status is clean)"
   changed=0
 else
   changed=1
 fi
-dvc repro dvc.yaml
+dvc repro dvc.yaml release/dvc.yaml   # release/: register + promote, asked for apart from training
 end=$(date +%s)
 if [ "$changed" = 1 ]; then
   crfr report --record-wall-time "$((end - start))" --readme README.md

@@ -9,9 +9,10 @@ import uuid
 import numpy as np
 import pytest
 
-from crfr.errors import RegistryError
+from crfr.errors import DataError, RegistryError
 from crfr.registry.gate import gate, gate_accuracies
 from crfr.registry.promote import promote
+from crfr.registry.lineage import EVALUATION, DataRef, collect
 from crfr.registry.register import register_model
 from crfr.registry.resolve import load_embedder
 from crfr.registry.versions import CHALLENGER, CHAMPION, PREVIOUS
@@ -26,6 +27,21 @@ from tests.facedata import (
 )
 
 THRESHOLDS = {"14": 1.31, "28": 1.22, "112": 1.15}
+PAIRS = 600
+
+
+def decisions(acc: dict[str, float], pairs: int = PAIRS) -> dict[str, np.ndarray]:
+    """Per-pair right/wrong decisions with these accuracies, right on the first pairs: of two such models the
+    more accurate one is right wherever the other is (a gain no resampling can explain away)."""
+    return {r: np.arange(pairs) < round(a / 100 * pairs) for r, a in acc.items()}
+
+
+def register_measured(model_dir, acc: dict[str, float], params, data: str = "lfw-pairs-0001", outcomes=None):
+    """Register as the register step does: accuracies, the gate set's fingerprint and the per-pair decisions."""
+    record = collect(model_dir, params)
+    record.datasets = [DataRef("eval:lfw", data, "/data/lfw", EVALUATION)]
+    return register_model(model_dir, acc, THRESHOLDS, params, lineage=record,
+                          outcomes=decisions(acc) if outcomes is None else outcomes)
 
 
 # ---------------------------------------------------------------------------------------------- the gate
@@ -105,15 +121,24 @@ def test_register_gate_promote_and_load_by_alias(backend):
     params, tmp = backend
     name = params.registry.student_name
     first = save_random_model(tmp / "m1", seed=1, backbone="waveresnet")
-    v1 = register_model(first, metrics_for({"14": 70.0, "28": 75.0, "112": 80.0}), THRESHOLDS, params)
+    record = collect(first, params)
+    record.datasets = [DataRef("eval:lfw", "lfw-pairs-0001", "/data/lfw", EVALUATION)]
+    v1 = register_model(first, metrics_for({"14": 70.0, "28": 75.0, "112": 80.0}), THRESHOLDS, params,
+                        lineage=record, outcomes=decisions({"14": 70.0, "28": 75.0, "112": 80.0}))
     assert str(v1.version) == "1" and CHALLENGER in v1.aliases
+    # A LoggedModel, its evaluation accuracies logged on it and linked to the evaluation set they measure.
+    import mlflow
+
+    logged = {m.key: m for m in mlflow.get_logged_model(v1.tags["logged_model_id"]).metrics}
+    assert logged["acc_lfw_linear_14"].value == 70.0 and logged["acc_lfw_linear_14"].dataset_digest == "lfw-pairs-0001"
+    assert "crfr student" in v1.description and "Gate evidence: lfw data lfw-pairs-0001" in v1.description
     assert json.loads(v1.tags["accuracies"]) == {"14": 70.0, "28": 75.0, "112": 80.0}
     d1 = promote(name, v1.version, params)
     assert d1.promote and d1.outcome == "promoted"
 
     # A worse model: registered as challenger, but the gate keeps the champion.
-    worse = register_model(save_random_model(tmp / "m2", seed=2, backbone="waveresnet"),
-                           {"14": 69.0, "28": 74.5, "112": 78.0}, THRESHOLDS, params)
+    worse = register_measured(save_random_model(tmp / "m2", seed=2, backbone="waveresnet"),
+                              {"14": 69.0, "28": 74.5, "112": 78.0}, params)
     d2 = promote(name, CHALLENGER, params)
     assert not d2.promote and d2.outcome == "blocked" and d2.champion_version == "1"
     client = MlflowClient()
@@ -122,10 +147,13 @@ def test_register_gate_promote_and_load_by_alias(backend):
     assert client.get_model_version(name, worse.version).tags["gate.outcome"] == "blocked"
 
     # A better one passes.
-    better = register_model(save_random_model(tmp / "m3", seed=3, backbone="waveresnet"),
-                            {"14": 73.0, "28": 75.5, "112": 79.8}, THRESHOLDS, params)
+    better = register_measured(save_random_model(tmp / "m3", seed=3, backbone="waveresnet"),
+                               {"14": 73.0, "28": 75.5, "112": 80.0}, params)
     d3 = promote(name, better.version, params)
-    assert d3.promote and d3.outcome == "promoted" and d3.gain > 0
+    assert d3.promote and d3.outcome == "promoted" and d3.gain > 0, d3.reasons
+    assert any("paired 95% interval" in r for r in d3.reasons)
+    described = client.get_model_version(name, better.version).description
+    assert "Gate accuracies on lfw/linear" in described and "promoted against champion version 1" in described
     assert str(client.get_model_version_by_alias(name, CHAMPION).version) == str(better.version)
     assert str(client.get_model_version_by_alias(name, PREVIOUS).version) == "1"
 
@@ -152,6 +180,42 @@ def test_register_gate_promote_and_load_by_alias(backend):
     out = np.asarray(pyfunc.predict(pd.DataFrame({"image": [jpeg]})))
     np.testing.assert_allclose(out[0], local[0], atol=1e-5)
     assert pyfunc.metadata.metadata["thresholds"] == THRESHOLDS
+
+
+def test_the_gate_refuses_a_champion_measured_on_other_data(backend):
+    from mlflow import MlflowClient
+
+    params, tmp = backend
+    name = params.registry.student_name
+    v1 = register_measured(save_random_model(tmp / "a", seed=1), {"14": 70.0, "112": 80.0}, params)
+    assert promote(name, v1.version, params).promote
+    other = register_measured(save_random_model(tmp / "b", seed=2), {"14": 90.0, "112": 95.0}, params,
+                              data="lfw-pairs-0002")
+    decision = promote(name, other.version, params)
+    assert not decision.promote
+    assert "other evidence" in decision.reasons[0] and "lfw-pairs-0001 vs lfw-pairs-0002" in decision.reasons[0]
+    assert str(MlflowClient().get_model_version_by_alias(name, CHAMPION).version) == str(v1.version)
+    # Registered without evidence (not through the register step): refused too, never compared on faith.
+    bare = register_model(save_random_model(tmp / "c", seed=3), {"14": 90.0, "112": 95.0}, THRESHOLDS, params)
+    decision = promote(name, bare.version, params)
+    assert not decision.promote and "records no gate evidence" in decision.reasons[0]
+
+
+def test_a_gain_within_the_noise_of_the_paired_interval_is_refused(backend):
+    params, tmp = backend
+    name = params.registry.student_name
+    champ = {r: np.arange(PAIRS) < 480 for r in ("14", "112")}  # 80.0%
+    v1 = register_measured(save_random_model(tmp / "a", seed=1), {"14": 80.0, "112": 80.0}, params, outcomes=champ)
+    assert promote(name, v1.version, params).promote
+    # +0.5 points: 12 pairs newly right and 9 newly wrong at each resolution. The point estimate clears
+    # min_improvement 0; the paired interval's lower bound does not.
+    noisy = {r: a.copy() for r, a in champ.items()}
+    for a in noisy.values():
+        a[480:492], a[0:9] = True, False
+    cand = register_measured(save_random_model(tmp / "b", seed=2), {"14": 80.5, "112": 80.5}, params, outcomes=noisy)
+    decision = promote(name, cand.version, params)
+    assert not decision.promote and decision.gain == pytest.approx(0.5), decision.reasons
+    assert "paired 95% interval of the gain [-" in decision.reasons[0]
 
 
 def test_force_is_recorded(backend):
@@ -202,6 +266,10 @@ def test_register_component_writes_registration(tmp_path, monkeypatch):
     (evaluation / "thresholds.json").write_text(json.dumps(
         {"dataset": "lfw", "protocol": "linear", "models": {"student": {"14": 1.3, "112": 1.1}}}))
     model = save_random_model(tmp_path / "model", seed=6, backbone="waveresnet")
+    with pytest.raises(DataError, match="outcomes.npz is missing: re-run the evaluate step"):
+        register(str(model), str(evaluation), str(tmp_path / "out"), params)
+    np.savez(evaluation / "outcomes.npz", **{f"student/lfw/linear/{r}": v for r, v in
+                                             decisions({"14": 70.0, "112": 80.0}).items()})
     result = register(str(model), str(evaluation), str(tmp_path / "out"), params)
     saved = json.loads((tmp_path / "out" / "registration.json").read_text())
     assert saved == result

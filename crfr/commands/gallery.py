@@ -36,9 +36,12 @@ def cmd_build(args) -> int:
             raise ConfigError("crfr gallery build: give --out DIR, or set serve.gallery (the gallery home, where "
                               "each model version's gallery goes)")
         out = gallery_uri(params.serve.gallery, source.name, source.version, embedder.fingerprint)
+    from crfr.gallery.store import writing
+
     g, skipped = gallery.build(args.source, embedder, params.gallery, params.evaluate.resolutions, source)
     warn_skipped(skipped)
-    g.save(out)
+    with writing(out):
+        g.save(out)
     print(f"gallery {out}: {_describe(g)}; model {source.describe()}")
     print(f"open-set thresholds: {_thresholds(g)}")
     return 0
@@ -48,13 +51,16 @@ def cmd_add(args) -> int:
     from crfr import gallery
     from crfr.commands.model_option import open_model_of, warn_skipped
 
-    current = gallery.Gallery.load(args.gallery)
+    from crfr.gallery.store import writing
+
     params, embedder, source = open_model_of(args)
-    g, added, skipped = gallery.add(current, args.source, embedder, params.gallery, params.evaluate.resolutions,
-                                    model_desc=source.describe())
-    warn_skipped(skipped)
-    if added:
-        g.save(args.gallery)
+    with writing(args.gallery):  # read, add and write as one: a concurrent add waits, then sees these faces
+        current = gallery.Gallery.load(args.gallery)
+        g, added, skipped = gallery.add(current, args.source, embedder, params.gallery, params.evaluate.resolutions,
+                                        model_desc=source.describe())
+        warn_skipped(skipped)
+        if added:
+            g.save(args.gallery)
     print(f"gallery {args.gallery}: {added} faces added; {_describe(g)}")
     print(f"open-set thresholds: {_thresholds(g)}")
     return 0

@@ -53,7 +53,7 @@ def cmd_serve(args) -> int:
           + f" on http://{host}:{port}", flush=True)
     live.start()
     try:
-        run(app, host, port)
+        run(app, host, port, max_connections=cfg.max_connections)
     finally:
         live.stop()
     return 0

@@ -18,7 +18,8 @@ class EvalSetCfg(Section):
     kind: Literal["lfw", "bin", "csv", "cfp"]
     path: str | None = Field(
         default=None,
-        description="LFW or CFP folder, .bin or .csv (local path or s3:// URI); null means data.root (lfw only)",
+        description="LFW or CFP folder, .bin or .csv (local path or s3:// URI); null means data.root (lfw) or "
+                    "data.cfp_root (cfp)",
     )
     image_root: str | None = Field(default=None, description="csv only: root the pair paths are relative to")
     protocol: Literal["FF", "FP"] | None = Field(
@@ -43,7 +44,7 @@ class EvalSetCfg(Section):
             raise ValueError(f"eval set {self.name!r}: kind cfp needs protocol: FF or FP")
         if self.kind != "cfp" and self.protocol is not None:
             raise ValueError(f"eval set {self.name!r}: protocol applies to kind cfp only")
-        if self.kind in ("bin", "csv", "cfp") and self.path is None:
+        if self.kind in ("bin", "csv") and self.path is None:
             raise ValueError(f"eval set {self.name!r}: kind {self.kind} needs a path (local or s3://)")
         if self.folds is not None and self.kind not in ("lfw", "cfp"):
             raise ValueError(f"eval set {self.name!r}: folds applies to kinds lfw and cfp (a CSV has a fold column)")
@@ -63,6 +64,10 @@ class DataCfg(Section):
     root: str = Field(
         default="../shared/data/lfw",
         description=f"LFW-style root (images + pairs.txt); the {LFW_ROOT_ENV} environment variable overrides",
+    )
+    cfp_root: str | None = Field(
+        default=None, description="CFP-FP folder (Data/, Protocol/) of the cfp eval sets that name no path; DVC's "
+                                  "prepare stage depends on it and on root, so swapping either re-runs prepare",
     )
     download: Bool = Field(default=True, description="download LFW from the public mirror when root is missing")
     download_dir: str = "data/downloads"
@@ -106,6 +111,11 @@ class DataCfg(Section):
             raise ValueError("max_images_per_identity must be >= min_images_per_identity")
         if self.train == "recordio" and not self.train_rec:
             raise ValueError("train: recordio needs train_rec (path or s3:// URI of train.rec)")
+        for es in self.eval_sets:
+            if es.kind == "cfp" and es.path is None:
+                if not self.cfp_root:
+                    raise ValueError(f"eval set {es.name!r}: kind cfp needs a path, or data.cfp_root")
+                es.path = self.cfp_root
         names = [s.name for s in self.eval_sets]
         if len(set(names)) != len(names):
             raise ValueError(f"eval_sets names must be unique, got {names}")

@@ -77,6 +77,9 @@ def parse_overrides(items: list[str] | None) -> dict:
         if not key or not all(part.strip() for part in key.split(".")):
             raise ConfigError(f"--set {item!r}: the key must be dotted names, e.g. teacher.epochs=1")
         try:
+            if raw and _expanded_size(yaml.compose(raw, Loader=yaml.SafeLoader)) > MAX_EXPANDED_NODES:
+                raise ConfigError(f"--set {key}=...: its YAML aliases expand to more than {MAX_EXPANDED_NODES:,} "
+                                  "values (an alias bomb?)")
             value = yaml.safe_load(raw) if raw else None
         except yaml.YAMLError as exc:
             problem = _yaml_problem(exc, line=False)
@@ -221,10 +224,46 @@ def _read_params_file(file: Path) -> dict:
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"params file {file} could not be read: {exc}") from None
     try:
+        expanded = _expanded_size(yaml.compose(text, Loader=yaml.SafeLoader))
+        if expanded > MAX_EXPANDED_NODES:
+            raise ConfigError(f"{file}: its YAML aliases expand to more than {MAX_EXPANDED_NODES:,} values (an alias "
+                              "bomb?); write the values out, or use fewer nested aliases")
         raw = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise ConfigError(f"{file}: not valid YAML: {_yaml_problem(exc)}") from None
     return raw if raw is not None else {}
+
+
+# A params file is a few hundred values; aliases nested in aliases can make a few lines mean billions, which
+# merging and validating would then build.
+MAX_EXPANDED_NODES = 100_000
+
+
+def _expanded_size(root) -> int:
+    """How many values the composed YAML ``root`` stands for once every alias is expanded.
+
+    Aliases are shared nodes, so each node's size is computed once (memoised): time and memory follow the
+    text, not the expansion. Stops counting past the limit.
+    """
+    if root is None:
+        return 0
+    sizes: dict[int, int] = {}
+    stack = [(root, False)]
+    while stack:
+        node, children_done = stack.pop()
+        if id(node) in sizes:
+            continue
+        if isinstance(node, yaml.ScalarNode):
+            sizes[id(node)] = 1
+            continue
+        children = [c for pair in node.value for c in pair] if isinstance(node, yaml.MappingNode) else node.value
+        if not children_done:
+            stack.append((node, True))
+            stack.extend((c, False) for c in children if id(c) not in sizes)
+            continue
+        # A child still unsized here is an ancestor (a recursive alias): count it once.
+        sizes[id(node)] = min(1 + sum(sizes.get(id(c), 1) for c in children), MAX_EXPANDED_NODES + 1)
+    return sizes[id(root)]
 
 
 def load_params(path: str | os.PathLike | None = None, overrides: list[str] | dict | None = None) -> Params:

@@ -53,6 +53,10 @@ class ServeCfg(Section):
     )
     max_batch: Int = Field(default=16, ge=1, description="faces of concurrent requests embedded in one forward pass")
     batch_wait_ms: float = Field(default=5.0, ge=0, le=1000, description="how long queued faces wait for company")
+    read_timeout_s: float = Field(
+        default=30.0, gt=0, description="a request body whose next chunk takes longer is answered 408"
+    )
+    max_connections: Int = Field(default=256, ge=1, description="open connections; beyond, a request gets a 503")
     max_image_bytes: Int = Field(default=8 * 1024 * 1024, ge=1024, description="largest accepted upload per image")
     max_image_pixels: Int = Field(
         default=40_000_000, ge=1024, description="largest accepted width x height (refuses decompression bombs)"

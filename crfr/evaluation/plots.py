@@ -11,9 +11,20 @@ from crfr.evaluation.results import AVERAGE, MEAN, Evaluation
 
 
 def write_plot_data(evaluation: Evaluation, plots: Path) -> None:
-    """``accuracy.csv`` (the average over sets, or the only set) and ``accuracy_by_dataset.csv``."""
+    """``accuracy.csv`` (the average over sets, or the only set), ``accuracy_by_dataset.csv``, and
+    ``accuracy_series.csv``: the first one wide, a column ``<model>_<protocol>`` per series, which is what
+    ``dvc plots show`` draws as one line each."""
     dataset = evaluation.summary_datasets[0]
     measured = [c for c in evaluation.cells() if c.resolution != MEAN]
+    series: dict[str, dict[int, float]] = {}
+    for c in measured:
+        if c.dataset == dataset:
+            series.setdefault(f"{c.model}_{c.protocol}", {})[int(c.resolution)] = c.values["acc"]
+    with open(plots / "accuracy_series.csv", "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["resolution", *series])
+        for res in sorted({r for values in series.values() for r in values}):
+            writer.writerow([res, *(values.get(res, "") for values in series.values())])
     with open(plots / "accuracy.csv", "w", newline="") as fh:
         writer = csv.writer(fh)
         writer.writerow(["model", "protocol", "resolution", "accuracy"])

@@ -26,6 +26,8 @@ MEAN = "mean"  # pseudo-resolution: the mean over resolutions (Table I's last co
 REFERENCE = "teacher"  # every other row is compared with it pair by pair
 PAIRED = f"vs_{REFERENCE}_"  # prefix of the paired-comparison keys of a cell
 
+OUTCOMES = "outcomes.npz"  # the per-pair decisions of every cell (:meth:`Evaluation.outcomes`)
+
 
 @dataclass(frozen=True)
 class Cell:
@@ -72,6 +74,12 @@ class Evaluation:
     def add(self, model: str, dataset: str, protocol: str, resolution: int, result: VerificationResult) -> None:
         self._results[(model, dataset, protocol, int(resolution))] = result
         self._metrics = None
+
+    def outcomes(self) -> dict[str, np.ndarray]:
+        """Every cell's per-pair decisions, right (1) or wrong (0), keyed ``model/dataset/protocol/resolution``:
+        ``outcomes.npz``, what a later comparison on the same pairs (the promotion gate) is computed from."""
+        return {f"{m}/{d}/{p}/{r}": np.asarray(result.correct, np.uint8)
+                for (m, d, p, r), result in self._results.items() if len(result.correct)}
 
     def result(self, model: str, dataset: str, protocol: str, resolution: int) -> VerificationResult:
         """The measured result (ROC curve included) of one cell."""

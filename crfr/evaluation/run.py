@@ -13,7 +13,7 @@ identity, LR searches of the other images; :mod:`crfr.evaluation.identification`
 probe images.
 
 The report (written atomically to ``out_dir``): ``metrics.json``, ``table.md``, ``table.json``,
-``thresholds.json``, ``plots/accuracy_vs_resolution.png``, ``plots/roc_<protocol>_<res>.png``,
+``thresholds.json``, ``outcomes.npz`` (every cell's per-pair decisions, for the promotion gate), ``plots/accuracy_vs_resolution.png``, ``plots/roc_<protocol>_<res>.png``,
 ``plots/accuracy.csv`` and ``plots/accuracy_by_dataset.csv``; with identification ``identification.json``, its
 table at the end of ``table.md`` and its scalars under the top-level key ``identification`` of metrics.json
 (``identification -> model -> set -> protocol -> resolution``: apart from the model entries, which
@@ -44,7 +44,7 @@ from crfr.evaluation.identification import Identifications, identify
 from crfr.evaluation.open_set import OpenSetSplit
 from crfr.evaluation.plots import write_plots
 from crfr.evaluation.probes import ProbeSource, upsampler
-from crfr.evaluation.results import AVERAGE, Evaluation
+from crfr.evaluation.results import AVERAGE, OUTCOMES, Evaluation
 from crfr.evaluation.tables import build_tables, render_identification_markdown, render_markdown
 from crfr.evaluation.thresholds import build_thresholds
 from crfr.models import embedding  # embedding.embed_images is looked up per call: tests count passes
@@ -164,6 +164,7 @@ def _write_report(out: Path, evaluation: Evaluation, tables: dict, thresholds: d
             table += "\n" + render_identification_markdown(report, tables["resolutions"], evaluation.hr_size)
     (out / "table.md").write_text(table)
     (out / "thresholds.json").write_text(json.dumps(thresholds, indent=2) + "\n")
+    np.savez_compressed(out / OUTCOMES, **evaluation.outcomes())
     write_plots(evaluation, out / "plots")
 
 

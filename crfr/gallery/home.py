@@ -15,7 +15,7 @@ from crfr import storage
 from crfr.config import Params
 from crfr.errors import DataError
 from crfr.gallery.enrol import add, build
-from crfr.gallery.store import Gallery, is_gallery
+from crfr.gallery.store import Gallery, is_gallery, writing
 from crfr.serve.embedder import FaceEmbedder
 
 log = logging.getLogger(__name__)
@@ -63,7 +63,8 @@ def build_like(like: Gallery, embedder: FaceEmbedder, params: Params, model_sour
         skipped += more
     if skipped:
         log.warning("gallery %s: %d images skipped while rebuilding (as when it was first built)", out, len(skipped))
-    gallery.save(out)
+    with writing(out):
+        gallery.save(out)
     return gallery
 
 

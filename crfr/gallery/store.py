@@ -3,8 +3,11 @@ decision (see :mod:`crfr.gallery` for the files and the rule)."""
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import fcntl
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,6 +25,24 @@ UNKNOWN = "unknown"
 
 class GalleryError(DataError):
     """A gallery is missing, corrupt, or was built with another embedding model."""
+
+
+@contextlib.contextmanager
+def writing(uri: str | Path) -> Iterator[None]:
+    """Hold the gallery's writer lock: two ``crfr gallery add`` at once run one after the other, and the
+    second reads what the first wrote, so no enrolment is lost.
+
+    A local gallery is locked with ``flock`` on ``.<name>.lock`` beside it. An ``s3://`` gallery has no lock
+    (S3 offers none that every store honours): give it one writer at a time.
+    """
+    if storage.is_s3(uri):
+        yield
+        return
+    path = Path(uri)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.parent / f".{path.name}.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
 
 
 def is_gallery(uri: str | Path) -> bool:
@@ -187,6 +208,8 @@ class Gallery:
         import faiss
 
         uri = str(uri)
+        if not storage.is_s3(uri):
+            storage.restore_interrupted(Path(uri))  # a writer killed between its two renames
         if not is_gallery(uri):
             raise GalleryError(f"{uri} is not a crfr gallery (no {MANIFEST}); build one with "
                                f"crfr gallery build SOURCE --out {uri}")

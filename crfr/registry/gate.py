@@ -1,8 +1,9 @@
 """The promotion gate: may a candidate's accuracies replace the champion's? A pure function of the numbers.
 
 The accuracies compared are the gate accuracies every registered version carries (one per probe resolution,
-on ``registry.gate_dataset`` with ``registry.gate_protocol``): the candidate's mean must gain at least
-``registry.min_improvement`` points and no resolution may lose more than ``registry.max_drop`` points.
+on ``registry.gate_dataset`` with ``registry.gate_protocol``): the lower bound of the paired 95% interval of the
+candidate's mean gain (on the same pairs, :mod:`crfr.registry.evidence`) must reach
+``registry.min_improvement`` points, and no resolution may lose more than ``registry.max_drop`` points.
 :func:`crfr.registry.promote.promote` applies the decision to the registry.
 """
 
@@ -65,14 +66,19 @@ def gate(
     champion: dict | None,
     min_improvement: float = 0.0,
     max_drop: float = 1.0,
+    interval: tuple[float, float] | None = None,
+    problems: list[str] | None = None,
 ) -> GateDecision:
     """Compare per-resolution accuracies (points) of a candidate with the champion's.
 
     Args:
         candidate: resolution -> accuracy (%).
         champion: the same for the current champion; None or empty when there is none.
-        min_improvement: mean gain needed (may be negative to tolerate a small loss).
+        min_improvement: gain of the mean needed (may be negative to tolerate a small loss): of the lower bound
+            of ``interval`` when given, else of the point estimate.
         max_drop: largest loss tolerated at any single resolution.
+        interval: the paired 95% interval of the mean gain on the same pairs (:mod:`crfr.registry.evidence`).
+        problems: reasons found by the caller that block the promotion (other evidence, no paired decisions).
 
     Returns:
         The decision with its reasons and comparison table.
@@ -104,11 +110,18 @@ def gate(
     cand_mean = sum(cand[r] for r in common) / len(common)
     champ_mean = sum(champ[r] for r in common) / len(common)
     gain = cand_mean - champ_mean
-    mean_ok = gain >= min_improvement - 1e-9
+    if interval is None:
+        mean_ok = gain >= min_improvement - 1e-9
+        text = f"mean {cand_mean:.2f} vs champion {champ_mean:.2f} ({gain:+.2f}; needed {min_improvement:+.2f})"
+    else:
+        mean_ok = interval[0] >= min_improvement - 1e-9
+        text = (f"mean {cand_mean:.2f} vs champion {champ_mean:.2f} ({gain:+.2f}); paired 95% interval of the gain "
+                f"[{interval[0]:+.2f}, {interval[1]:+.2f}] on the same pairs: its lower bound must reach "
+                f"min_improvement {min_improvement:+.2f}")
     rows.append({"resolution": "mean", "champion": round(champ_mean, 4), "candidate": round(cand_mean, 4),
                  "delta": round(gain, 4), "ok": mean_ok})
-    text = f"mean {cand_mean:.2f} vs champion {champ_mean:.2f} ({gain:+.2f}; needed {min_improvement:+.2f})"
     (passed if mean_ok else failed).append(text)
+    failed = list(problems or []) + failed
     if not any("max_drop" in f for f in failed):
         passed.append(f"no resolution loses more than {max_drop:.2f} points")
     return GateDecision(not failed, failed + passed, rows, round(gain, 4))

@@ -1,7 +1,8 @@
 """Promotion: move ``champion`` to a version only when the gate lets it, and record every decision.
 
 :func:`promote` compares the candidate's recorded accuracies with the current champion's
-(:func:`crfr.registry.gate.gate`). ``force`` overrides a blocked gate and is recorded as such. The champion
+(:func:`crfr.registry.gate.gate`), on the same evidence only: the same gate data and probes, and the paired
+interval of the gain on the same pairs (:mod:`crfr.registry.evidence`); otherwise the gate refuses and says why. ``force`` overrides a blocked gate and is recorded as such. The champion
 being replaced keeps the alias ``previous_champion`` for a rollback. Each decision is written to the
 version's tags and logged as an MLflow run (``gate_decision.json``, ``comparison.md``).
 
@@ -17,6 +18,7 @@ import time
 
 from crfr.config import Params
 from crfr.errors import RegistryError
+from crfr.registry.evidence import compare_on_same_pairs
 from crfr.registry.gate import GateDecision, gate
 from crfr.registry.versions import (
     ACCURACIES_TAG,
@@ -62,7 +64,11 @@ def promote(name: str, version: str | int, params: Params, force: bool = False) 
             if current is not None and not champ_acc:
                 log.warning("champion %s v%s has no recorded accuracies: the gate treats it as absent",
                             name, current.version)
-            decision = gate(cand_acc, champ_acc, params.registry.min_improvement, params.registry.max_drop)
+            problems, paired = [], None
+            if champ_acc and cand_acc:
+                problems, paired = compare_on_same_pairs(client, candidate, current)
+            decision = gate(cand_acc, champ_acc, params.registry.min_improvement, params.registry.max_drop,
+                            interval=(paired.low, paired.high) if paired else None, problems=problems)
             if not cand_acc and not force:
                 raise RegistryError(f"{name} version {version} has no recorded accuracies (tag {ACCURACIES_TAG!r}); "
                                     "register it through the register step, or use --force")
@@ -127,6 +133,10 @@ def _record(client, decision: GateDecision, force: bool) -> None:
         tags["gallery"] = decision.gallery
     for key, value in tags.items():
         client.set_model_version_tag(decision.name, decision.version, key, value)
+    described = client.get_model_version(decision.name, decision.version).description or ""
+    verdict = (f" Gate {stamp}: {decision.outcome} against champion version {decision.champion_version or 'none'}"
+               f" ({(decision.reasons or ['-'])[0]}).")
+    client.update_model_version(decision.name, decision.version, description=(described + verdict)[-5000:])
     with mlflow.start_run(run_name=f"promote-{decision.name}-v{decision.version}"):
         mlflow.set_tags({"crfr.step": "promote", "gate.outcome": decision.outcome})
         mlflow.log_params({"model": decision.name, "version": decision.version, "force": force,

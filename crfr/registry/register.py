@@ -1,8 +1,9 @@
 """Registering a trained model: an MLflow pyfunc version with its gate accuracies, thresholds and lineage.
 
 The new version gets the alias ``challenger`` and records its gate accuracies (:mod:`crfr.registry.gate`),
-its calibrated thresholds and its lineage (tags ``lineage.*``, dataset inputs of its run:
-:mod:`crfr.registry.lineage`). Promotion is a separate decision (:mod:`crfr.registry.promote`). Files made
+its calibrated thresholds, its lineage (tags ``lineage.*``, dataset inputs of its run:
+:mod:`crfr.registry.lineage`), the gate's evidence (:mod:`crfr.registry.evidence`) and a description. The model is
+an MLflow LoggedModel, its evaluation accuracies logged on it, each linked to the evaluation set it measures. Promotion is a separate decision (:mod:`crfr.registry.promote`). Files made
 from a version later (its ONNX export) are logged beside it (:func:`log_beside_version`).
 """
 
@@ -10,13 +11,15 @@ from __future__ import annotations
 
 import json
 import logging
+import warnings
 from pathlib import Path
 from typing import Any
 
 from crfr.config import Params
 from crfr.faces.preprocess import align_settings
+from crfr.registry.evidence import EVIDENCE_TAG, evidence_of, log_outcomes
 from crfr.registry.gate import gate_accuracies
-from crfr.registry.lineage import Lineage, collect, log_to_run
+from crfr.registry.lineage import EVALUATION, TRAINING, Lineage, collect, log_to_run
 from crfr.registry.resolve import ModelSource
 from crfr.registry.versions import ACCURACIES_TAG, CHALLENGER, model_name
 from crfr.tracking import connect, mlflow_errors
@@ -31,6 +34,7 @@ def register_model(
     params: Params,
     role: str = "student",
     lineage: Lineage | None = None,
+    outcomes: dict | None = None,
 ):
     """Log ``model_dir`` as a pyfunc, register it and give it the ``challenger`` alias.
 
@@ -42,6 +46,8 @@ def register_model(
         role: ``student`` or ``teacher``: which registered model name to use.
         lineage: what made the model (:func:`crfr.registry.lineage.collect`); by default what ``model_dir`` and this
             process tell: the git commit, the params, the training run and the pipeline run.
+        outcomes: the per-pair decisions at each gate resolution (:func:`crfr.registry.evidence.gate_outcomes`),
+            recorded with the gate's evidence so that a later promotion can compare on the same pairs.
 
     Returns:
         The new ``ModelVersion`` (with its tags and aliases).
@@ -65,6 +71,12 @@ def register_model(
             info = log_pyfunc(model_dir, thresholds, align=align_settings(params.data), registered_model_name=name,
                               extra_metadata={"accuracies": accuracies, "gate_dataset": cfg.gate_dataset,
                                               "gate_protocol": cfg.gate_protocol, "role": role})
+            link_metrics(info.model_id, eval_metrics, lineage)
+            evidence = None
+            eval_data = {d.name.removeprefix("eval:"): d.digest for d in lineage.datasets if d.context == EVALUATION}
+            if outcomes and eval_data.get(cfg.gate_dataset):
+                evidence = evidence_of(params, eval_data)
+                log_outcomes(outcomes)
         version = str(info.registered_model_version)
         tags: dict[str, Any] = {
             "role": role,
@@ -73,16 +85,63 @@ def register_model(
             ACCURACIES_TAG: json.dumps(accuracies),
             "acc_mean": f"{sum(accuracies.values()) / max(len(accuracies), 1):.4f}",
             "run_id": run.info.run_id,
+            "logged_model_id": info.model_id,  # the LoggedModel its evaluation metrics are linked to
             "model_dir": str(model_dir),
             "thresholds": json.dumps({str(k): float(v) for k, v in thresholds.items()}),
         }
         tags.update({f"acc_{r}": f"{a:.4f}" for r, a in accuracies.items()})
         tags.update(lineage.tags())
+        if evidence:
+            tags[EVIDENCE_TAG] = json.dumps(evidence, sort_keys=True)
         for key, value in tags.items():
             client.set_model_version_tag(name, version, key, value)
+        client.update_model_version(name, version, description=describe_version(role, model_dir, accuracies,
+                                                                                 cfg, lineage, evidence))
         client.set_registered_model_alias(name, CHALLENGER, version)
         log.info("registered %s version %s (alias %s)", name, version, CHALLENGER)
         return client.get_model_version(name, version)
+
+
+def link_metrics(model_id: str | None, eval_metrics: dict, lineage: Lineage) -> None:
+    """Log the model's evaluation accuracies on its LoggedModel, each linked to the evaluation set it measures."""
+    import mlflow
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+
+    if not model_id or not isinstance(eval_metrics, dict):
+        return
+    refs = {d.name.removeprefix("eval:"): d for d in lineage.datasets if d.context == EVALUATION}
+    for dataset, per_protocol in eval_metrics.items():
+        if not isinstance(per_protocol, dict):
+            continue
+        ref = refs.get(dataset)
+        linked = None
+        if ref is not None:
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=".*can be interpreted in multiple ways")
+                linked = MetaDataset(resolve_dataset_source(ref.source), name=ref.name, digest=ref.digest)
+        values = {f"acc_{dataset}_{protocol}_{res}": float(cell["acc"])
+                  for protocol, per_res in per_protocol.items() if isinstance(per_res, dict)
+                  for res, cell in per_res.items() if isinstance(cell, dict) and "acc" in cell}
+        if values:
+            mlflow.log_metrics(values, model_id=model_id, dataset=linked)
+
+
+def describe_version(role: str, model_dir, accuracies: dict, cfg, lineage: Lineage, evidence: dict | None) -> str:
+    """The version's description: what it is, what it was measured on, how it will be gated."""
+    acc = ", ".join(f"{r} px {a:.2f}" for r, a in accuracies.items())
+    train = next((d.digest for d in lineage.datasets if d.context == TRAINING), None)
+    lines = [f"crfr {role} from {model_dir} (code {lineage.git_commit[:12]}, params {lineage.params_sha256[:12]}).",
+             f"Gate accuracies on {cfg.gate_dataset}/{cfg.gate_protocol}: {acc}.",
+             f"Training data {train or 'not recorded'}."]
+    if evidence:
+        lines.append(f"Gate evidence: {cfg.gate_dataset} data {evidence['fingerprint']}, probes {evidence['probes']}; "
+                     "per-pair decisions in gate/outcomes.npz. Promotion needs the lower bound of the paired 95% "
+                     f"interval of the mean gain over the champion to reach {cfg.min_improvement:+.2f} points and no "
+                     f"resolution to lose more than {cfg.max_drop:.2f}.")
+    else:
+        lines.append("No gate evidence recorded: it can become champion only when there is none, or when forced.")
+    return " ".join(lines)
 
 
 def log_beside_version(source: ModelSource, file: str | Path, params: Params, kind: str = "onnx") -> str | None:

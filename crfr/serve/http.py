@@ -26,6 +26,7 @@ in batches shared between concurrent requests (:mod:`crfr.serve.batcher`).
 
 from __future__ import annotations
 
+import asyncio
 import io
 import logging
 import time
@@ -69,10 +70,11 @@ def _problem(status: int, message: str):
 
 
 class BodyLimit:
-    """ASGI middleware: refuse request bodies over ``max_bytes`` (declared or streamed) with a 413."""
+    """ASGI middleware: refuse request bodies over ``max_bytes`` (declared or streamed) with a 413, and bodies
+    whose next chunk takes longer than ``read_timeout_s`` with a 408 (a slow client holds no worker for long)."""
 
-    def __init__(self, app, max_bytes: int) -> None:
-        self.app, self.max_bytes = app, max_bytes
+    def __init__(self, app, max_bytes: int, read_timeout_s: float = 30.0) -> None:
+        self.app, self.max_bytes, self.read_timeout_s = app, max_bytes, read_timeout_s
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -85,7 +87,11 @@ class BodyLimit:
 
         async def limited():
             nonlocal seen
-            message = await receive()
+            try:
+                message = await asyncio.wait_for(receive(), self.read_timeout_s)
+            except asyncio.TimeoutError:
+                raise HTTPProblem(408, f"the request body stalled for {self.read_timeout_s:g} s "
+                                       "(serve.read_timeout_s)") from None
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > self.max_bytes:
@@ -208,7 +214,7 @@ def create_app(model, cfg: ServeCfg | None = None, gallery=None, about: dict | N
 
     app = FastAPI(title="crfr", summary="cross-resolution face recognition: embed, verify, identify",
                   docs_url=None, redoc_url=None, openapi_url=None)
-    app.add_middleware(BodyLimit, max_bytes=2 * cfg.max_image_bytes + FORM_OVERHEAD)
+    app.add_middleware(BodyLimit, max_bytes=2 * cfg.max_image_bytes + FORM_OVERHEAD, read_timeout_s=cfg.read_timeout_s)
     app.state.live, app.state.metrics, app.state.batcher = live, metrics, batcher
 
     @app.middleware("http")
@@ -358,8 +364,13 @@ def thumbnail(source: str, side: int = 160) -> bytes:
     return buf.tobytes()
 
 
-def run(app, host: str, port: int, log_level: str = "info") -> None:
-    """Serve ``app`` with uvicorn until interrupted (SIGINT / SIGTERM end it cleanly)."""
+def run(app, host: str, port: int, log_level: str = "info", max_connections: int | None = None) -> None:
+    """Serve ``app`` with uvicorn until interrupted (SIGINT / SIGTERM end it cleanly).
+
+    Beyond ``max_connections`` open connections a new request is answered 503 at once; an idle connection is
+    closed after 5 s (uvicorn's keep-alive timeout).
+    """
     import uvicorn
 
-    uvicorn.run(app, host=host, port=port, log_level=log_level, server_header=False)
+    uvicorn.run(app, host=host, port=port, log_level=log_level, server_header=False,
+                limit_concurrency=max_connections, timeout_keep_alive=5)

@@ -21,7 +21,7 @@ Imports run one way: ``door`` uses the others, ``cache`` uses ``transfer`` and `
 ``s3`` and ``atomic``, ``s3`` uses ``traffic``; ``traffic`` and ``atomic`` use none of them.
 """
 
-from crfr.storage.atomic import STAGING_LOCK, STALE_UNLOCKED_S, remove_stale_staging
+from crfr.storage.atomic import STAGING_LOCK, STALE_UNLOCKED_S, remove_stale_staging, restore_interrupted
 from crfr.storage.door import (
     check_writable,
     download,
@@ -53,6 +53,7 @@ __all__ = [
     "output_file",
     "read_bytes",
     "remove_stale_staging",
+    "restore_interrupted",
     "split_s3",
     "upload",
     "write_bytes",

@@ -128,6 +128,24 @@ def publish_dir(folder: Path, target: Path) -> None:
             old.unlink()
 
 
+def restore_interrupted(target: Path) -> bool:
+    """Put back the previous ``target`` of a :func:`publish_dir` killed between its two renames.
+
+    Such a kill leaves no ``target`` and the old one beside it as ``.<name>.old-<pid>-<thread>``; renaming it
+    back gives the output as it was before the interrupted write. Returns whether one was restored.
+    """
+    if target.exists() or target.is_symlink():
+        return False
+    left = sorted(target.parent.glob(f".{target.name}.old-*")) if target.parent.is_dir() else []
+    for old in left:
+        try:
+            os.rename(old, target)
+            return True
+        except OSError:
+            continue  # another process restored it first, or this one is not ours to take
+    return False
+
+
 def publish_file(tmp: Path, target: Path) -> None:
     """Rename a finished temp file (on ``target``'s filesystem) onto ``target``.
 
