@@ -329,7 +329,8 @@ def run_local(params: Params, source_uri: str, pipeline_root: str | Path, runner
     # kfp.local makes each task's output folders as this user, and the task writes into them as the image's uid.
     old_umask = os.umask(0)
     try:
-        root.chmod(0o777)
+        if root.stat().st_mode & 0o777 != 0o777:  # a bucket mounted with s3fs is already, and cannot be chmod-ed
+            root.chmod(0o777)
         local.init(runner=docker_runner(run_id), pipeline_root=str(root), raise_on_error=True)
         return build_pipeline(tasks, cluster=False, strict=True)(source_uri=source_uri)
     finally:

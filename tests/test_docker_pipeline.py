@@ -5,9 +5,10 @@ Every task of the compiled pipeline (the check, prepare, synthesize, teacher, st
 no capabilities, the host network only (the daemon has no bridge; containers reach only 127.0.0.1). The data
 lives on S3 (moto's server on 127.0.0.1), the prepare task puts the training shards on S3 and the training
 tasks read them from there, checkpoints are mirrored to S3, and the models are registered in a real
-``mlflow server`` whose artifacts live on S3 too. kfp.local keeps its ``pipeline_root`` on local disk (it
-bind-mounts it into every container); the cluster's S3 ``pipeline_root`` is configured by ``k8s/``'s
-``kfp-launcher`` ConfigMap and is not exercised here.
+``mlflow server`` whose artifacts live on S3 too. kfp.local needs a local ``pipeline_root`` (it bind-mounts it
+into every container), so the test mounts a moto bucket there with s3fs-fuse: every artifact lands in S3. On a
+cluster kfp's launcher reaches the S3 ``pipeline_root`` itself (``k8s/``'s ``kfp-launcher`` ConfigMap), which
+is not exercised here.
 
 Opt-in, minutes: ``CRFR_DOCKER_TESTS=1``. The test starts the private daemon of ``docker/dockerd.sh`` (as
 ``docker/build-cpu-image.sh --start-daemon`` does; needs root and Debian's docker.io) and builds the CPU image
@@ -20,6 +21,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import time
 import uuid
@@ -80,6 +82,28 @@ def mlflow_on_s3(s3_server, tmp_path_factory):
         yield url
 
 
+@pytest.fixture()
+def s3_pipeline_root(s3_server, tmp_path):
+    """kfp's pipeline_root on S3: a moto bucket mounted with s3fs-fuse (kfp.local bind-mounts a local path into
+    every container, so the bucket is reached through the mount). Yields (mount point, bucket)."""
+    if not (shutil.which("s3fs") and os.path.exists("/dev/fuse")):
+        pytest.skip("the S3 pipeline_root needs s3fs-fuse and /dev/fuse: apt-get install s3fs")
+    bucket = f"kfp-root-{uuid.uuid4().hex[:8]}"
+    storage.client().create_bucket(Bucket=bucket)
+    keys = tmp_path / "s3fs-passwd"
+    keys.write_text(f"{os.environ['AWS_ACCESS_KEY_ID']}:{os.environ['AWS_SECRET_ACCESS_KEY']}\n")
+    keys.chmod(0o600)
+    mount = tmp_path / "kfp-root"
+    mount.mkdir()
+    # allow_other: the containers' uid 10001 writes there; umask 0: S3 objects carry no POSIX owner.
+    subprocess.run(["s3fs", bucket, str(mount), "-o", f"passwd_file={keys},url={s3_server},use_path_request_style,"
+                    "allow_other,umask=0000"], check=True, capture_output=True, timeout=60)
+    try:
+        yield mount, bucket
+    finally:
+        subprocess.run(["umount", str(mount)], capture_output=True)
+
+
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
@@ -122,7 +146,7 @@ def task_lines(output: str) -> dict[str, dict]:
 
 
 def test_the_compiled_pipeline_runs_in_its_images_with_s3_and_a_tracking_server(
-        image, s3_server, mlflow_on_s3, lfw_root, tmp_path, capfd):
+        image, s3_server, s3_pipeline_root, mlflow_on_s3, lfw_root, tmp_path, capfd):
     from mlflow import MlflowClient
 
     from pipeline.kfp_pipeline import run_local
@@ -138,7 +162,7 @@ def test_the_compiled_pipeline_runs_in_its_images_with_s3_and_a_tracking_server(
     over["kubeflow"] = {"gpu_image": "crfr-cpu", "checkpoint_base": f"s3://{bucket}/checkpoints",
                         "shards_uri": f"s3://{bucket}/shards"}
     params = load_params(REPO / "params.yaml", over)
-    root = tmp_path / "root"
+    root, root_bucket = s3_pipeline_root
     with pytest.MonkeyPatch.context() as env:
         env.setenv("MLFLOW_TRACKING_URI", mlflow_on_s3)
         env.setenv("CRFR_S3_TRAFFIC", "1")
@@ -182,6 +206,12 @@ def test_the_compiled_pipeline_runs_in_its_images_with_s3_and_a_tracking_server(
             assert task["s3"]["bytes_read"] >= shard_bytes, (name, task)
     for name in ("synthesize-op", "evaluate-op"):
         assert tasks[name]["s3"]["bytes_read"] < shard_bytes, (name, tasks[name])
+    # Every task's artifacts went to the pipeline_root bucket (through the mount), the evaluation report too.
+    stored = storage.list_files(f"s3://{root_bucket}")
+    for artifact in ("/prepared/train/location.json", "/fingerprinted/manifest.csv", "/report/metrics.json",
+                     "/registration/registration.json", "/teacher/model.pt"):
+        assert any(uri.endswith(artifact) for uri in stored), (artifact, stored[:20])
+    root_bytes = sum(o["Size"] for o in storage.client().list_objects_v2(Bucket=root_bucket).get("Contents", []))
     # Register fingerprints the data from the small `fingerprinted` artifact: it reads nothing of the shards.
     assert tasks["register-op"]["s3"]["bytes_read"] < 5_000_000, tasks["register-op"]
     # The source data is read from S3 by prepare (and checked by the first task), by no one else.
@@ -189,7 +219,9 @@ def test_the_compiled_pipeline_runs_in_its_images_with_s3_and_a_tracking_server(
 
     REPORT.parent.mkdir(exist_ok=True)
     REPORT.write_text(json.dumps({"wall_s": round(wall, 1), "tasks": tasks, "model_version": version.version,
-                                  "shards": {"files": len(shards), "bytes": shard_bytes}},
+                                  "shards": {"files": len(shards), "bytes": shard_bytes},
+                                  "pipeline_root": {"bucket": root_bucket, "objects": len(stored),
+                                                    "bytes": root_bytes}},
                                  indent=2, default=str) + "\n")
 
 
