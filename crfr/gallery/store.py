@@ -7,6 +7,7 @@ import contextlib
 import csv
 import fcntl
 import json
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,17 +33,21 @@ def writing(uri: str | Path) -> Iterator[None]:
     """Hold the gallery's writer lock: two ``crfr gallery add`` at once run one after the other, and the
     second reads what the first wrote, so no enrolment is lost.
 
-    A local gallery is locked with ``flock`` on ``.<name>.lock`` beside it. An ``s3://`` gallery has no lock
-    (S3 offers none that every store honours): give it one writer at a time.
+    A local gallery is locked with ``flock`` on the folder that holds it: the gallery's own folder is replaced
+    by each write, and a lock file beside it would sit among the galleries of a gallery home. An ``s3://``
+    gallery has no lock (S3 offers none that every store honours): give it one writer at a time.
     """
     if storage.is_s3(uri):
         yield
         return
-    path = Path(uri)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.parent / f".{path.name}.lock", "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    parent = Path(uri).resolve().parent
+    parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(parent, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
         yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def is_gallery(uri: str | Path) -> bool:
