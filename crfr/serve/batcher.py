@@ -66,7 +66,8 @@ class Batcher:
                 embedder = group[0][0]
                 try:
                     sizes = [len(faces) for _, faces, _ in group]
-                    out = embedder.embed_faces(np.concatenate([_resized(embedder, f) for _, f, _ in group]))
+                    # prepare() gives faces at the network's input size, so requests' faces stack as they are.
+                    out = embedder.embed_faces(np.concatenate([faces for _, faces, _ in group]))
                     if self.on_batch:
                         self.on_batch(sum(sizes))
                     start = 0
@@ -78,11 +79,3 @@ class Batcher:
                         if not future.done():
                             future.set_exception(exc)
 
-
-def _resized(embedder: FaceEmbedder, faces: np.ndarray) -> np.ndarray:
-    """Faces at the network's input size, so that requests of any crop size stack."""
-    import cv2
-
-    size = embedder.input_size
-    return np.stack([f if f.shape[:2] == (size, size) else
-                     cv2.resize(f, (size, size), interpolation=cv2.INTER_LINEAR) for f in faces])
