@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import cv2
@@ -57,12 +58,28 @@ MLFLOW_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "MLFLOW_EXPERIMENT_I
               "MLFLOW_RUN_ID")
 
 
+def _mlflow_uris() -> tuple[str | None, str | None]:
+    if "mlflow" not in sys.modules:  # not imported yet: both unset
+        return None, None
+    from mlflow.tracking._model_registry import utils as registry
+    from mlflow.tracking._tracking_service import utils as tracking
+
+    return tracking._tracking_uri, registry._registry_uri
+
+
 @pytest.fixture(autouse=True)
 def _mlflow_environment_per_test():
     """MLflow's set_tracking_uri also exports MLFLOW_TRACKING_URI, which crfr's params take over their own
     tracking.uri: a test that connected in-process would otherwise send every later test's runs to its store."""
     before = {key: os.environ.get(key) for key in MLFLOW_ENV}
+    uris = _mlflow_uris()
     yield
+    # MLflow's module globals too: an MlflowClient(tracking_uri) made later takes its registry from them.
+    if "mlflow" in sys.modules:
+        from mlflow.tracking._model_registry import utils as registry
+        from mlflow.tracking._tracking_service import utils as tracking
+
+        tracking._tracking_uri, registry._registry_uri = uris
     for key, value in before.items():
         if value is None:
             os.environ.pop(key, None)

@@ -31,7 +31,7 @@ def ran(output: str) -> set[str]:
 def registered_versions(tracking_uri: str) -> int:
     from mlflow import MlflowClient
 
-    return len(MlflowClient(tracking_uri).search_model_versions())
+    return len(MlflowClient(tracking_uri, registry_uri=tracking_uri).search_model_versions())
 
 
 @pytest.mark.slow
