@@ -11,6 +11,7 @@ import errno
 import importlib
 import os
 import sys
+import time
 from collections.abc import Callable, Sequence
 
 from crfr import __version__
@@ -105,12 +106,17 @@ def step_main(
         run: does the work with the parsed arguments; returns the exit code.
         argv: arguments (default: ``sys.argv[1:]``).
     """
+    from crfr.process import usage as stage_usage
+
+    started = time.monotonic()
     configure_logging()
     parser = argparse.ArgumentParser(prog=f"python -m components.{step}", description=doc,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(parser)
     args = parser.parse_args(argv)
-    return run_guarded(lambda: run(args))
+    code = run_guarded(lambda: run(args))
+    stage_usage.record(started, code)  # only under DVC with CRFR_STAGE_USAGE set (scripts/main.sh)
+    return code
 
 
 def configure_logging() -> None:

@@ -60,8 +60,14 @@ def hardware() -> str:
     return f"{os.cpu_count()} x {cpu}, {gpu}, torch {torch.__version__}"
 
 
-def record_wall_time(seconds: float, params: Params) -> dict:
-    """Store how long the last full pipeline run took, with what it ran on."""
+def record_wall_time(seconds: float, params: Params, stages: Path | None = None) -> dict:
+    """Store how long the last full pipeline run took, with what it ran on.
+
+    Args:
+        stages: a folder of per-stage usage records (:mod:`crfr.process.usage`), stored under ``stages``.
+    """
+    from crfr.process import usage as stage_usage
+
     record = {
         "wall_time_s": round(seconds, 1),
         "finished": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
@@ -69,6 +75,8 @@ def record_wall_time(seconds: float, params: Params) -> dict:
         "profile": params.profile,
         "seed": params.seed,
     }
+    if stages is not None:
+        record["stages"] = stage_usage.gather(stages)
     RUN_RECORD.parent.mkdir(parents=True, exist_ok=True)
     RUN_RECORD.write_text(json.dumps(record, indent=2))
     return record

@@ -9,6 +9,9 @@ export PATH="$PWD/.venv/bin:$PATH"
 export CRFR_LFW_ROOT="${CRFR_LFW_ROOT:-$(cd .. && pwd)/shared/data/lfw}"
 export MLFLOW_DISABLE_TELEMETRY=true DVC_NO_ANALYTICS=1 DO_NOT_TRACK=1 PYTHONUNBUFFERED=1
 mkdir -p reports
+# Each stage DVC runs leaves its wall, CPU and peak-memory usage here (crfr/process/usage.py) for reports/run.json.
+export CRFR_STAGE_USAGE="$PWD/reports/.stages"
+rm -rf "$CRFR_STAGE_USAGE"
 start=$(date +%s)
 if dvc status --quiet dvc.yaml release/dvc.yaml >/dev/null 2>&1; then
   echo "crfr: pipeline already up to date (dvc status is clean)"
@@ -19,7 +22,7 @@ fi
 dvc repro dvc.yaml release/dvc.yaml   # release/: register + promote, asked for apart from training
 end=$(date +%s)
 if [ "$changed" = 1 ]; then
-  crfr report --record-wall-time "$((end - start))" --readme README.md
+  crfr report --record-wall-time "$((end - start))" --stages "$CRFR_STAGE_USAGE" --readme README.md
 else
   crfr report --readme README.md
 fi

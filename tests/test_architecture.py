@@ -30,7 +30,7 @@ LAYERS = [
     ["crfr.faces"],
     ["crfr.storage", "crfr.tracking", "crfr.devices"],
     ["crfr.config"],
-    ["crfr.digests", "crfr.secrets", "crfr.errors", "crfr"],
+    ["crfr.digests", "crfr.secrets", "crfr.errors", "crfr.process", "crfr"],
 ]
 
 

@@ -53,6 +53,23 @@ def test_gradients_match_autograd_of_reference(impl, wavelet, size):
     torch.testing.assert_close(grad, x2.grad, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("layout", ["nchw", "nhwc"])
+def test_haar_fast_paths_agree_with_pooling_in_value_and_gradient(layout):
+    """NCHW takes HaarLL (block sums), NHWC the depthwise convolution: both are 2 x the 2x2 mean, and so are
+    their gradients (half of each output gradient on every pixel of its block)."""
+    fmt = torch.channels_last if layout == "nhwc" else torch.contiguous_format
+    x = torch.randn(3, 5, 12, 10, dtype=torch.float64).contiguous(memory_format=fmt).requires_grad_(True)
+    y = LowPass2d("haar")(x)
+    weights = torch.randn_like(y)
+    (y * weights).sum().backward()
+    x2 = x.detach().clone().requires_grad_(True)
+    pooled = 2 * torch.nn.functional.avg_pool2d(x2, 2)
+    (pooled * weights).sum().backward()
+    torch.testing.assert_close(y, pooled)
+    torch.testing.assert_close(x.grad, x2.grad)
+    assert torch.autograd.gradcheck(LowPass2d("haar"), (x.detach().contiguous().requires_grad_(True),))
+
+
 @pytest.mark.parametrize("wavelet", ["haar", "db2"])
 def test_wavedown_matches_strided_conv_size(wavelet):
     for n in (56, 28, 7):

@@ -16,6 +16,9 @@ def register(sub) -> None:
     rep.add_argument("--readme", type=Path, default=None, help="README to update between the results markers")
     rep.add_argument("--record-wall-time", type=float, default=None, metavar="SECONDS",
                      help="store the wall time of the pipeline run that just finished")
+    rep.add_argument("--stages", type=Path, default=None, metavar="DIR",
+                     help="with --record-wall-time: the per-stage usage records (wall, user and system CPU time, "
+                          "peak memory) the steps left in DIR ($CRFR_STAGE_USAGE), stored under 'stages'")
     rep.add_argument("--publish", type=Path, default=None, metavar="DIR",
                      help="copy the last run's table, plot and epoch curves to DIR (e.g. docs/results/long) with "
                           "a record of its params; the README section lists every run published under docs/results")
@@ -30,7 +33,7 @@ def _report(args: argparse.Namespace) -> int:
 
     params = load_params(args.params, args.overrides)
     if args.record_wall_time is not None:
-        report.record_wall_time(args.record_wall_time, params)
+        report.record_wall_time(args.record_wall_time, params, args.stages)
     if args.publish is not None:
         report.publish(args.publish, params, args.title or args.publish.name, args.note)
         print(f"published the last run's results to {args.publish}")

@@ -210,8 +210,7 @@ def evaluate_models(prepared_dir: str, probes_dir: str | None, models: dict[str,
         DataError: an eval set or probe file is missing or malformed.
         RegistryError: MLflow cannot be reached.
     """
-    import torch
-
+    from crfr.models.inference import inference_model
     from crfr.models.model_file import load_model
 
     if not models:
@@ -243,10 +242,9 @@ def evaluate_models(prepared_dir: str, probes_dir: str | None, models: dict[str,
             identifications.prepare(prepared, d)
     for name, model_dir in models.items():
         model, _ = load_model(storage.local_input(model_dir, kind="dir"), device=device)
-        if params.runtime.channels_last:
-            # NHWC forward passes are 1.5-1.7x faster on these CPUs; embed_images feeds batches in the model's
-            # layout (the torch 2.13 CPU crashes that keep training NCHW are in convolution backward only).
-            model = model.to(memory_format=torch.channels_last)
+        # Batch norms folded; NHWC (runtime.channels_last) forward passes are 1.5-1.7x faster on these CPUs, and
+        # the torch 2.13 CPU crashes that keep training NCHW are in convolution backward only.
+        model = inference_model(model, params.runtime.channels_last)
         for d in data.values():
             evaluate_model(name, model, d, params, probes, device, evaluation, identifications)
         del model

@@ -112,7 +112,21 @@ class FaceEmbedder:
         size = self.input_size
         faces = np.stack([f if f.shape[:2] == (size, size) else
                           cv2.resize(f, (size, size), interpolation=cv2.INTER_LINEAR) for f in faces])
-        return embed_images(self.model, faces, self.batch_size, self.device, progress=False)
+        return embed_images(self.runner, faces, self.batch_size, self.device, progress=False)
+
+    @property
+    def runner(self):
+        """What computes the embeddings: :attr:`model` with its batch norms folded, NHWC (crfr.models.inference).
+
+        Built on first use and again if :attr:`model` is replaced; :attr:`model` stays as loaded, for the
+        fingerprint and the ONNX export.
+        """
+        from crfr.models.inference import inference_model
+
+        built = getattr(self, "_runner", None)
+        if built is None or built[0] is not self.model:
+            built = self._runner = (self.model, inference_model(self.model))
+        return built[1]
 
     def threshold_for(self, size: int) -> tuple[str | None, float]:
         """(calibrated resolution, threshold) for a probe whose smaller side is ``size`` pixels."""

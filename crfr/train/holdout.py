@@ -11,7 +11,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 from torch import nn
 
 from crfr.config import Params
@@ -40,14 +39,16 @@ def score_holdout(backbone: nn.Module, holdout: Holdout, device: str) -> dict:
     """The validation pairs scored as the per-epoch check scores them: the left face of each pair linearly
     downscaled to each of :data:`HOLDOUT_SIZES` against the right face at full size.
 
-    Leaves ``backbone`` in eval mode and NCHW layout.
+    The pairs are embedded by an inference copy of ``backbone`` (:func:`crfr.models.inference.inference_model`:
+    batch norms folded, NHWC), as the evaluate step embeds; ``backbone`` is left in eval mode.
 
     Returns:
         Per size, the :class:`crfr.evaluation.verification.VerificationResult` (its ``correct`` holds each pair's outcome).
     """
+    from crfr.models.inference import inference_model
+
     backbone.eval()
-    # embed_images feeds NCHW batches; never mix layouts between a model and its input (see runtime.py).
-    backbone.to(memory_format=torch.contiguous_format)
+    backbone = inference_model(backbone)
     h = holdout
     gallery = embed_images(backbone, h.images[h.right], batch_size=128, device=device, progress=False)
     results = {}

@@ -332,8 +332,6 @@ class Trainer:
             return {}
         backbone = self.net.backbone
         results = score_holdout(backbone, self.holdout, str(self.rt.device))
-        if self.rt.channels_last:
-            backbone.to(memory_format=torch.channels_last)
         backbone.train()
         return {f"val_acc_{size}": result.accuracy for size, result in results.items()}
 
