@@ -16,7 +16,7 @@ from crfr.config import DegradeCfg, ModelCfg
 from crfr.models import LowPass2d
 
 
-def ll_fwd_bwd_ms(shape=(64, 64, 56, 56), device: str = "cpu", rounds: int = 7,
+def ll_fwd_bwd_ms(shape=(64, 64, 56, 56), device: str = "cpu", rounds: int = 15,
                   channels_last: bool = True) -> dict[str, float]:
     """Median forward + backward time of the Haar LL filter, fast and reference, on a feature-map-sized tensor.
 

@@ -7,7 +7,9 @@ LR, brought back to 112 with the interpolation of its protocol, and the gallery 
 ``evaluate.probe_side: both`` makes both sides LR.
 
 Work is shared: the HR embeddings of a set are computed once per model and serve the 112 column and every
-HR gallery side; the LR embeddings are computed once per (protocol, size) for the distinct probe images only.
+HR gallery side; the LR embeddings are computed once per (protocol, size) for the distinct probe images only;
+an image a model has embedded for an earlier set (CFP's two protocols share their frontal photos) is reused
+(:mod:`crfr.evaluation.reuse`). Models run as :func:`crfr.models.inference.inference_model` makes them.
 With ``evaluate.identification`` the same embeddings also give 1:N identification (HR gallery of one image per
 identity, LR searches of the other images; :mod:`crfr.evaluation.identification`), so its searches join the
 probe images.
@@ -45,6 +47,7 @@ from crfr.evaluation.open_set import OpenSetSplit
 from crfr.evaluation.plots import write_plots
 from crfr.evaluation.probes import ProbeSource, upsampler
 from crfr.evaluation.results import AVERAGE, OUTCOMES, Evaluation
+from crfr.evaluation.reuse import EmbeddingReuse
 from crfr.evaluation.tables import build_tables, render_identification_markdown, render_markdown
 from crfr.evaluation.thresholds import build_thresholds
 from crfr.models import embedding  # embedding.embed_images is looked up per call: tests count passes
@@ -68,19 +71,27 @@ def verification_folds(data: PairSet, cfg: EvaluateCfg) -> np.ndarray | None:
 
 
 def evaluate_model(name: str, model, data: PairSet, params: Params, probes: ProbeSource, device: str,
-                   evaluation: Evaluation, identifications: Identifications | None = None) -> None:
+                   evaluation: Evaluation, identifications: Identifications | None = None,
+                   reuse: EmbeddingReuse | None = None) -> None:
     """Add every (protocol, resolution) result of model ``name`` on eval set ``data`` to ``evaluation``, and its
-    identification results to ``identifications`` when the set has a split there."""
+    identification results to ``identifications`` when the set has a split there.
+
+    Args:
+        reuse: this model's embeddings of earlier sets, reused for identical inputs (:mod:`crfr.evaluation.reuse`).
+    """
     cfg = params.evaluate
     hr_size = int(data.images.shape[1])
     progress = sys.stderr.isatty()
 
-    def embed(images, desc, transform=None):
-        return embedding.embed_images(model, images, cfg.batch_size, device, transform=transform, desc=desc,
-                                         progress=progress)
+    def embed(images, desc, key, transform=None):
+        def run(batch):
+            return embedding.embed_images(model, batch, cfg.batch_size, device, transform=transform, desc=desc,
+                                          progress=progress)
+
+        return run(images) if reuse is None else reuse(key, images, run)
 
     t0 = time.perf_counter()
-    hr = embed(data.images, f"{name}/{data.name} HR")  # once: the 112 column and every HR gallery side
+    hr = embed(data.images, f"{name}/{data.name} HR", "hr")  # once: the 112 column and every HR gallery side
     log.info("%s/%s: HR embeddings of %d images in %.1fs", name, data.name, len(hr), time.perf_counter() - t0)
     probe_rows = data.left if cfg.probe_side == "probe" else np.concatenate([data.left, data.right])
     unique_rows = np.unique(probe_rows)
@@ -104,7 +115,8 @@ def evaluate_model(name: str, model, data: PairSet, params: Params, probes: Prob
                 continue
             lr_images = probes.get(data, protocol, res, unique_rows)
             lr = np.zeros_like(hr)
-            lr[unique_rows] = embed(lr_images, f"{name}/{data.name} {protocol} {res}px", upsampler(protocol, hr_size))
+            lr[unique_rows] = embed(lr_images, f"{name}/{data.name} {protocol} {res}px", f"{protocol}/{res}",
+                                    upsampler(protocol, hr_size))
             gallery = hr[data.right] if cfg.probe_side == "probe" else lr[data.right]
             result = verification.verify(lr[data.left], gallery, data.same, cfg.nfolds, cfg.far_targets,
                                          folds=fold_labels)
@@ -245,8 +257,11 @@ def evaluate_models(prepared_dir: str, probes_dir: str | None, models: dict[str,
         # Batch norms folded; NHWC (runtime.channels_last) forward passes are 1.5-1.7x faster on these CPUs, and
         # the torch 2.13 CPU crashes that keep training NCHW are in convolution backward only.
         model = inference_model(model, params.runtime.channels_last)
+        reuse = EmbeddingReuse()
         for d in data.values():
-            evaluate_model(name, model, d, params, probes, device, evaluation, identifications)
+            evaluate_model(name, model, d, params, probes, device, evaluation, identifications, reuse)
+        if reuse.reused:
+            log.info("%s: %d images embedded by an earlier set were reused", name, reuse.reused)
         del model
 
     tables = build_tables(evaluation, cfg.probe_side)

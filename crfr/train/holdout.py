@@ -50,13 +50,17 @@ def score_holdout(backbone: nn.Module, holdout: Holdout, device: str) -> dict:
     backbone.eval()
     backbone = inference_model(backbone)
     h = holdout
-    gallery = embed_images(backbone, h.images[h.right], batch_size=128, device=device, progress=False)
+    # Each distinct image once: people appear in several pairs, and a left image at 112 px is an HR image.
+    hr = embed_images(backbone, h.images, batch_size=128, device=device, progress=False)
+    probe_rows, probe_of_pair = np.unique(h.left, return_inverse=True)
     results = {}
     for size in HOLDOUT_SIZES:
-        probes = h.images[h.left] if size == 112 else np.stack(
-            [linear_probe(im, size) for im in h.images[h.left]])
-        emb = embed_images(backbone, probes, batch_size=128, device=device, progress=False)
-        results[size] = verify(emb, gallery, h.same, nfolds=min(10, max(2, len(h.same) // 20)))
+        if size == 112:
+            emb = hr[h.left]
+        else:
+            probes = np.stack([linear_probe(im, size) for im in h.images[probe_rows]])
+            emb = embed_images(backbone, probes, batch_size=128, device=device, progress=False)[probe_of_pair]
+        results[size] = verify(emb, hr[h.right], h.same, nfolds=min(10, max(2, len(h.same) // 20)))
     return results
 
 
