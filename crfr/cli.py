@@ -20,6 +20,7 @@ from crfr.errors import CrfrError, StorageError
 # Each module adds the command it is named for (crfr.commands.X: crfr X).
 COMMAND_MODULES = (
     "crfr.commands.report",
+    "crfr.commands.params",  # crfr params show
     "crfr.commands.data",
     "crfr.commands.train",
     "crfr.commands.evaluate",

@@ -211,8 +211,30 @@ def completed_runs(workdir: Path, params: Params) -> dict[int, dict]:
                 for dataset, per_protocol in per_set.items():
                     if isinstance(per_protocol, dict):
                         merged.setdefault(model, {}).setdefault(dataset, {}).update(per_protocol)
+        compare_rows_with_student(seed_dir, merged)
         runs[int(seed_dir.name.split("-", 1)[1])] = merged
     return runs
+
+
+def compare_rows_with_student(seed_dir: Path, merged: dict) -> None:
+    """Add ``vs_student_*`` to each Table I row's cells: its paired comparison with the seed's student on the
+    same pairs (the two reports' per-pair outcomes: same sets, same probes)."""
+    import numpy as np
+
+    from crfr.evaluation.results import OUTCOMES
+    from crfr.evaluation.stats import paired_comparison
+
+    rows_file, main_file = seed_dir / ROWS_REPORT / OUTCOMES, seed_dir / MAIN_REPORT / OUTCOMES
+    if not (rows_file.is_file() and main_file.is_file()):
+        return
+    with np.load(rows_file) as rows, np.load(main_file) as main:
+        for key in rows.files:
+            model, dataset, protocol, res = key.split("/")
+            student = f"student/{dataset}/{protocol}/{res}"
+            cell = merged.get(model, {}).get(dataset, {}).get(protocol, {}).get(res)
+            if model in ("teacher", "student") or student not in main.files or cell is None:
+                continue
+            cell.update(paired_comparison(main[student], rows[key]).metrics("vs_student_"))
 
 
 def table_rows(params: Params) -> list[str]:
@@ -246,10 +268,11 @@ def publish_evidence(workdir: Path, dest: Path, params: Params, seeds: list[int]
     record = json.loads((workdir / RECORD).read_text()) if (workdir / RECORD).is_file() else {"seeds": {}}
     complete = sorted(completed_runs(workdir, params))
     planned = list(seeds if seeds is not None else params.evidence.seeds)
+    start = "from the seed's teacher" if params.student.init_from_teacher else "from scratch"
     info = {
         "title": "Evidence: the demo's training, every evaluation set in full, Table I, over seeds",
         "description": describe_run(params, planned),
-        "note": ("All Table I rows start from the seed's teacher and train the student's schedule "
+        "note": (f"All Table I rows start {start} and train the student's schedule "
                  f"({params.student.epochs} epochs); realistic probes use evaluate.realistic, not the training "
                  "degradation. The Table I rows are trained for evidence.row_seeds only, after every seed's "
                  "teacher and student. Made with `python -m pipeline.evidence`."),

@@ -14,7 +14,7 @@ SUBCOMMANDS = [
     ["evaluate"], ["promote"], ["embed"], ["verify"], ["identify"], ["bench", "ops"], ["bench", "train"],
     ["bench", "data"], ["pipeline", "compile"], ["pipeline", "submit"], ["pipeline", "local"],
     ["pipeline", "prefect"], ["report"], ["export", "onnx"], ["gallery", "build"], ["gallery", "add"],
-    ["gallery", "info"], ["serve"], ["bench", "serve"], ["bench", "gallery"],
+    ["gallery", "info"], ["serve"], ["bench", "serve"], ["bench", "gallery"], ["params", "show"],
 ]
 
 
@@ -44,6 +44,9 @@ def test_each_subcommand_has_help(words, capsys):
         (["train", "teacher", "--set", "teacher.lr=-1"], "'teacher.lr': Input should be greater than 0"),
         (["train", "teacher", "--params", "nope.yaml"], "params file not found: nope.yaml"),
         (["train", "teacher", "--prepared", "/nonexistent/prepared"], "/nonexistent/prepared"),
+        (["params", "show", "--set", "loss.wavesim_reduction=bogus"],
+         "'loss.wavesim_reduction': Input should be 'mean' or 'sum' (got 'bogus')"),
+        (["params", "show", "--section", "nope"], "--section 'nope': not a section of params"),
         (["verify", "/nonexistent/a.jpg", "/nonexistent/b.jpg", "--model", "/nonexistent/model"], "/nonexistent"),
     ],
 )
@@ -74,3 +77,18 @@ def test_a_reader_closing_the_pipe_ends_quietly():
     proc.stdout.close()
     err = proc.stderr.read()
     assert proc.wait(timeout=60) == 141 and b"Traceback" not in err, err.decode()
+
+
+def test_params_show_prints_what_a_profile_resolves_to(capsys):
+    import json
+
+    import yaml
+
+    assert main(["params", "show", "--set", "profile=paper", "--set", "teacher.epochs=20", "--json"]) == 0
+    paper = json.loads(capsys.readouterr().out)
+    assert paper["profile"] == "paper" and paper["teacher"]["epochs"] == 20 and paper["model"]["depth"] == 50
+    assert main(["params", "show", "--section", "loss", "--section", "ablation_rows"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("# params.yaml, profile demo, 0 --set: resolved and validated")
+    assert set(yaml.safe_load(out)) == {"loss", "ablation_rows"}
+    assert yaml.safe_load(out)["loss"]["wavesim_reduction"] == "mean"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from crfr.config import load_params
@@ -52,6 +53,46 @@ def test_aggregate_gives_each_cell_the_seeds_that_have_it():
     assert "| kd (seed 0) | 71.00 |" in md and "| kd (seed 0) - teacher | +1.00 (0/1 > 0) |" in md
 
 
+def test_averages_cover_the_same_sets_for_every_row_they_show():
+    # The teacher and student are scored on three sets, the row on two: one run's own "average" (over whatever
+    # sets it had) is dropped, and each average names its sets and holds only the models scored on all of them.
+    def run(t, st, kd):
+        return {"teacher": {"a": {"linear": {"14": _cell(t[0], 0, 100)}}, "b": {"linear": {"14": _cell(t[1], 0, 100)}},
+                            "c": {"linear": {"14": _cell(t[2], 0, 100)}}, "average": {"linear": {"14": {"acc": 1.0}}}},
+                "student": {"a": {"linear": {"14": _cell(st[0], 0, 100)}}, "b": {"linear": {"14": _cell(st[1], 0, 100)}},
+                            "c": {"linear": {"14": _cell(st[2], 0, 100)}}},
+                "kd": {"a": {"linear": {"14": _cell(kd[0], 0, 100)}}, "c": {"linear": {"14": _cell(kd[1], 0, 100)}},
+                       "average": {"linear": {"14": {"acc": 2.0}}}}}
+
+    out = aggregate({0: run((70, 60, 50), (72, 62, 53), (71, 52)), 1: run((72, 62, 52), (74, 64, 55), (73, 54))})
+    cells = out["cells"]
+    assert "average" not in cells["teacher"] and "average" not in cells["kd"]
+    assert cells["teacher"]["average of a, b, c"]["linear"]["14"]["acc"]["per_seed"] == [60.0, 62.0]
+    assert cells["teacher"]["average of a, c"]["linear"]["14"]["acc"]["per_seed"] == [60.0, 62.0]
+    assert cells["student"]["average of a, c"]["linear"]["14"]["acc"]["per_seed"] == [62.5, 64.5]
+    assert cells["kd"]["average of a, c"]["linear"]["14"]["acc"]["per_seed"] == [61.5, 63.5]
+    assert "average of a, b, c" not in cells["kd"]
+    md = render_markdown(out, ["teacher", "kd", "student"])
+    three = md.split("## linear probes, average of a, b, c")[1].split("##")[0]
+    assert "| teacher |" in three and "| kd" not in three
+    two = md.split("## linear probes, average of a, c")[1].split("##")[0]
+    assert "| kd | 62.50 ± 1.41 |" in two and "| student | 63.50 ± 1.41 |" in two
+
+
+def test_rows_are_compared_with_the_student_over_seeds():
+    def cell(acc, delta):
+        return _cell(acc, 0, 100) | {"vs_student_delta": delta[0], "vs_student_ci_low": delta[1],
+                                      "vs_student_ci_high": delta[2]}
+
+    runs = {s: {"teacher": {"lfw": {"linear": {"14": _cell(70, 60, 80)}}},
+                "kd": {"lfw": {"linear": {"14": cell(71, d)}}}}
+            for s, d in enumerate([(-1.0, -2.0, -0.5), (-0.5, -1.5, 0.5), (0.3, -0.4, 1.0)])}
+    kd = aggregate(runs)["cells"]["kd"]["lfw"]["linear"]["14"]["paired_student"]
+    assert kd["per_seed"] == [-1.0, -0.5, 0.3] and kd["seeds_below_zero"] == 1 and kd["seeds_above_zero"] == 0
+    md = render_markdown(aggregate(runs), ["teacher", "kd", "student"])
+    assert "| kd - student | -0.40 ± 0.66 (0/3 > 0, 1/3 < 0) |" in md
+
+
 def test_groups_score_teacher_and_student_everywhere_and_the_rows_on_row_sets():
     params = load_params("params.yaml", ["profile=evidence"])
     assert params.evidence.row_seeds == [0]
@@ -75,6 +116,12 @@ def test_evidence_runs_two_seeds_and_resumes(tmp_path, lfw_root):
     # The rows (seed 0 only) come after every seed's teacher and student.
     cell = summary["cells"]["kd"]["lfw"]["linear"]["14"]
     assert cell["seeds"] == [0] and "paired" in cell
+    # ... and compared with the seed's student on the same pairs, from the two reports' per-pair outcomes.
+    with np.load(work / "seed-0" / "evaluate" / "outcomes.npz") as main, \
+            np.load(work / "seed-0" / "evaluate-rows" / "outcomes.npz") as rows:
+        student, kd = main["student/lfw/linear/14"].astype(bool), rows["kd/lfw/linear/14"].astype(bool)
+    expected = 100.0 * (int((kd & ~student).sum()) - int((student & ~kd).sum())) / len(kd)
+    assert cell["paired_student"]["per_seed"] == [pytest.approx(expected, abs=1e-3)]
     assert not (work / "seed-1" / "models" / "kd").exists()
     kd_made = (work / "seed-0" / "models" / "kd" / "model.pt").stat().st_mtime_ns
     assert (work / "seed-1" / "models" / "student" / "model.pt").stat().st_mtime_ns < kd_made

@@ -87,6 +87,34 @@ def test_wavelet_similarity_matches_pywt():
     assert WaveletSimilarity()(teacher, student).item() == pytest.approx(expected, rel=1e-5)
 
 
+def test_wavelet_similarity_sum_is_equation_3s_squared_norm_per_face():
+    torch.manual_seed(0)
+    teacher = [torch.randn(4, 3, 8, 8), torch.randn(4, 5, 4, 4)]
+    student = [torch.randn(4, 3, 8, 8), torch.randn(4, 5, 4, 4)]
+    expected = 0.0
+    for t, s in zip(teacher, student):
+        lt = pywt.dwt2(t.double().numpy(), "haar", axes=(-2, -1))[0]
+        ls = pywt.dwt2(s.double().numpy(), "haar", axes=(-2, -1))[0]
+        expected += np.mean(np.sum((lt - ls) ** 2, axis=(1, 2, 3)))  # ||.||_2^2 per face, mean over the batch
+    summed = WaveletSimilarity(reduction="sum")(teacher, student).item()
+    assert summed == pytest.approx(expected, rel=1e-5)
+    # The mean divides each stage by its LL band's size (C * H/2 * W/2): 3*4*4 and 5*2*2 here.
+    assert summed > 10 * WaveletSimilarity(reduction="mean")(teacher, student).item()
+    with pytest.raises(ValueError, match="mean or sum"):
+        WaveletSimilarity(reduction="max")
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_wavelet_similarity_takes_the_nets_own_filter(reduction):
+    # ll_impl reference (pytorch_wavelets) and fast compute the same band, so the loss agrees under both.
+    torch.manual_seed(1)
+    t, s = [torch.randn(2, 3, 8, 8)], [torch.randn(2, 3, 8, 8)]
+    fast = WaveletSimilarity("haar", "zero", "fast", reduction)
+    reference = WaveletSimilarity("haar", "zero", "reference", reduction)
+    assert (fast.lowpass.impl, reference.lowpass.impl) == ("fast", "reference")
+    assert reference(t, s).item() == pytest.approx(fast(t, s).item(), rel=1e-5)
+
+
 def test_wavelet_similarity_does_not_train_the_teacher():
     t = torch.randn(1, 2, 4, 4, requires_grad=True)
     s = torch.randn(1, 2, 4, 4, requires_grad=True)

@@ -61,3 +61,10 @@ def test_longer_wavelets_keep_the_network_shape(wavelet):
 def test_bad_depth_is_rejected():
     with pytest.raises(ValueError, match="depth"):
         IResNet(depth=20)
+
+
+@pytest.mark.parametrize("zero_init", [True, False])
+def test_zero_init_of_each_blocks_last_batch_norm_is_an_option(zero_init):
+    model = build_backbone("iresnet", ModelCfg(width=0.125, embedding_size=16, zero_init_residual=zero_init))
+    scales = [float(m.bn3.weight.detach().abs().sum()) for m in model.modules() if hasattr(m, "bn3")]
+    assert len(scales) == 8 and all((s == 0) == zero_init for s in scales)

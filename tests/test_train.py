@@ -120,6 +120,21 @@ def test_one_epoch_on_real_faces_lowers_the_loss(prepared, tmp_path):
     assert after < before - 1.0, f"ArcFace loss on the training faces went from {before:.2f} to {after:.2f}"
 
 
+def test_the_wavelet_similarity_follows_params(prepared, teacher_dir, tmp_path):
+    # The loss's reduction comes from loss.wavesim_reduction, its LL filter from model.ll_impl (the net's own);
+    # sum gives Eq. 3's squared norm per face: larger than the mean by at least the smallest LL band's size.
+    terms = {}
+    for reduction in ("mean", "sum"):
+        params = tiny_params(tmp_path, f"loss.wavesim_reduction={reduction}", "model.ll_impl=reference",
+                             "runtime.amp=none")
+        trainer = Trainer(student_spec(params, str(teacher_dir)), params, ShardDataset(prepared / "train"),
+                          resolve_runtime(params.runtime), tmp_path)
+        assert (trainer.wavesim.reduction, trainer.wavesim.lowpass.impl) == (reduction, "reference")
+        torch.manual_seed(0)
+        terms[reduction] = float(trainer.loss_terms(next(iter(trainer.loader)))[0].wavesim)
+    assert terms["sum"] > 100 * terms["mean"] > 0
+
+
 def test_resume_after_a_kill_gives_the_same_weights(prepared, teacher_dir, tmp_path, monkeypatch):
     args = ("student.epochs=2", "student.milestones=[1]", "runtime.holdout_pairs=0")
     straight = tiny_params(tmp_path / "a", *args)

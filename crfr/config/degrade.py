@@ -28,7 +28,8 @@ class DegradeCfg(Section):
     out_size: Int = Field(default=112, ge=8)
     antialias: Bool = Field(
         default=False, description="Gaussian pre-blur before every downscale (training, realistic and linear "
-                                   "probes); false: plain resize, as in the paper"
+                                   "probes); false: plain cv2 resize. The paper says only 'linear interpolation' "
+                                   "for its probes, not whether it low-passed first"
     )
 
     @model_validator(mode="after")

@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from crfr.config.base import Float, Int, Section
+from crfr.config.base import Bool, Float, Int, Section
 
 
 class ModelCfg(Section):
@@ -19,7 +19,12 @@ class ModelCfg(Section):
     wavelet: str = Field(default="haar", description="any discrete wavelet known to PyWavelets")
     wave_mode: Literal["zero", "symmetric", "reflect", "periodization"] = "zero"
     ll_impl: Literal["fast", "reference"] = Field(
-        default="fast", description="fast: avg-pool / depthwise conv; reference: pytorch_wavelets DWTForward"
+        default="fast", description="fast: avg-pool / depthwise conv; reference: pytorch_wavelets DWTForward "
+                                    "(WaveConv and the wavelet-similarity loss both use it)"
+    )
+    zero_init_residual: Bool = Field(
+        default=True, description="start every residual block's last batch norm at scale 0 (the block starts as "
+                                  "its shortcut); insightface's iresnet default is false. The paper does not say"
     )
 
     @field_validator("wavelet")
@@ -42,6 +47,10 @@ class LossCfg(Section):
     lambda1: Float = Field(default=1.0, ge=0.0)
     lambda2: Float = Field(default=0.05, ge=0.0)
     wavesim_stages: list[Int] = Field(default_factory=lambda: [1, 2], min_length=1)
+    wavesim_reduction: Literal["mean", "sum"] = Field(
+        default="mean", description="Eq. 3 per stage: mean squared error over the LL band (the text's MSELoss) "
+                                    "or its squared L2 norm per face, averaged over the batch (the formula)"
+    )
 
     @model_validator(mode="after")
     def _check(self) -> "LossCfg":

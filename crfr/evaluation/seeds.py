@@ -4,8 +4,12 @@ One run's ``metrics.json`` gives each cell a Wilson interval over pairs and, for
 comparison with the teacher; both are the noise of *drawing these pairs*. Training noise is another source:
 the same code trained with another seed gives another net. :func:`aggregate` puts the runs side by side, per
 (model, set, protocol, resolution): the accuracy of every seed that has the cell, their mean and sample
-standard deviation, and the mean of the paired student - teacher differences with how many seeds had a
-paired interval above zero.
+standard deviation, and the mean of the paired differences (from the teacher; for the Table I rows also from
+the student) with how many seeds had a paired interval above zero.
+
+Averages over sets are recomputed here, one per group of sets that some model was scored on (``average of lfw,
+cfp_fp``), for every model scored on all of that group's sets: a row scored on fewer sets than the teacher is
+never averaged beside it over different sets.
 """
 
 from __future__ import annotations
@@ -16,7 +20,11 @@ from collections.abc import Mapping
 import numpy as np
 
 PAIRED_PREFIX = "vs_teacher_"
+# summary key -> metrics.json prefix and the model compared against
+PAIRED = {"paired": (PAIRED_PREFIX, "teacher"), "paired_student": ("vs_student_", "student")}
 SKIP_TOP_LEVEL = ("identification",)
+RUN_AVERAGE = "average"  # one run's own average over its sets (crfr.evaluation.results.AVERAGE): recomputed
+AVERAGE_OF = "average of "
 
 
 def _stats(values: list[float]) -> dict:
@@ -45,10 +53,13 @@ def aggregate(runs: Mapping[int, dict]) -> dict:
             if model in SKIP_TOP_LEVEL or not isinstance(per_set, dict):
                 continue
             for dataset, per_protocol in per_set.items():
+                if dataset == RUN_AVERAGE:
+                    continue
                 for protocol, per_res in per_protocol.items():
                     for res, cell in per_res.items():
                         if isinstance(cell, dict) and "acc" in cell:
                             found.setdefault((model, dataset, protocol, res), {})[seed] = cell
+    _add_averages(found)
     cells: dict = {}
     for (model, dataset, protocol, res), by_seed in found.items():
         got = list(by_seed.values())  # in seed order: filled seed by seed above
@@ -57,24 +68,55 @@ def aggregate(runs: Mapping[int, dict]) -> dict:
         if all("acc_ci_low" in c for c in got):
             out["ci_low"] = [c["acc_ci_low"] for c in got]
             out["ci_high"] = [c["acc_ci_high"] for c in got]
-        key = PAIRED_PREFIX + "delta"
-        if all(key in c for c in got):
-            deltas = [c[key] for c in got]
-            out["paired"] = {
-                "per_seed": deltas,
-                **_stats(deltas),
-                "ci_low": [c[PAIRED_PREFIX + "ci_low"] for c in got],
-                "ci_high": [c[PAIRED_PREFIX + "ci_high"] for c in got],
-                "seeds_above_zero": sum(c[PAIRED_PREFIX + "ci_low"] > 0 for c in got),
-            }
+        for name, (prefix, _) in PAIRED.items():
+            if all(prefix + "delta" in c for c in got):
+                deltas = [c[prefix + "delta"] for c in got]
+                out[name] = {
+                    "per_seed": deltas,
+                    **_stats(deltas),
+                    "ci_low": [c[prefix + "ci_low"] for c in got],
+                    "ci_high": [c[prefix + "ci_high"] for c in got],
+                    "seeds_above_zero": sum(c[prefix + "ci_low"] > 0 for c in got),
+                    "seeds_below_zero": sum(c[prefix + "ci_high"] < 0 for c in got),
+                }
         cells.setdefault(model, {}).setdefault(dataset, {}).setdefault(protocol, {})[res] = out
     return {"seeds": seeds, "cells": cells}
+
+
+def _add_averages(found: dict) -> None:
+    """Add ``average of A, B`` cells: per seed, the mean accuracy over exactly those sets, for each model that has
+    all of them in that seed; one group per distinct list of sets a model was scored on."""
+    order: dict[str, int] = {}
+    sets_of: dict[tuple[str, str], dict[str, None]] = {}
+    for model, dataset, protocol, _ in found:
+        order.setdefault(dataset, len(order))
+        sets_of.setdefault((model, protocol), {})[dataset] = None
+    groups = {tuple(sorted(sets, key=order.__getitem__)) for sets in sets_of.values() if len(sets) > 1}
+    for group in sorted(groups, key=lambda g: (-len(g), g)):
+        name = AVERAGE_OF + ", ".join(group)
+        for (model, protocol), sets in sets_of.items():
+            if not set(group) <= set(sets):
+                continue
+            resolutions = {res for (m, d, p, res) in list(found) if (m, d, p) == (model, group[0], protocol)}
+            for res in sorted(resolutions):
+                per_set = [found.get((model, d, protocol, res), {}) for d in group]
+                seeds = [s for s in per_set[0] if all(s in cells for cells in per_set)]
+                for seed in seeds:
+                    acc = float(np.mean([cells[seed]["acc"] for cells in per_set]))
+                    found.setdefault((model, name, protocol, res), {})[seed] = {"acc": round(acc, 4)}
 
 
 def _fmt(stats: dict, signed: bool = False) -> str:
     sign = "+" if signed else ""
     sd = "" if stats["sd"] is None else f" ± {stats['sd']:.2f}"
     return f"{stats['mean']:{sign}.2f}{sd}"
+
+
+def _paired_text(paired: dict) -> str:
+    n = len(paired["per_seed"])
+    below = paired.get("seeds_below_zero", 0)
+    return (f"{_fmt(paired, signed=True)} ({paired['seeds_above_zero']}/{n} > 0"
+            + (f", {below}/{n} < 0)" if below else ")"))
 
 
 def _label(model: str, per_res: dict, seeds: list[int]) -> str:
@@ -89,8 +131,9 @@ def render_markdown(summary: dict, rows: list[str], title: str = "Accuracy over 
     lines = [f"# {title}", "",
              f"Seeds {', '.join(map(str, seeds))} ({len(seeds)} complete runs). Each cell: mean ± sample standard "
              "deviation of the accuracy across seeds (a row run for fewer seeds names them; one seed: no sd). "
-             "Rows `X - teacher`: the mean paired difference on the same pairs, and in how many seeds its paired "
-             "bootstrap 95% interval lay above 0.", ""]
+             "Rows `X - teacher` and `X - student`: the mean ± sd over seeds of the paired difference on the same "
+             "pairs, and in how many seeds its paired bootstrap 95% interval lay above 0 (and below 0). An "
+             "`average of A, B` table averages exactly the sets it names, for every row in it.", ""]
     cells = summary["cells"]
     tables: dict[tuple[str, str], dict] = {}
     for model, per_set in cells.items():
@@ -107,15 +150,15 @@ def render_markdown(summary: dict, rows: list[str], title: str = "Accuracy over 
             per_res = per_model[model]
             lines.append(f"| {_label(model, per_res, seeds)} | " + " | ".join(
                 _fmt(per_res[str(r)]["acc"]) if str(r) in per_res else "" for r in resolutions) + " |")
-        for model in ordered:
-            per_res = per_model[model]
-            if not any("paired" in per_res.get(str(r), {}) for r in resolutions):
-                continue
-            parts = []
-            for r in resolutions:
-                paired = per_res.get(str(r), {}).get("paired")
-                parts.append("" if paired is None else f"{_fmt(paired, signed=True)} "
-                             f"({paired['seeds_above_zero']}/{len(paired['per_seed'])} > 0)")
-            lines.append(f"| {_label(model, per_res, seeds)} - teacher | " + " | ".join(parts) + " |")
+        for name, (_, reference) in PAIRED.items():
+            for model in ordered:
+                per_res = per_model[model]
+                if not any(name in per_res.get(str(r), {}) for r in resolutions):
+                    continue
+                parts = []
+                for r in resolutions:
+                    paired = per_res.get(str(r), {}).get(name)
+                    parts.append("" if paired is None else _paired_text(paired))
+                lines.append(f"| {_label(model, per_res, seeds)} - {reference} | " + " | ".join(parts) + " |")
         lines.append("")
     return "\n".join(lines)

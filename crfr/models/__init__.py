@@ -24,6 +24,7 @@ def build_backbone(backbone: str, cfg, input_size: int = 112) -> IResNet:
         wavelet=cfg.wavelet,
         wave_mode=cfg.wave_mode,
         ll_impl=cfg.ll_impl,
+        zero_init_residual=cfg.zero_init_residual,
     )
 
 

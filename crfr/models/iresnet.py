@@ -66,6 +66,8 @@ class IResNet(nn.Module):
         input_size: square input side; the FC layer is sized for it (112 gives 7x7).
         wave: build WaveResNet (WaveConv instead of stride-2 convolutions).
         wavelet, wave_mode, ll_impl: WaveConv's filter (see ``LowPass2d``).
+        zero_init_residual: start each block's last batch norm at 0, so that every block starts as its
+            shortcut (insightface's default: off).
     """
 
     def __init__(
@@ -79,6 +81,7 @@ class IResNet(nn.Module):
         wavelet: str = "haar",
         wave_mode: str = "zero",
         ll_impl: str = "fast",
+        zero_init_residual: bool = True,
     ) -> None:
         super().__init__()
         if depth not in LAYERS:
@@ -107,16 +110,18 @@ class IResNet(nn.Module):
         # insightface fixes the last BN's scale at 1: the embedding's scale is left to the loss.
         nn.init.constant_(self.features.weight, 1.0)
         self.features.weight.requires_grad = False
-        self._init_weights()
+        self._init_weights(zero_init_residual)
 
-    def _init_weights(self) -> None:
+    def _init_weights(self, zero_init_residual: bool) -> None:
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.normal_(m.weight, 0, 0.1)
             elif isinstance(m, nn.BatchNorm2d):
                 nn.init.constant_(m.weight, 1)
                 nn.init.constant_(m.bias, 0)
-        # Zero-init the last BN of each residual branch: every block starts as its shortcut.
+        if not zero_init_residual:
+            return
+        # Every block starts as its shortcut: a deep net trains from scratch without warmup at lr 0.1.
         for m in self.modules():
             if isinstance(m, Block):
                 nn.init.constant_(m.bn3.weight, 0)

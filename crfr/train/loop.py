@@ -145,7 +145,8 @@ class Trainer:
         # fit() wraps it in DDP, after any resume: the wrap broadcasts rank 0's weights, and by then every rank
         # must already hold the resumed state (optimiser, schedule, step) as well.
         self.model: nn.Module = self.net
-        self.wavesim = WaveletSimilarity(params.model.wavelet, params.model.wave_mode).to(runtime.device)
+        m = params.model
+        self.wavesim = WaveletSimilarity(m.wavelet, m.wave_mode, m.ll_impl, params.loss.wavesim_reduction).to(runtime.device)
         self.dataset = FaceTrainingSet(faces, spec.lr_data, params.degrade, params.seed, params.augment)
         self.sampler = EpochSampler(len(self.dataset), params.seed, runtime.rank, runtime.world_size)
         setting = f"{spec.name.split('-')[0]}.batch_size"
