@@ -51,9 +51,11 @@ def table_rows(models_dir: str, params: Params) -> dict[str, str]:
 def discover_models(models_dir: str, params: Params) -> dict[str, str]:
     """:func:`table_rows` of ``models_dir``, each of which must hold a trained model."""
     found = table_rows(models_dir, params)
-    missing = [path for path in found.values() if not (Path(path) / "model.pt").is_file()]
+    from crfr.models.model_file import has_model
+
+    missing = [path for path in found.values() if not has_model(path)]
     if missing:
-        raise DataError(f"--models-dir {models_dir}: no model.pt in {', '.join(missing)}")
+        raise DataError(f"--models-dir {models_dir}: no model.pt (or external.json) in {', '.join(missing)}")
     return found
 
 

@@ -1,4 +1,8 @@
-"""Step 3: train the ResNet teacher with ArcFace on HR faces.
+"""Step 3: train the ResNet teacher with ArcFace on HR faces, or adopt a face model the user already has.
+
+``teacher.source: onnx`` (``teacher.onnx``: the file) or ``dlib`` adopts that model instead of training one
+(:mod:`crfr.train.adopt`): checked, fingerprinted, scored on the validation split and published as the
+teacher's model directory, which the student distils from and the register step registers.
 
 DVC, Kubeflow and Prefect all call :func:`train_teacher`; ``python -m components.train_teacher`` is its CLI.
 Multi-GPU or multi-node: ``torchrun --nproc_per_node=N -m components.train_teacher ...`` runs the same code
@@ -23,7 +27,7 @@ def teacher_spec(params: Params) -> TrainSpec:
 
 def train_teacher(prepared_dir: str, out_dir: str, params: Params, report_dir: str | None = None,
                   resume: bool = False) -> dict:
-    """Train the teacher on ``prepared_dir/train`` and publish it to ``out_dir``.
+    """Train the teacher on ``prepared_dir/train`` (or adopt ``teacher.source``'s model) and publish it to ``out_dir``.
 
     Args:
         prepared_dir: output of the prepare step.
@@ -35,6 +39,10 @@ def train_teacher(prepared_dir: str, out_dir: str, params: Params, report_dir: s
     Returns:
         Summary with final epoch metrics, images/s and the MLflow run id.
     """
+    if params.teacher.source != "train":
+        from crfr.train.adopt import adopt_teacher
+
+        return adopt_teacher(params, prepared_dir, out_dir, report_dir)
     return run_training(teacher_spec(params), params, prepared_dir, out_dir, report_dir, resume)
 
 

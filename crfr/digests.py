@@ -71,6 +71,9 @@ def model_fingerprint(model, info: dict, align: dict) -> str:
     digest = hashlib.sha256()
     shape = {"backbone": info.get("backbone"), "model_cfg": info.get("model_cfg"),
              "input_size": int(info.get("input_size", 112)), "align": align}
+    external = (info.get("meta") or {}).get("sha256") if str(info.get("backbone", "")).startswith("external") else None
+    if external:  # an adopted external model has no torch weights: its file's digest stands for them
+        shape["external_sha256"] = external
     digest.update(json.dumps(shape, sort_keys=True, default=list).encode())
     _update_with_weights(digest, model.state_dict())
     return digest.hexdigest()

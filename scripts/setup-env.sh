@@ -18,4 +18,8 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   .venv/bin/python -m pip install -q --no-deps -e .
   echo "$want" > "$stamp"
 fi
+# --with-dlib: the optional dlib teacher too (the tests use it; the main job does not).
+if [ "${1:-}" = "--with-dlib" ] && ! .venv/bin/python -c "import dlib, face_recognition_models" 2>/dev/null; then
+  .venv/bin/python -m pip install -q --no-deps -r requirements-dlib.txt
+fi
 echo "environment ready: .venv ($(.venv/bin/python -c 'import torch; print("torch", torch.__version__)'))"

@@ -37,12 +37,20 @@ from crfr.config.load import (
 from crfr.config.model import LossCfg, ModelCfg
 from crfr.config.params import REPO_PARAMS_KEYS, Params, flatten
 from crfr.config.serving import GalleryCfg, ServeCfg
-from crfr.config.training import AblationRow, AugmentCfg, OptimCfg, RuntimeCfg, StudentCfg, TeacherCfg
+from crfr.config.training import (
+    AblationRow,
+    AugmentCfg,
+    ExternalTeacherCfg,
+    OptimCfg,
+    RuntimeCfg,
+    StudentCfg,
+    TeacherCfg,
+)
 
 __all__ = [
     "DEFAULT_PARAMS", "ENV_KEYS", "LFW_ROOT_ENV", "MAX_EPOCHS", "MAX_SEED", "REALISTIC_TEST_DEGRADE",
     "REPO_PARAMS_KEYS", "TRACKING_URI_ENV", "AblationRow", "AugmentCfg", "Bool", "DataCfg", "DegradeCfg",
-    "EvalSetCfg", "EvaluateCfg", "EvidenceCfg", "Float", "GalleryCfg", "Int", "KubeflowCfg", "LossCfg",
+    "EvalSetCfg", "EvaluateCfg", "EvidenceCfg", "ExternalTeacherCfg", "Float", "GalleryCfg", "Int", "KubeflowCfg", "LossCfg",
     "ModelCfg", "OptimCfg", "Params", "Range", "RegisterCfg", "RuntimeCfg", "Section", "ServeCfg", "StorageCfg",
     "StudentCfg", "TeacherCfg", "TrackingCfg", "deep_merge", "flatten", "load_params", "params_from_json",
     "parse_overrides", "resolve_tree",

@@ -56,10 +56,41 @@ class OptimCfg(Section):
         return self
 
 
+class ExternalTeacherCfg(Section):
+    """How an ONNX teacher wants its input: crfr hands it the aligned face it trains on, in this convention.
+
+    The defaults are insightface's ArcFace models' (and ``crfr export onnx``'s): 112x112 RGB on the ArcFace
+    five-point template, ``(pixel - 127.5) / 127.5``. dlib's ResNet ignores them (150x150 uint8 RGB chips).
+    """
+
+    input_size: Int = Field(default=112, ge=16, le=1024, description="square side the model takes")
+    mean: Float = Field(default=127.5, description="subtracted from each 0-255 pixel")
+    std: Float = Field(default=127.5, gt=0.0, description="then divided by")
+    channels: Literal["rgb", "bgr"] = "rgb"
+    template: Literal["arcface"] = Field(
+        default="arcface", description="alignment the model expects: crfr's prepared faces are on the ArcFace "
+                                       "112x112 template; a model aligned otherwise is not supported"
+    )
+
+
 class TeacherCfg(OptimCfg):
-    """The ResNet teacher, trained on HR faces only."""
+    """The HR teacher: an iresnet crfr trains on HR faces, or a face model the user already has."""
 
     backbone: Literal["iresnet", "waveresnet"] = "iresnet"
+    source: Literal["train", "onnx", "dlib"] = Field(
+        default="train", description="train: crfr trains it; onnx: teacher.onnx, a face embedding model; dlib: "
+                                     "dlib's face ResNet (pip install 'crfr[dlib]')"
+    )
+    onnx: str | None = Field(default=None, description="path or s3:// URI of the ONNX model (source: onnx)")
+    external: ExternalTeacherCfg = Field(default_factory=ExternalTeacherCfg)
+
+    @model_validator(mode="after")
+    def _check_source(self) -> "TeacherCfg":
+        if self.source == "onnx" and not self.onnx:
+            raise ValueError("source: onnx needs teacher.onnx, the model's path or s3:// URI")
+        if self.onnx and self.source != "onnx":
+            raise ValueError(f"teacher.onnx is set but source is {self.source!r}: set source: onnx, or onnx: null")
+        return self
 
 
 class StudentCfg(OptimCfg):

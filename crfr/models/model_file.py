@@ -110,13 +110,19 @@ def load_model(path: str | os.PathLike, device: str = "cpu") -> tuple[IResNet, d
         device: where to put it.
 
     Returns:
-        (model, payload without the state dict).
+        (model, payload without the state dict). A directory of an adopted external teacher
+        (:mod:`crfr.models.external`) gives its :class:`~crfr.models.external.ExternalNet` instead.
 
     Raises:
         DataError: the file is missing or is not a crfr model.
     """
     file = Path(path)
     if file.is_dir():
+        from crfr.models.external import is_external, load_external
+
+        if is_external(file):
+            net, info = load_external(file)
+            return net.to(device), info
         file = file / MODEL_FILE
     if not file.is_file():
         raise DataError(f"model file not found: {file}")
@@ -128,6 +134,13 @@ def load_model(path: str | os.PathLike, device: str = "cpu") -> tuple[IResNet, d
     model.to(device).eval()
     info = {k: v for k, v in payload.items() if k != "state_dict"}
     return model, info
+
+
+def has_model(folder: str | os.PathLike) -> bool:
+    """Whether ``folder`` holds a model: a crfr ``model.pt``, or an adopted external teacher's record."""
+    from crfr.models.external import EXTERNAL_FILE
+
+    return (Path(folder) / MODEL_FILE).is_file() or (Path(folder) / EXTERNAL_FILE).is_file()
 
 
 def save_head(out_dir: str | os.PathLike, head: torch.nn.Module) -> Path:

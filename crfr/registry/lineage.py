@@ -79,6 +79,7 @@ class Lineage:
     evaluation_run_id: str | None = None
     pipeline_run_id: str | None = None
     datasets: list[DataRef] = field(default_factory=list)
+    external_model: dict | None = None  # an adopted teacher: its source, file and sha256 (external.json)
 
     @property
     def params_sha256(self) -> str:
@@ -98,6 +99,8 @@ class Lineage:
         evals = {d.name.removeprefix("eval:"): d.digest for d in self.datasets if d.context == EVALUATION}
         if evals:
             tags["eval_data"] = json.dumps(evals, sort_keys=True)
+        if self.external_model:
+            tags["external_model"] = canonical_json(self.external_model)
         return {TAG + k: v for k, v in tags.items() if v}
 
 
@@ -131,13 +134,27 @@ def git_state(root: str | os.PathLike | None = None) -> tuple[str, str]:
 
 
 def training_run_id(model_dir: str | os.PathLike) -> str | None:
-    """The MLflow run that trained the model in ``model_dir`` (recorded by the training step), if any."""
+    """The MLflow run that trained the model in ``model_dir`` (recorded by the training step, or by the teacher
+    step that adopted an external model), if any."""
+    from crfr.models.external import is_external, load_record
     from crfr.models.model_file import MODEL_FILE, safe_torch_load
 
+    if is_external(model_dir):
+        return load_record(model_dir).get("mlflow_run_id") or None
     payload = safe_torch_load(Path(model_dir) / MODEL_FILE, "crfr model")
     meta = payload.get("meta") if isinstance(payload, dict) else None
     run_id = (meta or {}).get("mlflow_run_id")
     return str(run_id) if run_id else None
+
+
+def external_model(model_dir: str | os.PathLike) -> dict | None:
+    """Of an adopted external teacher: its source, file and sha256; None for a model crfr trained."""
+    from crfr.models.external import is_external, load_record
+
+    if not is_external(model_dir):
+        return None
+    record = load_record(model_dir)
+    return {k: record.get(k) for k in ("source", "uri", "sha256", "embedding_size")}
 
 
 def find_evaluation_run(client, experiment: str, metrics_file: Path) -> str | None:
@@ -190,7 +207,7 @@ def collect(
     """
     commit, dirty = git_state()
     lineage = Lineage(git_commit=commit, git_dirty=dirty, params=secrets.redact_tree(params.model_dump(mode="json")),
-                      training_run_id=training_run_id(model_dir),
+                      training_run_id=training_run_id(model_dir), external_model=external_model(model_dir),
                       pipeline_run_id=(pipeline_run_id or os.environ.get(PIPELINE_RUN_ENV, "")).strip() or None)
     if eval_dir is not None and (Path(eval_dir) / "metrics.json").is_file():
         client = connect(params.tracking)

@@ -157,7 +157,9 @@ def _local_files(uri: str) -> ModelFiles:
     folder = storage.local_input(uri, kind="dir") if storage.is_s3(uri) else Path(uri)
     if not folder.exists():
         raise DataError(f"model {uri}: no such folder (expected {MODEL_URI_HELP})")
-    if not (folder / "model.pt").is_file():
+    from crfr.models.model_file import has_model
+
+    if not has_model(folder):
         raise DataError(f"model {uri}: no model.pt in it (expected {MODEL_URI_HELP})")
     source = ModelSource(uri, uri)
     config = folder / "config.json"
@@ -180,7 +182,9 @@ def _registered_files(source: ModelSource, into: Path) -> ModelFiles:
     with mlflow_errors(f"downloading {source.describe()}"):
         local = Path(mlflow.artifacts.download_artifacts(artifact_uri=source.load_uri, dst_path=str(into)))
     folder = local / "artifacts"
-    if not (folder / "model.pt").is_file():
+    from crfr.models.model_file import has_model
+
+    if not has_model(folder):
         raise DataError(f"model {source.uri}: not a crfr model (no artifacts/model.pt in version {source.version})")
     try:
         meta = Model.load(str(local)).metadata or {}

@@ -164,7 +164,15 @@ def log_pyfunc(
     from crfr.faces.mtcnn import MTCNN_FILES, weights_dir
     from crfr.models.model_file import load_model
 
+    from crfr.models.external import EXTERNAL_FILE, ONNX_FILE, is_external
+
     model_file = Path(model_dir) / "model.pt"
+    packaged = {"model": str(model_file)}
+    if is_external(model_dir):  # an adopted teacher: its record and, for ONNX, the file land side by side
+        model_file = Path(model_dir) / EXTERNAL_FILE
+        packaged = {"model": str(model_file)}
+        if (Path(model_dir) / ONNX_FILE).is_file():
+            packaged["onnx"] = str(Path(model_dir) / ONNX_FILE)
     if not model_file.is_file():
         raise DataError(f"model file not found: {model_file}")
     model, info = load_model(model_dir)
@@ -196,7 +204,7 @@ def log_pyfunc(
         return mlflow.pyfunc.log_model(
             name=name,
             python_model=CrfrPyfunc(),
-            artifacts={"model": str(model_file), "thresholds": str(thresholds_file), "mtcnn": str(weights)},
+            artifacts={**packaged, "thresholds": str(thresholds_file), "mtcnn": str(weights)},
             model_config={"align": align},
             code_paths=[str(Path(crfr.__file__).parent)],  # the served model imports crfr from here
             signature=infer_signature(example, output),

@@ -16,10 +16,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -32,12 +33,15 @@ from crfr.config import OptimCfg, Params
 from crfr.errors import DataError, TrainingError
 from crfr.losses import ArcFace, LossTerms, WaveletSimilarity, arcface_loss, distillation_loss
 from crfr.models import build_backbone
+from crfr.models.external import is_external
 from crfr.models.model_file import load_head, load_model, save_head, save_model
 from crfr.train.checkpoint import Checkpoints, plain, rng_state, set_rng_state
 from crfr.train.data import EpochSampler, FaceTrainingSet
 from crfr.train.distributed import check_replicas
 from crfr.train.holdout import Holdout, score_holdout
 from crfr.train.runtime import Runtime
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -124,10 +128,12 @@ class Trainer:
         torch.manual_seed(params.seed)
         backbone = build_backbone(spec.backbone, params.model)
         head = ArcFace(params.model.embedding_size, self.num_classes, params.loss.arcface_s, params.loss.arcface_m)
-        self.teacher = self.teacher_head = None
-        if spec.needs_teacher:
-            if not spec.teacher_dir:
-                raise TrainingError(f"{spec.name}: KD, wavelet similarity or init_from_teacher need a teacher model")
+        self.teacher = self.teacher_head = self.centre_teacher = None
+        if spec.needs_teacher and not spec.teacher_dir:
+            raise TrainingError(f"{spec.name}: KD, wavelet similarity or init_from_teacher need a teacher model")
+        if spec.needs_teacher and is_external(spec.teacher_dir):
+            spec = self.spec = self._external_teacher(spec, params, faces)
+        elif spec.needs_teacher:
             self.teacher, self.teacher_head = load_teacher(spec.teacher_dir, runtime.device)
             if self.teacher_head.weight.shape[0] != self.num_classes:
                 raise DataError(
@@ -183,6 +189,24 @@ class Trainer:
         # Set by the caller: a checkpoint only resumes a run with the same settings and the same prepared data.
         self.fingerprint: str | None = None
         self.data_fingerprint: str | None = None
+
+    def _external_teacher(self, spec: TrainSpec, params: Params, faces) -> TrainSpec:
+        """Logits from class centres of an adopted external model (:mod:`crfr.train.external_teacher`); what the
+        external teacher cannot give is switched off, and the log says so."""
+        from crfr.models.external import load_external
+        from crfr.train.external_teacher import CentreTeacher
+
+        net, info = load_external(spec.teacher_dir)
+        source = info["meta"]["source"]
+        if spec.wavesim:
+            log.warning("%s: wavelet similarity (Eq. 3) off: it needs the teacher's stage-1 and stage-2 feature "
+                        "maps, which only an iresnet teacher has (teacher.source: %s)", spec.name, source)
+        if spec.init_from_teacher:
+            log.warning("%s: starts from scratch: the external teacher (%s) has no crfr weights to start from",
+                        spec.name, source)
+        self.centre_teacher = CentreTeacher(net, faces, params.loss.arcface_s, params.storage.cache_dir).to(
+            self.rt.device)
+        return replace(spec, wavesim=False, init_from_teacher=False)
 
     def state_dict(self) -> dict:
         return {
@@ -253,7 +277,9 @@ class Trainer:
         with rt.autocast():
             margin_logits, logits, stages = self.model(x, labels)
             terms = LossTerms(arcface=arcface_loss(margin_logits, labels))
-            if spec.kd or spec.wavesim:
+            if spec.kd and self.centre_teacher is not None:
+                terms.distill = distillation_loss(self.centre_teacher.logits(hr), logits, lcfg.temperature)
+            elif spec.kd or spec.wavesim:
                 with torch.no_grad():
                     t_emb, t_stages = self.teacher.forward_stages(hr_x)
                     t_logits = self.teacher_head.s * self.teacher_head.cosine(t_emb)

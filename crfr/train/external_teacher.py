@@ -1,0 +1,114 @@
+"""Eq. 2 with a teacher that has no classifier over the training identities: logits from class centres.
+
+An external teacher (:mod:`crfr.models.external`) gives embeddings only. Averaging its L2-normalised
+embeddings of each training identity's HR faces (each face and its mirror) gives one centre per class; its
+logits for a face are ``s * cos(embedding, centre)``: the form of a crfr teacher's ArcFace head without the
+margin, so the KD term of Eq. 2 keeps its form. The embeddings of every training face and its mirror are
+computed once and cached in ``storage.cache_dir/teacher-embeddings/<fingerprint>.npz`` (the fingerprint covers
+the model's sha256 and every face's bytes and label); during training a batch's HR faces are looked up by their
+bytes, and a face not found there (augmentation on) is embedded on the spot.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from crfr.models.external import ExternalNet
+
+log = logging.getLogger(__name__)
+
+
+def face_key(img: np.ndarray) -> bytes:
+    """The lookup key of one uint8 HxWx3 face: a digest of its bytes."""
+    return hashlib.blake2b(np.ascontiguousarray(img).tobytes(), digest_size=16).digest()
+
+
+def _to_input(faces: np.ndarray) -> torch.Tensor:
+    """uint8 (N, H, W, 3) -> float (N, 3, H, W) in [-1, 1], crfr's input convention."""
+    return torch.from_numpy(faces).permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)
+
+
+class CentreTeacher:
+    """Teacher logits over the training identities from an embedding-only model (see the module docstring).
+
+    Args:
+        net: the external model.
+        faces: the training set: indexable of (uint8 HxWx3, label) with ``num_classes``.
+        scale: ``s`` of the logits (``loss.arcface_s``, the student head's scale).
+        cache_dir: where the embeddings are cached (None: not cached).
+        batch_size: faces per call of the model.
+    """
+
+    def __init__(self, net: ExternalNet, faces, scale: float, cache_dir: str | Path | None,
+                 batch_size: int = 64) -> None:
+        self.net, self.scale, self.batch_size = net, float(scale), batch_size
+        images = [np.ascontiguousarray(np.asarray(faces[i][0])) for i in range(len(faces))]
+        labels = np.asarray([int(faces[i][1]) for i in range(len(faces))], np.int64)
+        mirrored = [np.ascontiguousarray(img[:, ::-1]) for img in images]
+        keys = [face_key(img) for img in images] + [face_key(img) for img in mirrored]
+        fingerprint = hashlib.sha256()
+        fingerprint.update(str(net.info.get("sha256")).encode())
+        fingerprint.update(b"".join(keys[: len(images)]))
+        fingerprint.update(labels.tobytes())
+        self.fingerprint = fingerprint.hexdigest()[:24]
+        embeddings = self._cached(cache_dir, images + mirrored)
+        self.lookup = dict(zip(keys, range(len(keys))))
+        self.embeddings = torch.from_numpy(embeddings)
+        num_classes = int(faces.num_classes)
+        both = self.embeddings.view(2, len(images), -1).permute(1, 0, 2).reshape(len(images) * 2, -1)
+        sums = torch.zeros(num_classes, both.shape[1]).index_add_(0, torch.from_numpy(labels).repeat_interleave(2), both)
+        empty = (sums.norm(dim=1) == 0).nonzero().flatten().tolist()
+        if empty:
+            raise ValueError(f"classes {empty[:5]} have no training face: the centres need at least one each")
+        self.centres = F.normalize(sums, dim=1)
+
+    def _embed(self, images: list[np.ndarray]) -> np.ndarray:
+        out = []
+        with torch.inference_mode():
+            for i in tqdm(range(0, len(images), self.batch_size), desc="teacher embeddings", unit="batch",
+                          mininterval=1.0 if os.isatty(2) else 15.0):
+                batch = np.stack(images[i:i + self.batch_size])
+                out.append(F.normalize(self.net(_to_input(batch)).float(), dim=1).numpy())
+        return np.concatenate(out).astype(np.float32)
+
+    def _cached(self, cache_dir: str | Path | None, images: list[np.ndarray]) -> np.ndarray:
+        path = Path(cache_dir).expanduser() / "teacher-embeddings" / f"{self.fingerprint}.npy" if cache_dir else None
+        if path is not None and path.is_file():
+            cached = np.load(path)
+            if cached.shape[0] == len(images):
+                log.info("teacher embeddings of %d faces from the cache %s", len(images), path)
+                return cached
+        embeddings = self._embed(images)
+        if path is not None:
+            from crfr import storage
+
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with storage.output_file(path) as tmp:
+                np.save(tmp, embeddings)
+        return embeddings
+
+    def to(self, device: torch.device) -> "CentreTeacher":
+        self.centres = self.centres.to(device)
+        return self
+
+    def logits(self, hr: torch.Tensor) -> torch.Tensor:
+        """``s * cos(teacher embedding, centre)`` for a batch of uint8 (B, H, W, 3) HR faces: (B, classes)."""
+        faces = hr.cpu().numpy()
+        rows = [self.lookup.get(face_key(img)) for img in faces]
+        missing = [i for i, r in enumerate(rows) if r is None]
+        emb = torch.empty(len(rows), self.embeddings.shape[1])
+        found = [i for i, r in enumerate(rows) if r is not None]
+        if found:
+            emb[found] = self.embeddings[[rows[i] for i in found]]
+        if missing:
+            with torch.inference_mode():
+                emb[missing] = F.normalize(self.net(_to_input(faces[missing])).float(), dim=1)
+        return self.scale * emb.to(self.centres.device) @ self.centres.T
