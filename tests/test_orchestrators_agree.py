@@ -74,7 +74,7 @@ def dvc_plan(tmp_path: Path, params_doc: dict) -> Plan:
         graph = repo.index.graph
         for stage in stages:
             argv = shlex.split(stage.cmd)
-            assert argv[:2] == ["python", "-m"], stage.cmd
+            assert argv[:2] == ["scripts/python", "-m"], stage.cmd
             if argv[2] not in MODEL_STEPS:
                 continue
             module, args = argv[2], parse_step_args(argv[2], argv[3:])
