@@ -31,6 +31,7 @@ from crfr.config import Params, load_params
 from crfr.config.steps import shaping_settings
 from crfr.digests import json_digest
 from crfr.errors import ConfigError
+from crfr.models.model_file import has_model
 
 
 def parse_trial(text: str) -> tuple[str, list[str]]:
@@ -127,7 +128,7 @@ def run_trial(name: str, params: Params, workdir: Path, student: bool) -> dict:
         model = teacher_dir if role == "teacher" else out / role
         reports = teacher_dir / "reports" if role == "teacher" else out / "reports" / role
         t = time.perf_counter()
-        if not (model / "model.pt").is_file():
+        if not has_model(model):  # a trained model.pt, or an adopted external teacher (teacher.source)
             print(f"study: {name}: {role} -> {model}", file=sys.stderr)
             if role == "teacher":
                 train_teacher(str(prepared), str(model), params, str(reports), resume=True)
