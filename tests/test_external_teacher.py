@@ -149,6 +149,11 @@ def test_the_pipeline_adopts_an_onnx_teacher_and_distils_from_it(crfr_onnx, prep
     from crfr.serve.pyfunc import input_example
 
     assert served.predict(input_example()).shape == (1, 32)
+    from crfr.serve.embedder import FaceEmbedder
+    from crfr.serve.onnx_export import ExportError, export_onnx
+
+    with pytest.raises(ExportError, match="is an adopted external teacher"):
+        export_onnx(FaceEmbedder.from_dir(tmp_path / "teacher"), tmp_path / "again.onnx")
 
 
 def test_dlib_teacher_tells_people_apart_on_lfw_faces(prepared, tmp_path):

@@ -104,6 +104,10 @@ def export_onnx(
 
     if exporter not in EXPORTERS:
         raise ExportError(f"exporter must be one of {EXPORTERS}, got {exporter!r}")
+    if str(embedder.info.get("backbone", "")).startswith("external"):
+        what = source.describe() if source else "the model"
+        raise ExportError(f"{what} is an adopted external teacher ({embedder.info['backbone']}), not a crfr network: "
+                          "use the model it was adopted from (its file is model.onnx beside external.json)")
     net, swapped = exportable_copy(embedder.model)
     if swapped:
         log.info("exporting with the fast LL filter in place of %d pytorch_wavelets filters (same LL band)", swapped)
