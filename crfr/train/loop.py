@@ -151,8 +151,9 @@ class Trainer:
         # fit() wraps it in DDP, after any resume: the wrap broadcasts rank 0's weights, and by then every rank
         # must already hold the resumed state (optimiser, schedule, step) as well.
         self.model: nn.Module = self.net
-        m = params.model
-        self.wavesim = WaveletSimilarity(m.wavelet, m.wave_mode, m.ll_impl, params.loss.wavesim_reduction).to(runtime.device)
+        m = params.model  # only a run with the wavelet-similarity loss reads its settings (the teacher's slice lacks them)
+        self.wavesim = (WaveletSimilarity(m.wavelet, m.wave_mode, m.ll_impl, params.loss.wavesim_reduction)
+                        .to(runtime.device) if spec.wavesim else None)
         self.dataset = FaceTrainingSet(faces, spec.lr_data, params.degrade, params.seed, params.augment)
         self.sampler = EpochSampler(len(self.dataset), params.seed, runtime.rank, runtime.world_size)
         setting = f"{spec.name.split('-')[0]}.batch_size"
