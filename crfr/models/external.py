@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from crfr.digests import file_digest
 from crfr.errors import ConfigError, DataError, TrainingError
 
 FORMAT = "crfr-external/1"
@@ -36,16 +37,6 @@ DLIB_EXTRA = "teacher.source: dlib needs the optional extra: pip install 'crfr[d
 def is_external(model_dir: str | Path) -> bool:
     """Whether ``model_dir`` holds an adopted external model rather than a crfr ``model.pt``."""
     return (Path(model_dir) / EXTERNAL_FILE).is_file()
-
-
-def _file_sha256(path: Path) -> str:
-    import hashlib
-
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _onnx_runner(path: Path, mean: float, std: float, channels: str, what: str,
@@ -168,7 +159,7 @@ def adopt(source: str, onnx_uri: str | None, cfg, out_dir: str | Path, extra: di
     else:
         raise ConfigError(f"teacher.source: {source!r} is not an external model (onnx or dlib)")
     info = {"format": FORMAT, "source": source, "uri": str(onnx_uri) if source == "onnx" else str(weights.name),
-            "sha256": _file_sha256(weights), "input_size": size, "template": cfg.template, **convention,
+            "sha256": file_digest(weights), "input_size": size, "template": cfg.template, **convention,
             "embedding_size": _probe(run, size, str(onnx_uri or "dlib's face ResNet")), **(extra or {})}
     with storage.output_dir(out) as tmp:
         if source == "onnx":
@@ -198,7 +189,7 @@ def load_external(model_dir: str | Path, threads: int | None = None) -> tuple[Ex
                               str(folder / ONNX_FILE), threads)
     else:
         run, weights = _dlib_runner()
-        if _file_sha256(weights) != info["sha256"]:
+        if file_digest(weights) != info["sha256"]:
             raise DataError(f"{folder}: dlib's installed weights ({weights}) differ from the adopted ones "
                             f"(sha256 {info['sha256'][:12]}): adopt the teacher again")
     net = ExternalNet(run, int(info["input_size"]), info)

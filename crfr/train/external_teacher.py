@@ -4,7 +4,7 @@ An external teacher (:mod:`crfr.models.external`) gives embeddings only. Averagi
 embeddings of each training identity's HR faces (each face and its mirror) gives one centre per class; its
 logits for a face are ``s * cos(embedding, centre)``: the form of a crfr teacher's ArcFace head without the
 margin, so the KD term of Eq. 2 keeps its form. The embeddings of every training face and its mirror are
-computed once and cached in ``storage.cache_dir/teacher-embeddings/<fingerprint>.npz`` (the fingerprint covers
+computed once and cached in ``storage.cache_dir/teacher-embeddings/<fingerprint>.npy`` (the fingerprint covers
 the model's sha256 and every face's bytes and label); during training a batch's HR faces are looked up by their
 bytes, and a face not found there (augmentation on) is embedded on the spot.
 """
@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from crfr.models.embedding import to_tensor
 from crfr.models.external import ExternalNet
 
 log = logging.getLogger(__name__)
@@ -29,11 +30,6 @@ log = logging.getLogger(__name__)
 def face_key(img: np.ndarray) -> bytes:
     """The lookup key of one uint8 HxWx3 face: a digest of its bytes."""
     return hashlib.blake2b(np.ascontiguousarray(img).tobytes(), digest_size=16).digest()
-
-
-def _to_input(faces: np.ndarray) -> torch.Tensor:
-    """uint8 (N, H, W, 3) -> float (N, 3, H, W) in [-1, 1], crfr's input convention."""
-    return torch.from_numpy(faces).permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)
 
 
 class CentreTeacher:
@@ -50,8 +46,9 @@ class CentreTeacher:
     def __init__(self, net: ExternalNet, faces, scale: float, cache_dir: str | Path | None,
                  batch_size: int = 64) -> None:
         self.net, self.scale, self.batch_size = net, float(scale), batch_size
-        images = [np.ascontiguousarray(np.asarray(faces[i][0])) for i in range(len(faces))]
-        labels = np.asarray([int(faces[i][1]) for i in range(len(faces))], np.int64)
+        read = [faces[i] for i in range(len(faces))]  # one read of each face: shards may be remote or mmapped
+        images = [np.ascontiguousarray(np.asarray(img)) for img, _ in read]
+        labels = np.asarray([int(label) for _, label in read], np.int64)
         mirrored = [np.ascontiguousarray(img[:, ::-1]) for img in images]
         keys = [face_key(img) for img in images] + [face_key(img) for img in mirrored]
         fingerprint = hashlib.sha256()
@@ -63,8 +60,9 @@ class CentreTeacher:
         self.lookup = dict(zip(keys, range(len(keys))))
         self.embeddings = torch.from_numpy(embeddings)
         num_classes = int(faces.num_classes)
-        both = self.embeddings.view(2, len(images), -1).permute(1, 0, 2).reshape(len(images) * 2, -1)
-        sums = torch.zeros(num_classes, both.shape[1]).index_add_(0, torch.from_numpy(labels).repeat_interleave(2), both)
+        # embeddings are the faces, then their mirrors, in one order: the labels repeat the same way
+        sums = torch.zeros(num_classes, self.embeddings.shape[1]).index_add_(
+            0, torch.from_numpy(labels).repeat(2), self.embeddings)
         empty = (sums.norm(dim=1) == 0).nonzero().flatten().tolist()
         if empty:
             raise ValueError(f"classes {empty[:5]} have no training face: the centres need at least one each")
@@ -76,7 +74,7 @@ class CentreTeacher:
             for i in tqdm(range(0, len(images), self.batch_size), desc="teacher embeddings", unit="batch",
                           mininterval=1.0 if os.isatty(2) else 15.0):
                 batch = np.stack(images[i:i + self.batch_size])
-                out.append(F.normalize(self.net(_to_input(batch)).float(), dim=1).numpy())
+                out.append(F.normalize(self.net(to_tensor(batch)).float(), dim=1).numpy())
         return np.concatenate(out).astype(np.float32)
 
     def _cached(self, cache_dir: str | Path | None, images: list[np.ndarray]) -> np.ndarray:
@@ -110,5 +108,5 @@ class CentreTeacher:
             emb[found] = self.embeddings[[rows[i] for i in found]]
         if missing:
             with torch.inference_mode():
-                emb[missing] = F.normalize(self.net(_to_input(faces[missing])).float(), dim=1)
+                emb[missing] = F.normalize(self.net(to_tensor(faces[missing])).float(), dim=1)
         return self.scale * emb.to(self.centres.device) @ self.centres.T
