@@ -24,7 +24,7 @@ LAYERS = [
     ["crfr.gallery"],
     ["crfr.serve"],
     ["crfr.train"],
-    ["crfr.evaluation"],  # its protocols: verification, probes, stats
+    ["crfr.evaluation"],  # its protocols: verification, probes, loose_boxes, stats
     ["crfr.models", "crfr.losses", "crfr.degrade"],
     ["crfr.data"],
     ["crfr.faces"],

@@ -22,7 +22,7 @@ the sections (:mod:`~crfr.config.data`, :mod:`~crfr.config.degrade`, :mod:`~crfr
 from crfr.config.base import MAX_EPOCHS, MAX_SEED, Bool, Float, Int, Range, Section
 from crfr.config.data import LFW_ROOT_ENV, DataCfg, EvalSetCfg
 from crfr.config.degrade import DegradeCfg
-from crfr.config.evaluation import REALISTIC_TEST_DEGRADE, EvaluateCfg, EvidenceCfg, RegisterCfg
+from crfr.config.evaluation import REALISTIC_TEST_DEGRADE, EvaluateCfg, EvidenceCfg, RegisterCfg, UnalignedCfg
 from crfr.config.infrastructure import KubeflowCfg, StorageCfg, TrackingCfg
 from crfr.config.load import (
     DEFAULT_PARAMS,
@@ -52,6 +52,6 @@ __all__ = [
     "REPO_PARAMS_KEYS", "TRACKING_URI_ENV", "AblationRow", "AugmentCfg", "Bool", "DataCfg", "DegradeCfg",
     "EvalSetCfg", "EvaluateCfg", "EvidenceCfg", "ExternalTeacherCfg", "Float", "GalleryCfg", "Int", "KubeflowCfg", "LossCfg",
     "ModelCfg", "OptimCfg", "Params", "Range", "RegisterCfg", "RuntimeCfg", "Section", "ServeCfg", "StorageCfg",
-    "StudentCfg", "TeacherCfg", "TrackingCfg", "deep_merge", "flatten", "load_params", "params_from_json",
+    "StudentCfg", "TeacherCfg", "TrackingCfg", "UnalignedCfg", "deep_merge", "flatten", "load_params", "params_from_json",
     "parse_overrides", "resolve_tree",
 ]

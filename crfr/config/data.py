@@ -85,6 +85,21 @@ class DataCfg(Section):
     min_face_size: Int = Field(
         default=12, ge=1, description="embed/verify/identify/serving: a smaller face (pixels across) is refused"
     )
+    lr_crops: Literal["auto", "loose", "aligned"] = Field(
+        default="auto",
+        description="embed/verify/identify/serving: what an image no larger than the input is: loose (a "
+                    "detector's box around the face, placed from landmarks or from the box alone), aligned (the "
+                    "paper's aligned crop, resized as it is); auto: square images aligned, any other shape loose",
+    )
+    landmark_min_px: Int = Field(
+        default=40, ge=1,
+        description="a loose crop at least this wide (smaller side) is aligned on MTCNN's landmarks when it "
+                    "finds them; a smaller one from its box alone (crfr.faces.placement)",
+    )
+    loose_margin: Float = Field(
+        default=1.15, gt=0.5, le=3.0,
+        description="how much wider and taller a loose crop is than MTCNN's box around the same face",
+    )
     min_images_per_identity: Int = Field(default=4, ge=1)
     max_images_per_identity: Int = Field(default=30, ge=1)
     max_identities: Int | None = Field(default=None, ge=2, description="keep only the first N identities")

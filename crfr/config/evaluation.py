@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import Field, Strict
+from pydantic import Field, Strict, model_validator
 
 from crfr.config.base import MAX_SEED, Float, Int, Section
 from crfr.config.degrade import DegradeCfg
@@ -17,11 +17,40 @@ REALISTIC_TEST_DEGRADE = {
 }
 
 
+Protocol = Literal["linear", "realistic", "unaligned"]
+
+
+class UnalignedCfg(Section):
+    """The ``unaligned`` probes: a loose box a detector might cut around the face, no landmarks given.
+
+    Sizes are relative to MTCNN's box around the same face (:data:`crfr.faces.placement.DETECTOR_BOX`); each
+    probe draws its box at ``seed`` (sample index = image row).
+    """
+
+    box_scale: tuple[Float, Float] = Field(
+        default=(1.0, 1.3), description="the box's side over MTCNN's (area kept when the aspect changes)"
+    )
+    aspect: tuple[Float, Float] = Field(
+        default=(1.15, 1.5), description="height over width (MTCNN's boxes: 1.33 +- 0.07 on LFW)"
+    )
+    shift: Float = Field(default=0.08, ge=0.0, le=0.5, description="the box centre's offset, fraction of its side")
+    roll_deg: Float = Field(default=5.0, ge=0.0, le=45.0, description="the face's roll in the box, degrees")
+    seed: Int = Field(default=4321, ge=0, le=MAX_SEED)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> UnalignedCfg:
+        for name in ("box_scale", "aspect"):
+            lo, hi = getattr(self, name)
+            if not 0 < lo <= hi:
+                raise ValueError(f"{name} must be (low, high) with 0 < low <= high, got {(lo, hi)}")
+        return self
+
+
 class EvaluateCfg(Section):
     """The verification protocol."""
 
     resolutions: list[Int] = Field(default_factory=lambda: [14, 28, 56, 112], min_length=1)
-    protocols: list[Literal["linear", "realistic"]] = Field(default_factory=lambda: ["linear", "realistic"])
+    protocols: list[Protocol] = Field(default_factory=lambda: ["linear", "realistic"])
     probe_side: Literal["probe", "both"] = Field(
         default="probe", description="probe: only the first image of each pair is made LR (cross-resolution)"
     )
@@ -40,6 +69,8 @@ class EvaluateCfg(Section):
         default_factory=lambda: DegradeCfg(**REALISTIC_TEST_DEGRADE),
         description="the realistic protocol's corruptions (blur, noise, JPEG); its sizes are the resolutions",
     )
+    unaligned: UnalignedCfg = Field(default_factory=UnalignedCfg,
+                                    description="the unaligned protocol's loose boxes (crfr.evaluation.probes)")
     far_targets: list[Annotated[Float, Field(gt=0.0, lt=1.0)]] = Field(default_factory=lambda: [1e-2, 1e-3])
     identification: bool = Field(
         default=True, description="also 1:N identification: rank-1/5 and FNIR at FPIR (crfr.evaluation.identification)"
@@ -69,7 +100,7 @@ class EvidenceCfg(Section):
         default=None, description="eval sets of the Table I rows; the teacher and student get every set. "
                                   "null: every set for every row",
     )
-    row_protocols: list[Literal["linear", "realistic"]] | None = Field(
+    row_protocols: list[Protocol] | None = Field(
         default=None, description="probe protocols of the Table I rows (teacher and student: every one); null: all"
     )
     row_seeds: list[Annotated[int, Strict(), Field(ge=0, le=MAX_SEED)]] | None = Field(

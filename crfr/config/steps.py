@@ -42,8 +42,10 @@ _TRAINING = ("seed", "run_dir", "model", "runtime", "storage", "tracking")
 STEP_PARAMS: dict[str, tuple[str, ...]] = {
     # evaluate.nfolds: the folds given to a .bin or CSV evaluation set that has none of its own.
     "prepare": ("seed", "data", "evaluate.nfolds", "storage"),
-    "synthesize": ("data.eval_sets", "degrade", "evaluate.resolutions", "evaluate.protocols",
-                   "evaluate.realistic_seed", "evaluate.realistic", "storage"),
+    # data.align, data.crop_box: where the face sits in the HR images, around which the unaligned boxes are cut.
+    "synthesize": ("data.eval_sets", "data.align", "data.crop_box", "degrade", "evaluate.resolutions",
+                   "evaluate.protocols", "evaluate.realistic_seed", "evaluate.realistic", "evaluate.unaligned",
+                   "storage"),
     # The teacher distils from nobody: of the losses it reads ArcFace's and the weights of Eq. 4's total (whose
     # distillation and wavelet terms it lacks), not loss.temperature or loss.wavesim_stages.
     "train_teacher": _TRAINING + ("loss.arcface_s", "loss.arcface_m", "loss.lambda1", "loss.lambda2", "augment",
@@ -53,7 +55,9 @@ STEP_PARAMS: dict[str, tuple[str, ...]] = {
     "distill_row": _TRAINING + ("loss", "degrade", "augment", "student", TEACHER_SCHEDULE, ROWS),
     # registry.gate_*: the thresholds are calibrated on the dataset and protocol the gate compares on.
     # runtime.channels_last: the layout of the forward passes (speed only: tests/test_evaluate.py).
-    "evaluate": ("data.eval_sets", "evaluate", "registry.gate_dataset", "registry.gate_protocol", "runtime.device",
+    # data.align ... loose_margin: the unaligned probes are aligned as the models' serving aligns a loose crop.
+    "evaluate": ("data.eval_sets", "data.align", "data.crop_box", "data.landmark_min_px", "data.loose_margin",
+                 "evaluate", "registry.gate_dataset", "registry.gate_protocol", "runtime.device",
                  "runtime.channels_last", "storage", "tracking"),
     # The registered version's lineage records the whole resolved params (as DVC's register does), so this
     # task's input changes with any edit: harmless, it is never cached (the registry is state outside kfp).

@@ -103,7 +103,7 @@ def evaluate_model(name: str, model, data: PairSet, params: Params, probes: Prob
     hr_result = hr_identified = None
     for protocol in cfg.protocols:
         for res in cfg.resolutions:
-            if res >= hr_size:
+            if res >= hr_size and protocol != "unaligned":
                 if hr_result is None:
                     hr_result = verification.verify(hr[data.left], hr[data.right], data.same, cfg.nfolds,
                                                     cfg.far_targets, folds=fold_labels)
@@ -113,10 +113,14 @@ def evaluate_model(name: str, model, data: PairSet, params: Params, probes: Prob
                         hr_identified = _identify(hr, hr, split, cfg.fpir)
                     identifications.add(name, data.name, protocol, res, hr_identified)
                 continue
-            lr_images = probes.get(data, protocol, res, unique_rows)
             lr = np.zeros_like(hr)
-            lr[unique_rows] = embed(lr_images, f"{name}/{data.name} {protocol} {res}px", f"{protocol}/{res}",
-                                    upsampler(protocol, hr_size))
+            if protocol == "unaligned":  # loose crops, aligned without landmarks as serving aligns them
+                lr[unique_rows] = embed(probes.aligned_loose(data, res, unique_rows),
+                                        f"{name}/{data.name} {protocol} {res}px", f"{protocol}/{res}")
+            else:
+                lr[unique_rows] = embed(probes.get(data, protocol, res, unique_rows),
+                                        f"{name}/{data.name} {protocol} {res}px", f"{protocol}/{res}",
+                                        upsampler(protocol, hr_size))
             gallery = hr[data.right] if cfg.probe_side == "probe" else lr[data.right]
             result = verification.verify(lr[data.left], gallery, data.same, cfg.nfolds, cfg.far_targets,
                                          folds=fold_labels)

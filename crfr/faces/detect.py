@@ -106,3 +106,37 @@ def crop_has_face(face: np.ndarray, weights: str | None = None) -> bool:
     padded = cv2.copyMakeBorder(face, pad, pad, pad, pad, cv2.BORDER_REPLICATE)
     det = _shared_detector(weights, max(12, round(side * 40 / 112)))
     return len(det.detect([padded])[0][0]) > 0
+
+
+def crop_landmarks(crop: np.ndarray, weights: str | None = None) -> tuple[bool, np.ndarray | None]:
+    """Whether a loose crop (any aspect ratio, perhaps 24 px wide) shows a face, and its 5 landmarks if found.
+
+    One crop through :func:`crops_landmarks`.
+    """
+    return crops_landmarks([crop], weights)[0]
+
+
+def crops_landmarks(crops: list[np.ndarray], weights: str | None = None) -> list[tuple[bool, np.ndarray | None]]:
+    """For each loose crop: whether it shows a face, and the 5 landmarks (x, y) of the face kept, in the
+    crop's own pixels.
+
+    Each crop is brought up so its smaller side is 112 px (aspect kept) and padded by repeating its edges, as
+    :func:`crop_has_face` does; crops of the same shape go through MTCNN together.
+    """
+    pad = 24
+    views, factors = [], []
+    for crop in crops:
+        h, w = crop.shape[:2]
+        factor = 112.0 / min(h, w)
+        up = cv2.resize(crop, (max(1, round(w * factor)), max(1, round(h * factor))),
+                        interpolation=cv2.INTER_LINEAR if factor >= 1 else cv2.INTER_AREA)
+        views.append(cv2.copyMakeBorder(up, pad, pad, pad, pad, cv2.BORDER_REPLICATE))
+        factors.append(np.array([w / up.shape[1], h / up.shape[0]]))
+    out: list[tuple[bool, np.ndarray | None]] = []
+    for view, scale, (boxes, marks) in zip(views, factors, _shared_detector(weights, 40).detect(views)):
+        if len(boxes) == 0:
+            out.append((False, None))
+            continue
+        picked = marks[pick_face(boxes, view.shape)] - pad
+        out.append((True, (picked + 0.5) * scale - 0.5))
+    return out

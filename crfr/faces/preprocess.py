@@ -5,12 +5,17 @@ identify``, the gallery, the HTTP service, the MLflow pyfunc); the settings are 
 (``align``: ``mode``, ``crop_box``, ``min_face_size``, stored with it; :func:`align_settings` makes them from
 the data step's params). :func:`prepare_face`:
 
-* an image whose smaller side is at most the input size (112), or any image for an ``align: none`` model, is
-  taken as an aligned face, possibly a low-resolution one, and resized to 112x112 (linear interpolation
-  when brought up: the paper's test protocol);
+* an image whose smaller side is at most the input size (112) is a crop. An aligned one (``lr_crops``:
+  ``aligned``, or ``auto`` and square), or any image for an ``align: none`` model, is resized to 112x112
+  (linear interpolation when brought up: the paper's test protocol). A loose one (``loose``, or ``auto`` and
+  not square: a detector's box cut from a frame) is aligned on MTCNN's landmarks when it is at least
+  ``landmark_min_px`` wide and MTCNN finds them, else placed from its box alone
+  (:mod:`crfr.faces.placement`); either way its aspect ratio is kept;
 * a larger image is a photo: MTCNN finds the face and it is aligned as the training data was: ``mtcnn``
   warps its 5 landmarks onto the ArcFace template, ``center-crop`` maps them onto where faces sit in
   deep-funneled LFW and cuts ``data.crop_box`` there, so the crop follows the face, not fixed pixels.
+
+:func:`prepare_explained` also says which of these it applied (``crfr verify --json`` prints it).
 
 Every input must show a face: a photo where MTCNN finds none, or an aligned crop in which it finds none, is
 a :class:`DataError` "no face found in ...", and so is a face smaller than ``min_face_size`` pixels (the
@@ -32,20 +37,41 @@ DEFAULT_MIN_FACE = 12  # data.min_face_size's default: the smallest face the stu
 
 
 def align_settings(data: DataCfg) -> dict:
-    """The preprocessing a served model applies: the data step's alignment (``params.data``)."""
-    return {"mode": data.align, "crop_box": list(data.crop_box), "min_face_size": data.min_face_size}
+    """The preprocessing a served model applies: the data step's alignment (``params.data``) and how it takes
+    a small crop."""
+    return {"mode": data.align, "crop_box": list(data.crop_box), "min_face_size": data.min_face_size,
+            "lr_crops": data.lr_crops, "landmark_min_px": data.landmark_min_px, "loose_margin": data.loose_margin}
 
 
 def prepare_face(rgb: np.ndarray, align: dict | None = None, size: int = 112, what: str = "the image",
                  weights: str | None = None) -> np.ndarray:
-    """Bring one RGB image to the network input: ``size`` x ``size`` uint8 (see the module docstring).
+    """Bring one RGB image to the network input: ``size`` x ``size`` uint8 (see :func:`prepare_explained`)."""
+    return prepare_explained(rgb, align, size, what, weights)[0]
+
+
+def crop_kind(align: dict, height: int, width: int) -> str:
+    """``aligned`` or ``loose``: how an image no larger than the input is taken (``lr_crops``)."""
+    kind = align.get("lr_crops", "auto")
+    if kind == "auto":
+        return "aligned" if height == width else "loose"
+    return kind
+
+
+def prepare_explained(rgb: np.ndarray, align: dict | None = None, size: int = 112, what: str = "the image",
+                      weights: str | None = None) -> tuple[np.ndarray, str]:
+    """One RGB image as the network input, and the alignment applied to it, in words.
 
     Args:
         rgb: the decoded image.
-        align: the model's preprocessing settings (``mode``, ``crop_box``, ``min_face_size``).
+        align: the model's preprocessing settings (``mode``, ``crop_box``, ``min_face_size``, ``lr_crops``,
+            ``landmark_min_px``, ``loose_margin``).
         size: the network's input side.
         what: the image's name in error messages (a file, a row).
         weights: folder of the MTCNN weights (a served model carries its own); None finds them.
+
+    Returns:
+        ``(face, alignment)``: ``size`` x ``size`` uint8, and e.g. ``"landmarks (mtcnn)"`` or
+        ``"box placement (loose 24x33 crop, no landmarks below 40 px)"``.
 
     Raises:
         DataError: no face found in the image, a face smaller than ``min_face_size``, or not an RGB image.
@@ -62,8 +88,10 @@ def prepare_face(rgb: np.ndarray, align: dict | None = None, size: int = 112, wh
         raise DataError(f"unknown align mode {mode!r} (expected center-crop, mtcnn or none)")
     min_face = int(align.get("min_face_size", DEFAULT_MIN_FACE))
     h, w = rgb.shape[:2]
+    crop_box = tuple(align.get("crop_box", DEFAULT_ALIGN["crop_box"]))
     too_small = f"{what}: the face is %d px across, smaller than the {min_face} px the model scores (min_face_size)"
-    if min(h, w) <= size or mode == "none":  # an aligned (maybe LR) face: brought up as the test protocol does
+    if (min(h, w) <= size and crop_kind(align, h, w) == "aligned") or mode == "none":
+        # An aligned (maybe LR) face: brought up as the test protocol does.
         if min(h, w) < min_face:
             raise DataError(too_small % min(h, w))
         face = rgb
@@ -72,18 +100,59 @@ def prepare_face(rgb: np.ndarray, align: dict | None = None, size: int = 112, wh
             face = cv2.resize(rgb, (size, size), interpolation=interp)
         if not crop_has_face(face, weights):
             raise DataError(f"no face found in {what} (taken as an aligned {w}x{h} face crop)")
-        return face
+        how = "none: taken as aligned" if mode == "none" else "aligned crop"
+        return face, f"{how}, {w}x{h} resized to {size}x{size}"
+    if min(h, w) <= size:  # a loose crop, as a detector cuts it from a frame
+        if min(h, w) < min_face:
+            raise DataError(too_small % min(h, w))
+        face, how, found = align_loose(rgb, align, size, weights)
+        if not found:
+            raise DataError(f"no face found in {what} (taken as a loose {w}x{h} crop around a face)")
+        return face, how
     landmarks = find_face(rgb, weights)
     if landmarks is None:
         raise DataError(f"no face found in {what}")
     if mode == "mtcnn":
         dst, span = ARCFACE_TEMPLATE * (size / 112.0), size
     else:
-        top, bottom, left, right = align.get("crop_box", DEFAULT_ALIGN["crop_box"])
+        top, bottom, left, right = crop_box
         dst, span = LFW_FUNNELED_LANDMARKS - np.array([left, top]), right - left
     # The face's resolution: source pixels across what becomes the network's input.
     across = span / similarity_scale(landmarks, dst)
     if across < min_face:
         raise DataError(too_small % round(across))
     # The code prepare's detect alignment runs on an eval photo (crfr.faces.align.Aligner).
-    return place_face(rgb, landmarks, mode, tuple(align.get("crop_box", DEFAULT_ALIGN["crop_box"])), size)
+    return place_face(rgb, landmarks, mode, crop_box, size), "landmarks (mtcnn)"
+
+
+def align_loose(crop: np.ndarray, align: dict, size: int = 112, weights: str | None = None,
+                check_face: bool = True,
+                found: tuple[bool, np.ndarray | None] | None = None) -> tuple[np.ndarray, str, bool | None]:
+    """A loose crop (a detector's box, any aspect ratio) aligned without being given landmarks.
+
+    At least ``landmark_min_px`` wide (smaller side) and with a face MTCNN finds in it: on its landmarks;
+    otherwise placed from the box alone (:func:`crfr.faces.placement.place_by_box`). The unaligned probes of
+    ``crfr evaluate`` go through here as serving's loose crops do.
+
+    Args:
+        check_face: run MTCNN on a crop below ``landmark_min_px`` too, to say whether it shows a face.
+        found: :func:`crfr.faces.detect.crops_landmarks`'s answer for this crop, when the caller ran it on
+            many crops at once.
+
+    Returns:
+        ``(face, alignment in words, whether MTCNN found a face in the crop)``; None for "not looked".
+    """
+    from crfr.faces.detect import crop_landmarks
+    from crfr.faces.placement import place_by_box, place_on_landmarks
+
+    h, w = crop.shape[:2]
+    least = int(align.get("landmark_min_px", 40))
+    if found is None:
+        found = crop_landmarks(crop, weights) if check_face or min(h, w) >= least else (None, None)
+    face_found, marks = found
+    if marks is not None and min(h, w) >= least:
+        return place_on_landmarks(crop, marks, align, size), f"landmarks (mtcnn on the loose {w}x{h} crop)", True
+    margin = float(align.get("loose_margin", 1.15))
+    why = "no face found by MTCNN" if face_found is False else f"under {least} px"
+    return (place_by_box(crop, align, size, margin),
+            f"box placement (loose {w}x{h} crop, {why}: placed from the box alone, margin {margin})", face_found)

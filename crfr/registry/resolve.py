@@ -27,7 +27,7 @@ from crfr.registry.versions import CHAMPION, get_version
 from crfr.tracking import connect, mlflow_errors
 
 # The model's preprocessing: the data settings a benchmark must be aligned with.
-ALIGN_FIELDS = ("align", "crop_box", "image_size", "min_face_size")
+ALIGN_FIELDS = ("align", "crop_box", "image_size", "min_face_size", "lr_crops", "landmark_min_px", "loose_margin")
 MODEL_URI_HELP = "a model folder (model.pt, config.json; local or s3://) or models:/NAME@ALIAS or models:/NAME/VERSION"
 
 
@@ -192,7 +192,7 @@ def _registered_files(source: ModelSource, into: Path) -> ModelFiles:
         raise DataError(f"model {source.uri}: unreadable MLmodel ({exc.__class__.__name__}: {exc})") from None
     stored = meta.get("align") or {}
     align = {"align": stored["mode"]} if "mode" in stored else {}
-    align.update({k: stored[k] for k in ("crop_box", "min_face_size") if k in stored})
+    align.update({k: stored[k] for k in ALIGN_FIELDS[1:] if k in stored and k != "image_size"})
     if "input_size" in meta:
         align["image_size"] = int(meta["input_size"])
     return ModelFiles(folder, source, align, f"registered {source.name} version {source.version}")

@@ -20,7 +20,7 @@ import numpy as np
 from crfr.devices import choose_device
 from crfr.digests import model_fingerprint
 from crfr.errors import DataError
-from crfr.faces.preprocess import DEFAULT_ALIGN, prepare_face
+from crfr.faces.preprocess import DEFAULT_ALIGN, prepare_explained
 from crfr.models.embedding import embed_images
 
 DEFAULT_THRESHOLD = 1.0  # squared distance 1.0 = cosine 0.5; only when a model carries no calibration
@@ -91,9 +91,15 @@ class FaceEmbedder:
         Raises:
             DataError: for the first image without a usable face, naming it.
         """
+        return self.prepare_explained(images, names)[0]
+
+    def prepare_explained(self, images: Sequence[np.ndarray],
+                          names: Sequence[str] | None = None) -> tuple[np.ndarray, list[str]]:
+        """:meth:`prepare`, and the alignment applied to each image, in words (:func:`prepare_explained`)."""
         names = list(names) if names is not None else [f"image {i}" for i in range(len(images))]
-        return np.stack([prepare_face(img, self.align, self.input_size, name, self.detector_weights)
-                         for img, name in zip(images, names)])
+        done = [prepare_explained(img, self.align, self.input_size, name, self.detector_weights)
+                for img, name in zip(images, names)]
+        return np.stack([face for face, _ in done]), [how for _, how in done]
 
     def embed(self, images: Sequence[np.ndarray], names: Sequence[str] | None = None) -> np.ndarray:
         """RGB uint8 images of any size -> (N, D) float32 unit vectors (DataError as :meth:`prepare`)."""

@@ -282,10 +282,11 @@ def create_app(model, cfg: ServeCfg | None = None, gallery=None, about: dict | N
         finally:
             await form.close()
 
-    async def embed_with(served: Served, images: list[np.ndarray], names: list[str]) -> np.ndarray:
+    async def embed_with(served: Served, images: list[np.ndarray], names: list[str]) -> tuple[np.ndarray, list[str]]:
+        """The embeddings, and the alignment applied to each image in words."""
         # Alignment in this request's worker thread (in parallel), the network in a shared batch.
-        faces = await run_in_threadpool(served.embedder.prepare, images, names)
-        return await run_in_threadpool(batcher.embed, served.embedder, faces)
+        faces, how = await run_in_threadpool(served.embedder.prepare_explained, images, names)
+        return await run_in_threadpool(batcher.embed, served.embedder, faces), how
 
     @app.get("/", response_class=HTMLResponse)
     async def page() -> HTMLResponse:
@@ -303,15 +304,15 @@ def create_app(model, cfg: ServeCfg | None = None, gallery=None, about: dict | N
     async def embed(request: Request) -> dict[str, Any]:
         served = live.current  # once: the whole answer comes from one version
         (image,) = await uploads(request, ("image",))
-        emb = await embed_with(served, [image], ["field 'image'"])
+        emb, how = await embed_with(served, [image], ["field 'image'"])
         return {"embedding": [round(float(v), 7) for v in emb[0]], "dimension": int(emb.shape[1]),
-                "size": int(min(image.shape[:2])), "model_version": served.version}
+                "size": int(min(image.shape[:2])), "alignment": how[0], "model_version": served.version}
 
     @app.post("/verify")
     async def verify(request: Request) -> dict[str, Any]:
         served = live.current
         a, b = await uploads(request, ("a", "b"))
-        emb = await embed_with(served, [a, b], ["field 'a'", "field 'b'"])
+        emb, how = await embed_with(served, [a, b], ["field 'a'", "field 'b'"])
         distance = float(np.sum((emb[0].astype(np.float64) - emb[1]) ** 2))
         size = int(min(min(a.shape[:2]), min(b.shape[:2])))
         key, threshold = served.embedder.threshold_for(size)
@@ -319,7 +320,8 @@ def create_app(model, cfg: ServeCfg | None = None, gallery=None, about: dict | N
         metrics.decisions.labels("/verify", "same" if same else "different").inc()
         return {"distance": round(distance, 6), "similarity": round(1.0 - distance / 2.0, 6),
                 "threshold": round(float(threshold), 6), "calibrated_at": key, "probe_size": size,
-                "same": bool(same), "decision": "same" if same else "different", "model_version": served.version}
+                "same": bool(same), "decision": "same" if same else "different",
+                "alignment": {"a": how[0], "b": how[1]}, "model_version": served.version}
 
     @app.post("/identify")
     async def identify(request: Request, top_k: int = top_k) -> dict[str, Any]:
@@ -330,10 +332,10 @@ def create_app(model, cfg: ServeCfg | None = None, gallery=None, about: dict | N
         if not 1 <= top_k <= 100:
             raise HTTPProblem(422, f"top_k must lie in 1..100, got {top_k}")
         (image,) = await uploads(request, ("image",))
-        emb = await embed_with(served, [image], ["field 'image'"])
+        emb, how = await embed_with(served, [image], ["field 'image'"])
         result = await run_in_threadpool(served.gallery.rank, served.embedder, emb, int(min(image.shape[:2])), top_k)
         metrics.decisions.labels("/identify", "unknown" if result.decision == UNKNOWN else "known").inc()
-        return {**result.to_dict(), "model_version": served.version}
+        return {**result.to_dict(), "alignment": how[0], "model_version": served.version}
 
     @app.get("/gallery/faces/{row}")
     async def gallery_face(row: int) -> Response:
