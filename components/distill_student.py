@@ -31,6 +31,7 @@ def student_spec(params: Params, teacher_dir: str | None, row: str = "default") 
         # Every Table I row starts alike (from the teacher, unless student.init_from_teacher is off): rows
         # with and without distillation then differ only in what they learn from, not in their budget.
         init_from_teacher=cfg.init_from_teacher,
+        lr_augment=cfg.lr_augment if cfg.lr_augment.enabled else None,
     )
 
 

@@ -101,6 +101,26 @@ def test_students_lr_view_is_degraded_from_the_augmented_face(faces):
     assert closer == len(KEYS)
 
 
+def test_lr_augment_moves_the_students_lr_view_alone(faces):
+    """student.lr_augment: a loose crop's misplacement in the LR view; the teacher's HR view stays aligned."""
+    degrade = DegradeCfg()
+    plain = FaceTrainingSet(faces, "degraded", degrade, seed=0)
+    loose = FaceTrainingSet(faces, "degraded", degrade, seed=0, lr_augment=AugmentCfg(shift=12, rotate=8))
+    again = FaceTrainingSet(faces, "degraded", degrade, seed=0, lr_augment=AugmentCfg(shift=12, rotate=8))
+    moved = 0
+    for key in KEYS:
+        (hr, low), (hr0, low0) = views(loose, key), views(plain, key)
+        assert np.array_equal(hr, hr0)
+        assert all(np.array_equal(a, b) for a, b in zip(views(again, key), (hr, low)))
+        moved += not np.array_equal(low, low0)
+    assert moved == len(KEYS)
+    params = load_params("params.yaml", ["student.lr_augment.shift=10"])
+    from components.distill_student import student_spec
+
+    assert student_spec(params, "teacher").lr_augment.shift == 10
+    assert student_spec(load_params("params.yaml"), "teacher").lr_augment is None
+
+
 def test_checkpoint_fingerprint_covers_augmentation_only_when_on():
     params = load_params("params.yaml")
     spec = teacher_spec(params)

@@ -103,6 +103,11 @@ class StudentCfg(OptimCfg):
     kd: Bool = True
     wavesim: Bool = True
     init_from_teacher: Bool = True
+    lr_augment: AugmentCfg = Field(
+        default_factory=AugmentCfg,
+        description="the student's LR view alone, after `augment`: a loose crop's shift, zoom and roll (the "
+                    "teacher's HR view stays aligned); every knob neutral: off",
+    )
 
     @model_validator(mode="after")
     def _check_wavesim(self) -> "StudentCfg":

@@ -18,6 +18,14 @@ def _column(res: int, hr_size: int) -> str:
     return f"{res}x{res} (HR)" if res >= hr_size else f"{res}x{res}"
 
 
+def protocol_columns(protocol: str, resolutions: list[int], hr_size: int) -> list[str]:
+    """A table's column heads: ``14x14`` ... ``112x112 (HR)``; an unaligned probe is a crop of that width
+    and its own height (``14 px wide``), at 112 too."""
+    if protocol == "unaligned":
+        return [f"{r} px wide" for r in resolutions] + ["Average"]
+    return [_column(r, hr_size) for r in resolutions] + ["Average"]
+
+
 def build_tables(evaluation: Evaluation, probe_side: str) -> dict:
     """One table per protocol and dataset (the average over sets first), as stored in ``table.json``.
 
@@ -41,6 +49,7 @@ def build_tables(evaluation: Evaluation, probe_side: str) -> dict:
                     "average": evaluation.cell(model, dataset, protocol, MEAN)["acc"],
                 })
             tables.append({"protocol": protocol, "dataset": dataset, "rows": rows,
+                           "columns": protocol_columns(protocol, evaluation.resolutions, evaluation.hr_size),
                            "paired": _paired_row(evaluation, dataset, protocol, res)})
     return {
         "columns": [_column(r, evaluation.hr_size) for r in evaluation.resolutions] + ["Average"],
@@ -93,7 +102,7 @@ def render_markdown(tables: dict) -> str:
     for table in tables["tables"]:
         title = "average over " + ", ".join(tables["datasets"]) if table["dataset"] == AVERAGE else table["dataset"]
         lines += [f"## {table['protocol']} probes, {title}", "",
-                  "| Model | " + " | ".join(tables["columns"]) + " |",
+                  "| Model | " + " | ".join(table.get("columns", tables["columns"])) + " |",
                   "|---|" + "---:|" * len(tables["columns"])]
         columns = [[row["acc"][r] for row in table["rows"]] for r in res] + [[row["average"] for row in table["rows"]]]
         marks = [_ranked(col) for col in columns]

@@ -12,13 +12,14 @@ import numpy as np
 
 from crfr.config import AugmentCfg
 
-# Keeps this stream apart from any other seeded by (seed, epoch, index); the value itself means nothing.
+# Keep these streams apart from any other seeded by (seed, epoch, index); the values themselves mean nothing.
 AUGMENT_STREAM = 0x617567
+LR_VIEW_STREAM = 0x6C7276  # student.lr_augment: the LR view's own warp
 
 
-def augment_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
+def augment_rng(seed: int, epoch: int, index: int, stream: int = AUGMENT_STREAM) -> np.random.Generator:
     """The generator of sample ``index`` in ``epoch``: the same arguments always give the same draws."""
-    return np.random.default_rng((seed, epoch, index, AUGMENT_STREAM))
+    return np.random.default_rng((seed, epoch, index, stream))
 
 
 def augment_face(img: np.ndarray, cfg: AugmentCfg, rng: np.random.Generator) -> np.ndarray:

@@ -17,7 +17,7 @@ from torch.utils.data import Dataset, Sampler
 
 from crfr.config import AugmentCfg, DegradeCfg
 from crfr.degrade import Degrader
-from crfr.train.augment import augment_face, augment_rng
+from crfr.train.augment import LR_VIEW_STREAM, augment_face, augment_rng
 
 # Stride between epochs in the degradation index: sample i of epoch e is degraded as e * EPOCH_STRIDE + i.
 EPOCH_STRIDE = 1 << 32
@@ -51,13 +51,16 @@ class FaceTrainingSet(Dataset):
         seed: run seed.
         augment: HR augmentation after the flip (the LR view is derived from the augmented face); None or
             all knobs neutral: none, and no extra random draws.
+        lr_augment: the LR view alone, warped again before it is degraded (a loose crop's misplacement);
+            the HR view, the teacher's, stays as it was. Its own random stream.
     """
 
     def __init__(self, faces, lr_data: str | None, degrade: DegradeCfg, seed: int,
-                 augment: AugmentCfg | None = None) -> None:
+                 augment: AugmentCfg | None = None, lr_augment: AugmentCfg | None = None) -> None:
         self.faces, self.lr_data, self.seed = faces, lr_data, seed
         self.degrader = Degrader(degrade, seed=seed, corrupt=lr_data == "degraded") if lr_data else None
         self.augment = augment if augment is not None and augment.enabled else None
+        self.lr_augment = lr_augment if lr_augment is not None and lr_augment.enabled else None
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -78,7 +81,10 @@ class FaceTrainingSet(Dataset):
             img = augment_face(img, self.augment, augment_rng(self.seed, epoch, index))
         if self.degrader is None:
             return torch.from_numpy(img), int(label)
-        low = self.degrader(img, epoch * EPOCH_STRIDE + index)
+        source = img
+        if self.lr_augment is not None:
+            source = augment_face(img, self.lr_augment, augment_rng(self.seed, epoch, index, LR_VIEW_STREAM))
+        low = self.degrader(source, epoch * EPOCH_STRIDE + index)
         return torch.from_numpy(img), torch.from_numpy(low), int(label)
 
 

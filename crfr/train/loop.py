@@ -29,7 +29,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from crfr.config import OptimCfg, Params
+from crfr.config import AugmentCfg, OptimCfg, Params
 from crfr.errors import DataError, TrainingError
 from crfr.losses import ArcFace, LossTerms, WaveletSimilarity, arcface_loss, distillation_loss
 from crfr.models import build_backbone
@@ -56,6 +56,7 @@ class TrainSpec:
     wavesim: bool = False
     teacher_dir: str | None = None
     init_from_teacher: bool = False
+    lr_augment: AugmentCfg | None = None  # the LR view alone (student.lr_augment)
 
     @property
     def needs_teacher(self) -> bool:
@@ -154,7 +155,8 @@ class Trainer:
         m = params.model  # only a run with the wavelet-similarity loss reads its settings (the teacher's slice lacks them)
         self.wavesim = (WaveletSimilarity(m.wavelet, m.wave_mode, m.ll_impl, params.loss.wavesim_reduction)
                         .to(runtime.device) if spec.wavesim else None)
-        self.dataset = FaceTrainingSet(faces, spec.lr_data, params.degrade, params.seed, params.augment)
+        self.dataset = FaceTrainingSet(faces, spec.lr_data, params.degrade, params.seed, params.augment,
+                                       lr_augment=spec.lr_augment)
         self.sampler = EpochSampler(len(self.dataset), params.seed, runtime.rank, runtime.world_size)
         setting = f"{spec.name.split('-')[0]}.batch_size"
         self.batch_per_rank = runtime.share_of_batch(cfg.batch_size, setting)

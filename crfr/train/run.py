@@ -31,7 +31,7 @@ def spec_hash(spec: TrainSpec, params: Params) -> str:
     step = "train_teacher" if spec.lr_data is None else "distill_student"
     relevant = shaping_settings(params, step)
     relevant["spec"] = {k: (v.model_dump(mode="json") if hasattr(v, "model_dump") else v)
-                        for k, v in vars(spec).items() if k != "teacher_dir"}
+                        for k, v in vars(spec).items() if k != "teacher_dir" and not (k == "lr_augment" and v is None)}
     return json_digest(relevant)
 
 
