@@ -46,10 +46,15 @@ def test_a_loose_crop_is_placed_where_landmarks_would_put_it(mode):
     for name, number in (("Colin_Powell", 1), ("Serena_Williams", 3), ("Abel_Pacheco", 1)):
         reference, how = prepare_explained(read_image(image_path(name, number)), align)
         assert how == "landmarks (mtcnn)"
-        placed, how = prepare_explained(loose_crop(name, number, 24), align)
-        assert how.startswith("box placement (loose 24x33 crop"), how
+        crop = loose_crop(name, number, 24)
+        placed, how = prepare_explained(crop, {**align, "landmark_min_px": 100})
+        assert how.startswith("box placement (loose 24x33 crop under 100 px"), how
         distance, response = shift_between(reference, placed)
         assert distance < 6 and response > 0.1, (name, distance, response)
+        # The default: MTCNN's landmarks in the crop brought up, closer still.
+        on_marks, how = prepare_explained(crop, align)
+        assert how == "landmarks (mtcnn on the loose 24x33 crop)"
+        assert shift_between(reference, on_marks)[0] < 4
 
 
 def test_a_loose_crop_keeps_its_aspect_ratio():
@@ -75,7 +80,7 @@ def test_landmarks_are_used_on_a_crop_large_enough():
     _, how = prepare_explained(crop, {"mode": "mtcnn", "landmark_min_px": 40})
     assert how == "landmarks (mtcnn on the loose 56x77 crop)"
     _, how = prepare_explained(crop, {"mode": "mtcnn", "landmark_min_px": 100})
-    assert how.startswith("box placement (loose 56x77 crop, under 100 px")
+    assert how.startswith("box placement (loose 56x77 crop under 100 px")
 
 
 def test_square_crops_follow_lr_crops():
@@ -85,7 +90,7 @@ def test_square_crops_follow_lr_crops():
 
     square = cv2.resize(loose_crop("Colin_Powell", 1), (28, 28), interpolation=cv2.INTER_AREA)
     assert prepare_explained(square, {"mode": "mtcnn"})[1].startswith("aligned crop, 28x28")
-    assert prepare_explained(square, {"mode": "mtcnn", "lr_crops": "loose"})[1].startswith("box placement")
+    assert prepare_explained(square, {"mode": "mtcnn", "lr_crops": "loose"})[1].startswith("landmarks (mtcnn on")
     tall = loose_crop("Colin_Powell", 1, 24)
     assert prepare_explained(tall, {"mode": "mtcnn", "lr_crops": "aligned"})[1].startswith("aligned crop, 24x33")
 
@@ -106,6 +111,15 @@ def test_a_loose_crop_without_a_face_is_refused():
         prepare_explained(wall, {"mode": "mtcnn"}, what="wall.png")
 
 
+def test_evaluation_places_a_crop_without_a_face_by_its_box_and_calls_it_a_fallback():
+    """crfr evaluate scores every probe: where MTCNN finds nothing the box places it, named a fallback."""
+    from crfr.faces.preprocess import align_loose
+
+    face, how, found = align_loose(np.full((33, 24, 3), 120, np.uint8), {"mode": "mtcnn"})
+    assert found is False and face.shape == (112, 112, 3)
+    assert how.startswith("box placement (fallback: MTCNN found no face in the loose 24x33 crop")
+
+
 def test_verify_json_names_the_alignment_of_each_image(tmp_path):
     require_lfw()
     model = save_random_model(tmp_path / "model", seed=3)
@@ -118,7 +132,7 @@ def test_verify_json_names_the_alignment_of_each_image(tmp_path):
     assert result.returncode == 0, result.stderr
     out = json.loads(result.stdout)
     crop_how, photo_how = (image["alignment"] for image in out["images"])
-    assert crop_how.startswith("box placement (loose 24x33 crop") and "fallback" not in crop_how
+    assert crop_how == "landmarks (mtcnn on the loose 24x33 crop)"
     assert photo_how == "landmarks (mtcnn)"
     assert out["probe_px"] == 24 and out["decision"] in ("SAME", "DIFFERENT")
 

@@ -1,7 +1,9 @@
 """Landmark-free alignment: a loose crop from a face detector placed on the template from its box alone.
 
-A surveillance probe is a box a detector cut around a face 15 to 50 px wide; MTCNN finds no landmarks in it
-below roughly 40 px. What is known without landmarks is where a face sits in a detector's box, on average:
+A surveillance probe is a box a detector cut around a face 15 to 50 px wide. MTCNN, searching a frame, finds
+no face below roughly 40 px; brought up to 112 px on its own it mostly does, and its landmarks there place the
+face far better than the box (:func:`crfr.faces.preprocess.align_loose`). Where it finds none, or below
+``data.landmark_min_px``, what is known is where a face sits in a detector's box, on average:
 :data:`DETECTOR_BOX` is MTCNN's box measured in ArcFace template pixels on 600 deep-funneled LFW photos (the
 first image of every 5th person, each box mapped through the similarity that puts that photo's 5 landmarks on
 the template). A crop is taken as such a box widened by ``margin`` (a user's crop is looser than the

@@ -71,7 +71,7 @@ def prepare_explained(rgb: np.ndarray, align: dict | None = None, size: int = 11
 
     Returns:
         ``(face, alignment)``: ``size`` x ``size`` uint8, and e.g. ``"landmarks (mtcnn)"`` or
-        ``"box placement (loose 24x33 crop, no landmarks below 40 px)"``.
+        ``"landmarks (mtcnn on the loose 24x33 crop)"``.
 
     Raises:
         DataError: no face found in the image, a face smaller than ``min_face_size``, or not an RGB image.
@@ -146,13 +146,15 @@ def align_loose(crop: np.ndarray, align: dict, size: int = 112, weights: str | N
     from crfr.faces.placement import place_by_box, place_on_landmarks
 
     h, w = crop.shape[:2]
-    least = int(align.get("landmark_min_px", 40))
+    least = int(align.get("landmark_min_px", DataCfg.model_fields["landmark_min_px"].default))
     if found is None:
         found = crop_landmarks(crop, weights) if check_face or min(h, w) >= least else (None, None)
     face_found, marks = found
     if marks is not None and min(h, w) >= least:
         return place_on_landmarks(crop, marks, align, size), f"landmarks (mtcnn on the loose {w}x{h} crop)", True
     margin = float(align.get("loose_margin", 1.15))
-    why = "no face found by MTCNN" if face_found is False else f"under {least} px"
-    return (place_by_box(crop, align, size, margin),
-            f"box placement (loose {w}x{h} crop, {why}: placed from the box alone, margin {margin})", face_found)
+    if face_found is False:  # evaluate scores every probe; serving refuses such a crop before this
+        how = f"box placement (fallback: MTCNN found no face in the loose {w}x{h} crop; placed from the box alone"
+    else:
+        how = f"box placement (loose {w}x{h} crop under {least} px: placed from the box alone"
+    return place_by_box(crop, align, size, margin), f"{how}, margin {margin})", face_found
