@@ -192,7 +192,8 @@ def render_identification_markdown(report: dict, resolutions: list[int], hr_size
             lines += [f"## {protocol} probes, {dataset}", "",
                       f"{sizes['n_gallery']} identities enrolled; {sizes['n_mated']} mated and {n} non-mated "
                       f"searches ({note}).", "",
-                      "| Model | Metric | " + " | ".join(_column(int(r), hr_size) for r in res) + " |",
+                      "| Model | Metric | " + " | ".join(protocol_columns(protocol, [int(r) for r in res], hr_size)[:-1])
+                      + " |",
                       "|---|---|" + "---:|" * len(res)]
             lines += _id_rows(per_model, res, fnir)
             lines.append("")
