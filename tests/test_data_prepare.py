@@ -138,7 +138,11 @@ def test_cap_pairs_is_balanced():
 def test_probes_follow_the_protocols(tiny):
     out, p, _, index = tiny
     probes = out / "probes"
-    assert index["sizes"] == [14, 28, 56] and index["protocols"] == ["linear", "realistic"]
+    assert index["sizes"] == [14, 28, 56] and index["protocols"] == ["linear", "realistic", "unaligned"]
+    for size in (14, 28, 56, 112):  # a 112 px wide loose crop too: it is not the aligned HR face
+        heights = np.load(probes / "lfw" / "unaligned" / f"{size}.heights.npy")
+        crops = np.load(probes / "lfw" / "unaligned" / f"{size}.npy")
+        assert crops.shape[2] == size and crops.shape[1] == heights.max() and (heights > size).all()
     assert json.loads((probes / "index.json").read_text())["seed"] == p.evaluate.realistic_seed
     assert (probes / "preview.png").stat().st_size > 10_000
     ps = load_pair_set(out / "prepared" / "eval" / "lfw")

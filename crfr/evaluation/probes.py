@@ -93,6 +93,7 @@ class ProbeSource:
 
     def __init__(self, probes_dir: Path | None, params: Params) -> None:
         self.dir, self.params = probes_dir, params
+        self._aligned: dict[tuple, np.ndarray] = {}  # unaligned probes aligned once for every model
 
     @property
     def antialias(self) -> bool:
@@ -116,7 +117,7 @@ class ProbeSource:
         from crfr.faces.preprocess import align_loose
 
         key = (data.name, size, rows.tobytes())
-        cache = self.__dict__.setdefault("_aligned", {})
+        cache = self._aligned
         if key not in cache:
             out_size = int(data.images.shape[1])
             d = self.params.data
@@ -230,7 +231,7 @@ def write_probes(prepared_dir: str, out_dir: str, params: Params, progress: bool
     index = {
         "sets": list(sets),
         "protocols": protocols,
-        "sizes": sizes,
+        "sizes": sizes,  # unaligned: probe_sizes (the HR size too)
         "out_size": out_size,
         "seed": params.evaluate.realistic_seed,
         "antialias": params.degrade.antialias,
