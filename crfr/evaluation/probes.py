@@ -137,7 +137,7 @@ class ProbeSource:
                 kind = label.split(" (")[0]
                 how[kind] = how.get(kind, 0) + 1
             log.info("%s unaligned %dpx: %s", data.name, size, how)
-            if size < self.params.data.landmark_min_px:  # placed from the box alone: cheaper than keeping it
+            if size < d.landmark_min_px:  # placed from the box alone: cheaper than keeping it
                 return faces
             cache[key] = faces
         return cache[key]

@@ -45,6 +45,7 @@ from crfr.evaluation import verification
 from crfr.evaluation.identification import Identifications, identify
 from crfr.evaluation.open_set import OpenSetSplit
 from crfr.evaluation.plots import write_plots
+from crfr.evaluation.loose_boxes import probe_sizes
 from crfr.evaluation.probes import ProbeSource, upsampler
 from crfr.evaluation.results import AVERAGE, OUTCOMES, Evaluation
 from crfr.evaluation.reuse import EmbeddingReuse
@@ -103,7 +104,7 @@ def evaluate_model(name: str, model, data: PairSet, params: Params, probes: Prob
     hr_result = hr_identified = None
     for protocol in cfg.protocols:
         for res in cfg.resolutions:
-            if res >= hr_size and protocol != "unaligned":
+            if res not in probe_sizes(protocol, cfg.resolutions, hr_size):  # the HR face itself
                 if hr_result is None:
                     hr_result = verification.verify(hr[data.left], hr[data.right], data.same, cfg.nfolds,
                                                     cfg.far_targets, folds=fold_labels)

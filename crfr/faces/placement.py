@@ -20,6 +20,7 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
+from crfr.config import DataCfg
 from crfr.faces.align import ARCFACE_TEMPLATE, LFW_FUNNELED_LANDMARKS, similarity_transform
 
 # MTCNN's box in ArcFace 112x112 template pixels: centre x, centre y, width, height. Measured by running
@@ -34,7 +35,7 @@ def training_frame(align: dict, size: int) -> tuple[np.ndarray, int, int]:
     deep-funneled LFW, moved into ``crop_box`` (which is then resized to ``size``).
     """
     if align.get("mode", "center-crop") == "center-crop":
-        top, bottom, left, right = align.get("crop_box", (64, 186, 70, 180))
+        top, bottom, left, right = align.get("crop_box", DataCfg.model_fields["crop_box"].default)
         return LFW_FUNNELED_LANDMARKS - np.array([left, top], np.float64), right - left, bottom - top
     return ARCFACE_TEMPLATE * (size / 112.0), size, size
 

@@ -147,12 +147,12 @@ def align_loose(crop: np.ndarray, align: dict, size: int = 112, weights: str | N
 
     h, w = crop.shape[:2]
     least = int(align.get("landmark_min_px", DataCfg.model_fields["landmark_min_px"].default))
+    margin = float(align.get("loose_margin", DataCfg.model_fields["loose_margin"].default))
     if found is None:
         found = crop_landmarks(crop, weights) if check_face or min(h, w) >= least else (None, None)
     face_found, marks = found
     if marks is not None and min(h, w) >= least:
         return place_on_landmarks(crop, marks, align, size), f"landmarks (mtcnn on the loose {w}x{h} crop)", True
-    margin = float(align.get("loose_margin", 1.15))
     if face_found is False:  # evaluate scores every probe; serving refuses such a crop before this
         how = f"box placement (fallback: MTCNN found no face in the loose {w}x{h} crop; placed from the box alone"
     else:

@@ -192,7 +192,7 @@ def _registered_files(source: ModelSource, into: Path) -> ModelFiles:
         raise DataError(f"model {source.uri}: unreadable MLmodel ({exc.__class__.__name__}: {exc})") from None
     stored = meta.get("align") or {}
     align = {"align": stored["mode"]} if "mode" in stored else {}
-    align.update({k: stored[k] for k in ALIGN_FIELDS[1:] if k in stored and k != "image_size"})
+    align.update({k: stored[k] for k in ALIGN_FIELDS if k in stored and k not in ("align", "image_size")})
     if "input_size" in meta:
         align["image_size"] = int(meta["input_size"])
     return ModelFiles(folder, source, align, f"registered {source.name} version {source.version}")
