@@ -6,6 +6,9 @@ whether it becomes ``champion``. ``out_dir/registration.json`` records the name,
 decision, for the pipeline and for people. Each version also records its lineage (:mod:`crfr.registry.lineage`): the
 git commit, the params, the training and evaluation runs, the pipeline run (``CRFR_PIPELINE_RUN_ID``) and, given
 ``--prepared``, fingerprints of the training and evaluation data.
+
+Under ``dvc exp run`` (DVC sets ``DVC_EXP_NAME``) the CLI registers nothing unless ``registry.in_experiments`` is
+true: an experiment is a question, not a release. ``registration.json`` then says so and how to register that model.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from collections.abc import Sequence
 
@@ -142,8 +146,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the orchestrator's run id to record (default: $CRFR_PIPELINE_RUN_ID)")
 
 
+def skip_experiment(out_dir: str, experiment: str) -> dict:
+    """Record, in place of a registration, that experiment ``experiment`` registered nothing and how to ask."""
+    result = {
+        "registered": False,
+        "experiment": experiment,
+        "reason": f"dvc exp run ({experiment}) registers only with registry.in_experiments=true",
+        "to_register": "dvc exp run -S registry.in_experiments=true, or dvc repro -f -s register once applied",
+    }
+    with storage.output_dir(out_dir) as out:
+        (out / "registration.json").write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
 def run(args: argparse.Namespace) -> int:
     params = load_params(args.params, args.overrides)
+    experiment = os.environ.get("DVC_EXP_NAME")
+    if experiment and not params.registry.in_experiments:
+        result = skip_experiment(args.out, experiment)
+        print(f"not registered: {result['reason']} ({result['to_register']})")
+        return 0
     result = register(args.model, args.eval_dir, args.out, params, role=args.role, row=args.row, force=args.force,
                       teacher_dir=args.teacher, prepared_dir=args.prepared, pipeline_run_id=args.pipeline_run_id)
     decision = result["decision"]

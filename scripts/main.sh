@@ -13,13 +13,13 @@ mkdir -p reports
 export CRFR_STAGE_USAGE="$PWD/reports/.stages"
 rm -rf "$CRFR_STAGE_USAGE"
 start=$(date +%s)
-if dvc status --quiet dvc.yaml release/dvc.yaml >/dev/null 2>&1; then
+if dvc status --quiet >/dev/null 2>&1; then
   echo "crfr: pipeline already up to date (dvc status is clean)"
   changed=0
 else
   changed=1
 fi
-dvc repro dvc.yaml release/dvc.yaml   # release/: register + promote, asked for apart from training
+dvc repro   # ends with register + promote (dvc exp run registers only when asked)
 end=$(date +%s)
 if [ "$changed" = 1 ]; then
   crfr report --record-wall-time "$((end - start))" --stages "$CRFR_STAGE_USAGE" --readme README.md

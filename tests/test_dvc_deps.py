@@ -99,11 +99,8 @@ def uncovered(dvc_yaml: dict) -> list[str]:
 
 @pytest.fixture(scope="module")
 def dvc_yaml() -> dict:
-    """The stages of dvc.yaml and release/dvc.yaml (the register stage, asked for apart; its wdir is the root)."""
-    stages = {}
-    for file in ("dvc.yaml", "release/dvc.yaml"):
-        stages.update(yaml.safe_load((REPO / file).read_text())["stages"])
-    return {"stages": stages}
+    """The stages of dvc.yaml."""
+    return {"stages": yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]}
 
 
 def test_every_stage_runs_a_module(dvc_yaml):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -62,13 +63,11 @@ def test_repro_status_and_minimal_rerun(lfw_root, tmp_path, monkeypatch):
 
     tracking = params["profiles"]["tiny"]["tracking"]["uri"]
 
-    # Training and evaluation; registering is asked for apart.
+    # Training, evaluation and registration.
     first = dvc(repo, "repro")
-    assert ran(first) == {"prepare", "synthesize", "train_teacher", "distill_student", "evaluate"}
-    assert "up to date" in dvc(repo, "status", "dvc.yaml")
-    assert (repo / "reports" / "evaluate" / "table.md").is_file()
-    assert ran(dvc(repo, "repro", "release/dvc.yaml")) == {"release/dvc.yaml:register"}
+    assert ran(first) == {"prepare", "synthesize", "train_teacher", "distill_student", "evaluate", "register"}
     assert "up to date" in dvc(repo, "status")
+    assert (repo / "reports" / "evaluate" / "table.md").is_file()
     assert registered_versions(tracking) == 2  # student and teacher
 
     # An experiment on a top-level training knob the tiny profile does not override: only its dependants re-run,
@@ -78,15 +77,18 @@ def test_repro_status_and_minimal_rerun(lfw_root, tmp_path, monkeypatch):
                    check=True, capture_output=True)
     assert "lr" not in params["profiles"]["tiny"]["student"]
     second = dvc(repo, "exp", "run", "-S", "student.lr=0.02")
-    assert ran(second) == {"distill_student", "evaluate"}
+    assert ran(second) == {"distill_student", "evaluate", "register"}
     assert registered_versions(tracking) == 2
+    record = json.loads((repo / "reports" / "register" / "registration.json").read_text())
+    assert record["registered"] is False and "registry.in_experiments=true" in record["reason"]
 
     # Table I rows: one distill stage per named row, all of them in the evaluation table.
     params = yaml.safe_load(params_file.read_text())
     params["ablation_rows"] = ["resnet", "kd"]
     params_file.write_text(yaml.safe_dump(params, sort_keys=False))
     third = dvc(repo, "repro")
-    assert ran(third) == {"distill_row@resnet", "distill_row@kd", "evaluate"}
+    assert ran(third) == {"distill_row@resnet", "distill_row@kd", "evaluate", "register"}
+    assert registered_versions(tracking) == 4  # outside an experiment: registered again
     table = (repo / "reports" / "evaluate" / "table.md").read_text()
     for row in ("teacher", "student", "resnet", "kd"):
         assert f"| {row} |" in table

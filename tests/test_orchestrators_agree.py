@@ -63,8 +63,6 @@ def dvc_plan(tmp_path: Path, params_doc: dict) -> Plan:
     root = tmp_path / "dvc"
     root.mkdir()
     shutil.copy(REPO / "dvc.yaml", root / "dvc.yaml")
-    (root / "release").mkdir()  # the register stage, asked for apart
-    shutil.copy(REPO / "release" / "dvc.yaml", root / "release" / "dvc.yaml")
     (root / "params.yaml").write_text(yaml.safe_dump(params_doc, sort_keys=False))
     Repo.init(str(root), no_scm=True)
     params = load_params(root / "params.yaml")

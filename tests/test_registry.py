@@ -306,3 +306,22 @@ def test_unreachable_server_fails_fast(tmp_path, monkeypatch):
     with pytest.raises(RegistryError, match="not reachable"):
         load_embedder("models:/crfr-student@champion", params)
     assert time.monotonic() - start < 20
+
+
+@pytest.mark.parametrize("in_experiments", [False, True])
+def test_dvc_experiments_register_only_when_asked(tmp_path, monkeypatch, capsys, in_experiments):
+    from components.register import main
+
+    monkeypatch.setenv("DVC_EXP_NAME", "sappy-tuna")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    out = tmp_path / "register"
+    code = main(["--params", "params.yaml", "--set", f"registry.in_experiments={str(in_experiments).lower()}",
+                 "--model", str(tmp_path / "no-model"), "--eval", str(tmp_path / "no-eval"), "--out", str(out)])
+    if in_experiments:  # asked: it goes on to register, and stops at the missing evaluation
+        assert code != 0 and not out.exists()
+        assert "no-eval" in capsys.readouterr().err
+    else:
+        assert code == 0
+        record = json.loads((out / "registration.json").read_text())
+        assert record["registered"] is False and record["experiment"] == "sappy-tuna"
+        assert "registry.in_experiments=true" in capsys.readouterr().out

@@ -11,7 +11,7 @@ from crfr.process import usage as stage_usage
 
 def test_a_step_run_by_dvc_leaves_its_usage_and_report_gathers_it(tmp_path, monkeypatch):
     folder = tmp_path / "stages"
-    env = os.environ | {"CRFR_STAGE_USAGE": str(folder), "DVC_STAGE": "release/dvc.yaml:register"}
+    env = os.environ | {"CRFR_STAGE_USAGE": str(folder), "DVC_STAGE": "sub/dvc.yaml:register"}
     # A step that stops at once on a missing input still records what it cost, with its exit status.
     done = subprocess.run([sys.executable, "-m", "components.evaluate", "--prepared", str(tmp_path / "none"),
                            "--model", f"student={tmp_path / 'none'}", "--out", str(tmp_path / "out"),

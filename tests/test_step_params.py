@@ -19,9 +19,7 @@ DVC_ONLY = {"evaluate": {"ablation_rows"}}
 
 
 def dvc_stage_params() -> dict[str, set[str]]:
-    stages = {}
-    for file in ("dvc.yaml", "release/dvc.yaml"):  # release/: the register stage, asked for apart
-        stages.update(yaml.safe_load((REPO / file).read_text())["stages"])
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
     out = {}
     for name, stage in stages.items():
         entries = stage.get("do", stage).get("params", [])

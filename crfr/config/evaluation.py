@@ -87,6 +87,9 @@ class RegisterCfg(Section):
     gate_protocol: Literal["linear", "realistic"] = "linear"
     min_improvement: Float = Field(default=0.0, description="average accuracy gain (points) needed to promote")
     max_drop: Float = Field(default=1.0, ge=0.0, description="largest per-resolution loss (points) tolerated")
+    in_experiments: bool = Field(
+        default=False, description="`dvc exp run` registers too (else only `dvc repro` and the orchestrators do)"
+    )
 
 
 class EvidenceCfg(Section):

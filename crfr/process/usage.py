@@ -43,7 +43,7 @@ def usage(wall_s: float) -> dict[str, float]:
 
 
 def stage_name(addressing: str) -> str:
-    """DVC's stage address without its dvc.yaml: ``release/dvc.yaml:register`` -> ``register``."""
+    """DVC's stage address without its dvc.yaml: ``sub/dvc.yaml:register`` -> ``register``."""
     return addressing.rsplit(":", 1)[-1]
 
 
