@@ -101,7 +101,9 @@ def describe_run(params: Params, seeds: list[int] | None = None) -> str:
 def _wall_time(record: dict) -> str:
     if "wall_time_s" not in record:
         return "not recorded"
-    return f"{record['wall_time_s'] / 60:.1f} min, finished {record['finished']}"
+    # A re-run re-executes only the stale stages: name them, so a partial run's time is not read as the whole's.
+    ran = f" (stages that ran: {', '.join(record['stages'])})" if record.get("stages") else ""
+    return f"{record['wall_time_s'] / 60:.1f} min{ran}, finished {record['finished']}"
 
 
 def _demote_headings(markdown: str, levels: int) -> str:

@@ -56,6 +56,15 @@ def test_readme_section_is_rebuilt_from_reports_and_nothing_else(workdir):
     assert not report.update_readme(workdir / "README.md", params)
 
 
+def test_a_partial_rerun_names_the_stages_its_wall_time_covers(workdir):
+    _fake_run(workdir, acc="71.25")
+    record = json.loads((workdir / "reports/run.json").read_text())
+    record["stages"] = {"evaluate": {"wall_s": 700.0}, "register": {"wall_s": 19.0}}
+    (workdir / "reports/run.json").write_text(json.dumps(record))
+    report.update_readme(workdir / "README.md", load_params(REPO / "params.yaml"))
+    assert "12.6 min (stages that ran: evaluate, register), finished" in (workdir / "README.md").read_text()
+
+
 def test_published_runs_follow_the_main_one(workdir):
     params = load_params(REPO / "params.yaml", ["profile=long", "ablation_rows=[resnet, kd]"])
     _fake_run(workdir, acc="77.50", wall_s=2460.0)
