@@ -233,3 +233,12 @@ def test_student_reports_the_teachers_soft_targets_on_validation_faces(prepared,
     plain = Trainer(student_spec(params, str(teacher_dir), "waveresnet"), params, ShardDataset(prepared / "train"),
                     resolve_runtime(params.runtime), tmp_path / "p")
     assert _teacher_soft_targets(plain, prepared, params) is None  # no KD: nothing to measure
+
+
+def test_a_student_trained_on_loose_lr_views_loads_and_records_them(prepared, teacher_dir, tmp_path):
+    # student.lr_augment once wrote its settings object into model.pt, which the safe loader then refused.
+    params = tiny_params(tmp_path, "student.lr_augment.shift=6", "student.lr_augment.rotate=4",
+                         "runtime.holdout_pairs=0")
+    distill_student(str(prepared), str(teacher_dir), str(tmp_path / "student"), params)
+    _, payload = load_model(tmp_path / "student")
+    assert payload["meta"]["spec"]["lr_augment"] == {"shift": 6.0, "scale": [1.0, 1.0], "rotate": 4.0, "p_gray": 0.0}

@@ -62,6 +62,11 @@ class TrainSpec:
     def needs_teacher(self) -> bool:
         return self.kd or self.wavesim or self.init_from_teacher
 
+    def to_json(self, exclude: tuple[str, ...] = ()) -> dict:
+        """The fields as plain JSON values (a model file must hold no class a safe load would refuse)."""
+        return {k: (v.model_dump(mode="json") if hasattr(v, "model_dump") else v)
+                for k, v in vars(self).items() if k not in exclude}
+
 
 class Network(nn.Module):
     """Backbone + ArcFace head in one module, so DDP synchronises both."""

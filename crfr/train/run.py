@@ -30,8 +30,8 @@ def spec_hash(spec: TrainSpec, params: Params) -> str:
     """
     step = "train_teacher" if spec.lr_data is None else "distill_student"
     relevant = shaping_settings(params, step)
-    relevant["spec"] = {k: (v.model_dump(mode="json") if hasattr(v, "model_dump") else v)
-                        for k, v in vars(spec).items() if k != "teacher_dir" and not (k == "lr_augment" and v is None)}
+    # lr_augment off is left out: checkpoints from before it existed still resume.
+    relevant["spec"] = spec.to_json(exclude=("teacher_dir",) + (("lr_augment",) if spec.lr_augment is None else ()))
     return json_digest(relevant)
 
 
@@ -110,7 +110,7 @@ def run_training(
             # Params hold no password (crfr.config.load), but any setting may name a URI or a secret value.
             config = secrets.redact_tree(params.model_dump(mode="json"))
             meta = {"name": spec.name, "num_classes": trainer.num_classes, "mlflow_run_id": trainer.mlflow_run_id,
-                    "spec": {k: v for k, v in vars(spec).items() if k not in ("optim", "teacher_dir")}}
+                    "spec": spec.to_json(exclude=("optim", "teacher_dir"))}
             with storage.output_dir(out_dir) as staging:
                 trainer.export(staging, meta=meta)
                 (staging / "config.json").write_text(json.dumps(config, indent=2))
