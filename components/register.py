@@ -86,9 +86,13 @@ def register(
     result = _register_one(model_dir, eval_dir, params, role, row, force, made_by)
     if teacher_dir:
         result["teacher"] = _register_one(teacher_dir, eval_dir, params, "teacher", "teacher", False, made_by)
+    _write_record(out_dir, result)
+    return result
+
+
+def _write_record(out_dir: str, result: dict) -> None:
     with storage.output_dir(out_dir) as out:
         (out / "registration.json").write_text(json.dumps(result, indent=2) + "\n")
-    return result
 
 
 def _register_one(model_dir: str, eval_dir: str, params: Params, role: str, row: str | None, force: bool,
@@ -154,8 +158,7 @@ def skip_experiment(out_dir: str, experiment: str) -> dict:
         "reason": f"dvc exp run ({experiment}) registers only with registry.in_experiments=true",
         "to_register": "dvc exp run -S registry.in_experiments=true, or dvc repro -f -s register once applied",
     }
-    with storage.output_dir(out_dir) as out:
-        (out / "registration.json").write_text(json.dumps(result, indent=2) + "\n")
+    _write_record(out_dir, result)
     return result
 
 
