@@ -1,4 +1,5 @@
-"""The paper's losses: ArcFace (Eq. 1), logit distillation (Eq. 2), wavelet similarity (Eq. 3), total (Eq. 4)."""
+"""The paper's losses: ArcFace (Eq. 1), logit distillation (Eq. 2), wavelet similarity (Eq. 3), total (Eq. 4),
+and crfr's optional embedding matching (not in the paper; ``loss.lambda_match``)."""
 
 from __future__ import annotations
 
@@ -65,6 +66,16 @@ def distillation_loss(teacher_logits: torch.Tensor, student_logits: torch.Tensor
     return t * t * F.kl_div(log_p_student, log_p_teacher, log_target=True, reduction="batchmean")
 
 
+def embedding_match_loss(teacher_embeddings: torch.Tensor, student_embeddings: torch.Tensor) -> torch.Tensor:
+    """``1 - cos(student embedding of the LR view, teacher embedding of the HR face)``, averaged over the batch.
+
+    Not in the paper: Eq. 2 passes the teacher's knowledge through its class logits only, which an external
+    teacher (:mod:`crfr.train.external_teacher`) gives through class centres; this term asks the student to
+    place every face where the teacher does, the known face's and the unknown one's alike.
+    """
+    return (1.0 - F.cosine_similarity(student_embeddings.float(), teacher_embeddings.float(), dim=1)).mean()
+
+
 class WaveletSimilarity(nn.Module):
     """Eq. 3: over the chosen stages, the distance between the LL bands of teacher and student features.
 
@@ -105,14 +116,18 @@ class LossTerms:
     arcface: torch.Tensor
     distill: torch.Tensor | None = None
     wavesim: torch.Tensor | None = None
+    match: torch.Tensor | None = None
 
-    def total(self, lambda1: float, lambda2: float) -> torch.Tensor:
-        """Eq. 4: ``L_arcface + lambda1 * L_distill + lambda2 * L_wavesim`` (absent terms count 0)."""
+    def total(self, lambda1: float, lambda2: float, lambda_match: float = 0.0) -> torch.Tensor:
+        """Eq. 4: ``L_arcface + lambda1 * L_distill + lambda2 * L_wavesim``, plus ``lambda_match * L_match``
+        (absent terms count 0)."""
         loss = self.arcface
         if self.distill is not None:
             loss = loss + lambda1 * self.distill
         if self.wavesim is not None:
             loss = loss + lambda2 * self.wavesim
+        if self.match is not None:
+            loss = loss + lambda_match * self.match
         return loss
 
     def items(self) -> dict[str, float]:

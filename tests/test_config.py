@@ -60,7 +60,7 @@ def test_bad_values_name_the_key(override, message):
 
 
 def test_unknown_profile_lists_the_allowed_ones():
-    with pytest.raises(ConfigError, match=r"profile 'x' is not defined; allowed: \['demo', 'evidence', 'long', 'paper', 'tiny'\]"):
+    with pytest.raises(ConfigError, match=r"profile 'x' is not defined; allowed: \['demo', 'evidence', 'external', 'long', 'paper', 'tiny'\]"):
         load_params("params.yaml", ["profile=x"])
 
 

@@ -98,13 +98,13 @@ def test_class_centre_logits_are_s_cos_and_the_embeddings_are_cached(tmp_path):
     assert sum(calls) == 12  # every face and its mirror, once
     expected = torch.nn.functional.normalize(net(torch.from_numpy(np.stack([faces[0][0]])).permute(0, 3, 1, 2)
                                                  .float().div(127.5).sub(1.0)), dim=1) @ teacher.centres.T * 16.0
-    got = teacher.logits(torch.from_numpy(np.stack([faces[0][0]])))
+    got = teacher.logits(teacher.embeddings_of(torch.from_numpy(np.stack([faces[0][0]]))))
     assert torch.allclose(got, expected, atol=1e-5) and sum(calls) == 13  # the check above ran the net
     mirrored = torch.from_numpy(np.ascontiguousarray(faces[1][0][:, ::-1])[None])
-    teacher.logits(mirrored)
+    teacher.embeddings_of(mirrored)
     assert sum(calls) == 13  # a mirrored training face is found in the cache
     unseen = torch.from_numpy(rng.integers(0, 255, (1, 8, 8, 3), dtype=np.uint8))
-    teacher.logits(unseen)
+    teacher.embeddings_of(unseen)
     assert sum(calls) == 14  # an augmented face is embedded on the spot
     again = CentreTeacher(net, faces, scale=16.0, cache_dir=tmp_path)
     assert sum(calls) == 14 and torch.equal(again.centres, teacher.centres)  # the cache, not the model
@@ -124,6 +124,16 @@ def test_the_pipeline_adopts_an_onnx_teacher_and_distils_from_it(crfr_onnx, prep
         student = distill_student(str(prepared), str(tmp_path / "teacher"), str(tmp_path / "student"), params)
     assert "wavelet similarity (Eq. 3) off" in caplog.text and "starts from scratch" in caplog.text
     assert student["final"]["loss_distill"] > 0 and "loss_wavesim" not in student["final"]
+    assert "loss_match" not in student["final"]  # loss.lambda_match is 0 by default
+    # The embedding-matching term: the teacher's 32-d embeddings against the student's, only where both agree.
+    matched = distill_student(str(prepared), str(tmp_path / "teacher"), str(tmp_path / "student-match"),
+                              tiny_params(tmp_path, "teacher.source=onnx", f"teacher.onnx={onnx_file}",
+                                          "loss.lambda_match=1.0"))
+    assert 0 < matched["final"]["loss_match"] <= 2
+    with pytest.raises(ConfigError, match="loss.lambda_match: the teacher .onnx. gives 32-d embeddings"):
+        distill_student(str(prepared), str(tmp_path / "teacher"), str(tmp_path / "student-16"),
+                        tiny_params(tmp_path, "teacher.source=onnx", f"teacher.onnx={onnx_file}",
+                                    "loss.lambda_match=1.0", "model.embedding_size=16"))
     # Evaluation scores the adopted teacher beside the student, at every resolution.
     from components.evaluate import discover_models, evaluate
 

@@ -7,7 +7,8 @@ import pytest
 import pywt
 import torch
 
-from crfr.losses import ArcFace, LossTerms, WaveletSimilarity, arcface_loss, distillation_loss
+from crfr.losses import (ArcFace, LossTerms, WaveletSimilarity, arcface_loss, distillation_loss,
+                         embedding_match_loss)
 
 
 def reference_arcface_logits(emb, weight, labels, s, m):
@@ -127,3 +128,13 @@ def test_total_is_equation_4():
     assert terms.total(1.0, 0.05).item() == pytest.approx(2.0 + 3.0 + 0.5)
     assert LossTerms(arcface=torch.tensor(2.0)).total(1.0, 0.05).item() == pytest.approx(2.0)
     assert terms.items() == {"arcface": 2.0, "distill": 3.0, "wavesim": 10.0}
+
+
+def test_embedding_match_is_one_minus_cosine_and_joins_the_total_only_with_its_weight():
+    t = torch.tensor([[1.0, 0.0], [0.0, 2.0]])
+    assert embedding_match_loss(t, t * 3).item() == pytest.approx(0.0, abs=1e-6)
+    assert embedding_match_loss(t, -t).item() == pytest.approx(2.0)
+    assert embedding_match_loss(t, torch.tensor([[0.0, 1.0], [0.0, 5.0]])).item() == pytest.approx(0.5)
+    terms = LossTerms(arcface=torch.tensor(2.0), match=torch.tensor(0.5))
+    assert terms.total(1.0, 0.05).item() == pytest.approx(2.0)
+    assert terms.total(1.0, 0.05, lambda_match=4.0).item() == pytest.approx(4.0)

@@ -46,6 +46,11 @@ class LossCfg(Section):
     temperature: Float = Field(default=4.0, gt=0.0)
     lambda1: Float = Field(default=1.0, ge=0.0)
     lambda2: Float = Field(default=0.05, ge=0.0)
+    lambda_match: Float = Field(
+        default=0.0, ge=0.0, description="weight of 1 - cos(student's LR embedding, teacher's HR embedding) in a "
+                                         "distilled student's loss (not in the paper; 0: off); the student's "
+                                         "model.embedding_size must equal the teacher's"
+    )
     wavesim_stages: list[Int] = Field(default_factory=lambda: [1, 2], min_length=1)
     wavesim_reduction: Literal["mean", "sum"] = Field(
         default="mean", description="Eq. 3 per stage: mean squared error over the LL band (the text's MSELoss) "

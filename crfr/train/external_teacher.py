@@ -97,8 +97,9 @@ class CentreTeacher:
         self.centres = self.centres.to(device)
         return self
 
-    def logits(self, hr: torch.Tensor) -> torch.Tensor:
-        """``s * cos(teacher embedding, centre)`` for a batch of uint8 (B, H, W, 3) HR faces: (B, classes)."""
+    def embeddings_of(self, hr: torch.Tensor) -> torch.Tensor:
+        """The teacher's L2-normalised embeddings of a batch of uint8 (B, H, W, 3) HR faces: cached ones looked
+        up, others computed; (B, D) on the centres' device."""
         faces = hr.cpu().numpy()
         rows = [self.lookup.get(face_key(img)) for img in faces]
         missing = [i for i, r in enumerate(rows) if r is None]
@@ -109,4 +110,8 @@ class CentreTeacher:
         if missing:
             with torch.inference_mode():
                 emb[missing] = F.normalize(self.net(to_tensor(faces[missing])).float(), dim=1)
-        return self.scale * emb.to(self.centres.device) @ self.centres.T
+        return emb.to(self.centres.device)
+
+    def logits(self, embeddings: torch.Tensor) -> torch.Tensor:
+        """``s * cos(teacher embedding, centre)`` for embeddings of :meth:`embeddings_of`: (B, classes)."""
+        return self.scale * embeddings @ self.centres.T

@@ -30,8 +30,8 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from crfr.config import AugmentCfg, OptimCfg, Params
-from crfr.errors import DataError, TrainingError
-from crfr.losses import ArcFace, LossTerms, WaveletSimilarity, arcface_loss, distillation_loss
+from crfr.errors import ConfigError, DataError, TrainingError
+from crfr.losses import ArcFace, LossTerms, WaveletSimilarity, arcface_loss, distillation_loss, embedding_match_loss
 from crfr.models import build_backbone
 from crfr.models.external import is_external
 from crfr.models.model_file import load_head, load_model, save_head, save_model
@@ -78,7 +78,7 @@ class Network(nn.Module):
     def forward(self, x: torch.Tensor, labels: torch.Tensor):
         emb, stages = self.backbone.forward_stages(x)
         margin_logits, logits = self.head(emb, labels)
-        return margin_logits, logits, stages
+        return margin_logits, logits, emb, stages
 
 
 def lr_factor(step: int, steps_per_epoch: int, cfg: OptimCfg) -> float:
@@ -157,6 +157,8 @@ class Trainer:
         # fit() wraps it in DDP, after any resume: the wrap broadcasts rank 0's weights, and by then every rank
         # must already hold the resumed state (optimiser, schedule, step) as well.
         self.model: nn.Module = self.net
+        # Only a distilled student has the matching term (the teacher's slice lacks the key).
+        self.lambda_match = params.loss.lambda_match if spec.kd else 0.0
         m = params.model  # only a run with the wavelet-similarity loss reads its settings (the teacher's slice lacks them)
         self.wavesim = (WaveletSimilarity(m.wavelet, m.wave_mode, m.ll_impl, params.loss.wavesim_reduction)
                         .to(runtime.device) if spec.wavesim else None)
@@ -214,6 +216,11 @@ class Trainer:
                         spec.name, source)
         self.centre_teacher = CentreTeacher(net, faces, params.loss.arcface_s, params.storage.cache_dir).to(
             self.rt.device)
+        size = self.centre_teacher.embeddings.shape[1]
+        if spec.kd and params.loss.lambda_match > 0 and size != params.model.embedding_size:
+            raise ConfigError(f"loss.lambda_match: the teacher ({source}) gives {size}-d embeddings, the student "
+                              f"{params.model.embedding_size}-d: set model.embedding_size={size} or "
+                              "loss.lambda_match=0")
         return replace(spec, wavesim=False, init_from_teacher=False)
 
     def state_dict(self) -> dict:
@@ -283,16 +290,22 @@ class Trainer:
             x, hr_x = rt.to_input(lr), rt.to_input(hr)
         labels = labels.to(rt.device, non_blocking=True)
         with rt.autocast():
-            margin_logits, logits, stages = self.model(x, labels)
+            margin_logits, logits, emb, stages = self.model(x, labels)
             terms = LossTerms(arcface=arcface_loss(margin_logits, labels))
+            match = spec.kd and lcfg.lambda_match > 0
             if spec.kd and self.centre_teacher is not None:
-                terms.distill = distillation_loss(self.centre_teacher.logits(hr), logits, lcfg.temperature)
+                t_emb = self.centre_teacher.embeddings_of(hr)
+                terms.distill = distillation_loss(self.centre_teacher.logits(t_emb), logits, lcfg.temperature)
+                if match:
+                    terms.match = embedding_match_loss(t_emb, emb)
             elif spec.kd or spec.wavesim:
                 with torch.no_grad():
                     t_emb, t_stages = self.teacher.forward_stages(hr_x)
                     t_logits = self.teacher_head.s * self.teacher_head.cosine(t_emb)
                 if spec.kd:
                     terms.distill = distillation_loss(t_logits, logits, lcfg.temperature)
+                if match:
+                    terms.match = embedding_match_loss(t_emb, emb)
                 if spec.wavesim:
                     picked = [i - 1 for i in lcfg.wavesim_stages]
                     terms.wavesim = self.wavesim([t_stages[i] for i in picked], [stages[i] for i in picked])
@@ -329,7 +342,7 @@ class Trainer:
             torch.manual_seed(step_seed(self.params.seed, self.step, self.rt.rank))
             terms, n = self.loss_terms(batch)
             self.check_finite(terms)
-            loss = terms.total(self.params.loss.lambda1, self.params.loss.lambda2)
+            loss = terms.total(self.params.loss.lambda1, self.params.loss.lambda2, self.lambda_match)
             self.optimizer.zero_grad(set_to_none=True)
             self.scaler.scale(loss).backward()
             self.scaler.step(self.optimizer)
