@@ -14,6 +14,18 @@ def test_repo_params_validate_for_every_profile():
         assert load_params("params.yaml", [f"profile={profile}"]).profile == profile
 
 
+@pytest.mark.parametrize("teacher", [{"source": "onnx", "onnx": "/models/face.onnx"}, {"source": "dlib"}])
+def test_every_profile_loads_over_any_top_level_teacher(tmp_path, teacher):
+    # Every profile is validated on load: one that names its own teacher must not clash with the file's.
+    raw = yaml.safe_load(open("params.yaml"))
+    raw["teacher"].update(teacher)
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    assert load_params(path).teacher.source == teacher["source"]
+    external = load_params(path, ["profile=external"])
+    assert (external.teacher.source, external.teacher.onnx, external.loss.lambda_match) == ("dlib", None, 1.0)
+
+
 def test_paper_profile_is_the_papers_setting():
     p = load_params("params.yaml", ["profile=paper"])
     assert (p.model.depth, p.model.width, p.model.embedding_size) == (50, 1.0, 512)
