@@ -135,6 +135,8 @@ class Trainer:
         backbone = build_backbone(spec.backbone, params.model)
         head = ArcFace(params.model.embedding_size, self.num_classes, params.loss.arcface_s, params.loss.arcface_m)
         self.teacher = self.teacher_head = self.centre_teacher = None
+        # Only a distilled student has the matching term (the teacher's slice lacks the key).
+        self.lambda_match = params.loss.lambda_match if spec.kd else 0.0
         if spec.needs_teacher and not spec.teacher_dir:
             raise TrainingError(f"{spec.name}: KD, wavelet similarity or init_from_teacher need a teacher model")
         if spec.needs_teacher and is_external(spec.teacher_dir):
@@ -157,8 +159,6 @@ class Trainer:
         # fit() wraps it in DDP, after any resume: the wrap broadcasts rank 0's weights, and by then every rank
         # must already hold the resumed state (optimiser, schedule, step) as well.
         self.model: nn.Module = self.net
-        # Only a distilled student has the matching term (the teacher's slice lacks the key).
-        self.lambda_match = params.loss.lambda_match if spec.kd else 0.0
         m = params.model  # only a run with the wavelet-similarity loss reads its settings (the teacher's slice lacks them)
         self.wavesim = (WaveletSimilarity(m.wavelet, m.wave_mode, m.ll_impl, params.loss.wavesim_reduction)
                         .to(runtime.device) if spec.wavesim else None)
@@ -217,7 +217,7 @@ class Trainer:
         self.centre_teacher = CentreTeacher(net, faces, params.loss.arcface_s, params.storage.cache_dir).to(
             self.rt.device)
         size = self.centre_teacher.embeddings.shape[1]
-        if spec.kd and params.loss.lambda_match > 0 and size != params.model.embedding_size:
+        if self.lambda_match > 0 and size != params.model.embedding_size:
             raise ConfigError(f"loss.lambda_match: the teacher ({source}) gives {size}-d embeddings, the student "
                               f"{params.model.embedding_size}-d: set model.embedding_size={size} or "
                               "loss.lambda_match=0")
@@ -292,7 +292,7 @@ class Trainer:
         with rt.autocast():
             margin_logits, logits, emb, stages = self.model(x, labels)
             terms = LossTerms(arcface=arcface_loss(margin_logits, labels))
-            match = spec.kd and lcfg.lambda_match > 0
+            match = self.lambda_match > 0
             if spec.kd and self.centre_teacher is not None:
                 t_emb = self.centre_teacher.embeddings_of(hr)
                 terms.distill = distillation_loss(self.centre_teacher.logits(t_emb), logits, lcfg.temperature)
