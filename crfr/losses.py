@@ -118,10 +118,11 @@ class LossTerms:
     wavesim: torch.Tensor | None = None
     match: torch.Tensor | None = None
 
-    def total(self, lambda1: float, lambda2: float, lambda_match: float = 0.0) -> torch.Tensor:
+    def total(self, lambda1: float, lambda2: float, lambda_match: float = 0.0,
+              lambda_arcface: float = 1.0) -> torch.Tensor:
         """Eq. 4: ``L_arcface + lambda1 * L_distill + lambda2 * L_wavesim``, plus ``lambda_match * L_match``
-        (absent terms count 0)."""
-        loss = self.arcface
+        (absent terms count 0); ``lambda_arcface`` (not the paper's) weighs ArcFace."""
+        loss = lambda_arcface * self.arcface
         if self.distill is not None:
             loss = loss + lambda1 * self.distill
         if self.wavesim is not None:

@@ -108,7 +108,16 @@ def test_class_centre_logits_are_s_cos_and_the_embeddings_are_cached(tmp_path):
     assert sum(calls) == 14  # an augmented face is embedded on the spot
     again = CentreTeacher(net, faces, scale=16.0, cache_dir=tmp_path)
     assert sum(calls) == 14 and torch.equal(again.centres, teacher.centres)  # the cache, not the model
-    assert len(list((tmp_path / "teacher-embeddings").glob("*.npy"))) == 1
+    assert len(list((tmp_path / "teacher-embeddings").glob("*.npz"))) == 1  # one file per model
+    # A superset of the faces embeds only its new faces (and their mirrors); a subset embeds none.
+    more = _Faces(faces + [(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8), i % 2) for i in range(2)])
+    grown = CentreTeacher(net, more, scale=16.0, cache_dir=tmp_path)
+    assert sum(calls) == 18 and torch.equal(grown.embeddings[:6], teacher.embeddings[:6])
+    CentreTeacher(net, _Faces(more[4:]), scale=16.0, cache_dir=tmp_path)
+    assert sum(calls) == 18
+    other = ExternalNet(run, 8, {"sha256": "y" * 64, "source": "onnx"})
+    CentreTeacher(other, faces, scale=16.0, cache_dir=tmp_path)
+    assert sum(calls) == 30  # another model's cache is its own
 
 
 def test_the_pipeline_adopts_an_onnx_teacher_and_distils_from_it(crfr_onnx, prepared, tmp_path, caplog):
@@ -130,6 +139,12 @@ def test_the_pipeline_adopts_an_onnx_teacher_and_distils_from_it(crfr_onnx, prep
                               tiny_params(tmp_path, "teacher.source=onnx", f"teacher.onnx={onnx_file}",
                                           "loss.lambda_match=1.0"))
     assert 0 < matched["final"]["loss_match"] <= 2
+    # Without identity labels: ArcFace and KD weighed 0, the teacher's embeddings are the whole loss.
+    unlabelled = distill_student(str(prepared), str(tmp_path / "teacher"), str(tmp_path / "student-nolabel"),
+                                 tiny_params(tmp_path, "teacher.source=onnx", f"teacher.onnx={onnx_file}",
+                                             "loss.lambda_match=1.0", "loss.lambda_arcface=0", "loss.lambda1=0"))
+    final = unlabelled["final"]
+    assert final["loss_arcface"] > 0 and final["loss_total"] == pytest.approx(final["loss_match"], rel=1e-4)
     with pytest.raises(ConfigError, match="loss.lambda_match: the teacher .onnx. gives 32-d embeddings"):
         distill_student(str(prepared), str(tmp_path / "teacher"), str(tmp_path / "student-16"),
                         tiny_params(tmp_path, "teacher.source=onnx", f"teacher.onnx={onnx_file}",

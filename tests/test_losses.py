@@ -138,3 +138,14 @@ def test_embedding_match_is_one_minus_cosine_and_joins_the_total_only_with_its_w
     terms = LossTerms(arcface=torch.tensor(2.0), match=torch.tensor(0.5))
     assert terms.total(1.0, 0.05).item() == pytest.approx(2.0)
     assert terms.total(1.0, 0.05, lambda_match=4.0).item() == pytest.approx(4.0)
+    # ArcFace's weight: 0 leaves a student learning from the teacher's embeddings alone.
+    assert terms.total(1.0, 0.05, lambda_match=4.0, lambda_arcface=0.0).item() == pytest.approx(2.0)
+
+
+def test_a_student_loss_with_every_weight_zero_is_refused():
+    from crfr.config import load_params
+    from crfr.errors import ConfigError
+
+    load_params("params.yaml", ["loss.lambda_arcface=0", "loss.lambda1=0", "loss.lambda_match=1"])
+    with pytest.raises(ConfigError, match="lambda_arcface, lambda1 and lambda_match are all 0"):
+        load_params("params.yaml", ["loss.lambda_arcface=0", "loss.lambda1=0"])

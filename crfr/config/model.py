@@ -44,6 +44,11 @@ class LossCfg(Section):
     arcface_s: Float = Field(default=64.0, gt=0.0)
     arcface_m: Float = Field(default=0.5, ge=0.0, lt=1.5)
     temperature: Float = Field(default=4.0, gt=0.0)
+    lambda_arcface: Float = Field(
+        default=1.0, ge=0.0, description="weight of ArcFace in a distilled student's loss (the paper's 1; a "
+                                         "teacher always has 1); 0 with lambda1 0 and lambda_match > 0: the "
+                                         "student learns from the teacher's embeddings alone, no identity label"
+    )
     lambda1: Float = Field(default=1.0, ge=0.0)
     lambda2: Float = Field(default=0.05, ge=0.0)
     lambda_match: Float = Field(
@@ -61,4 +66,7 @@ class LossCfg(Section):
     def _check(self) -> "LossCfg":
         if any(s not in (1, 2, 3, 4) for s in self.wavesim_stages):
             raise ValueError(f"wavesim_stages must be chosen from 1, 2, 3, 4, got {self.wavesim_stages}")
+        if self.lambda_arcface == 0 and self.lambda1 == 0 and self.lambda_match == 0:
+            raise ValueError("lambda_arcface, lambda1 and lambda_match are all 0: a student would learn nothing "
+                             "(set lambda_match > 0 to learn from the teacher's embeddings alone)")
         return self

@@ -3,10 +3,11 @@
 An external teacher (:mod:`crfr.models.external`) gives embeddings only. Averaging its L2-normalised
 embeddings of each training identity's HR faces (each face and its mirror) gives one centre per class; its
 logits for a face are ``s * cos(embedding, centre)``: the form of a crfr teacher's ArcFace head without the
-margin, so the KD term of Eq. 2 keeps its form. The embeddings of every training face and its mirror are
-computed once and cached in ``storage.cache_dir/teacher-embeddings/<fingerprint>.npy`` (the fingerprint covers
-the model's sha256 and every face's bytes and label); during training a batch's HR faces are looked up by their
-bytes, and a face not found there (augmentation on) is embedded on the spot.
+margin, so the KD term of Eq. 2 keeps its form. The embedding of each training face and its mirror is
+computed once per model and cached face by face in ``storage.cache_dir/teacher-embeddings/<model sha256>.npz``
+(keyed by a digest of the face's bytes), so a training set sharing faces with an earlier one, a subset or a
+superset, embeds only its new faces; during training a batch's HR faces are looked up by their bytes, and a face
+not found there (augmentation on) is embedded on the spot.
 """
 
 from __future__ import annotations
@@ -51,12 +52,7 @@ class CentreTeacher:
         labels = np.asarray([int(label) for _, label in read], np.int64)
         mirrored = [np.ascontiguousarray(img[:, ::-1]) for img in images]
         keys = [face_key(img) for img in images] + [face_key(img) for img in mirrored]
-        fingerprint = hashlib.sha256()
-        fingerprint.update(str(net.info.get("sha256")).encode())
-        fingerprint.update(b"".join(keys[: len(images)]))
-        fingerprint.update(labels.tobytes())
-        self.fingerprint = fingerprint.hexdigest()[:24]
-        embeddings = self._cached(cache_dir, images + mirrored)
+        embeddings = self._cached(cache_dir, images + mirrored, keys)
         self.lookup = dict(zip(keys, range(len(keys))))
         self.embeddings = torch.from_numpy(embeddings)
         num_classes = int(faces.num_classes)
@@ -77,21 +73,28 @@ class CentreTeacher:
                 out.append(F.normalize(self.net(to_tensor(batch)).float(), dim=1).numpy())
         return np.concatenate(out).astype(np.float32)
 
-    def _cached(self, cache_dir: str | Path | None, images: list[np.ndarray]) -> np.ndarray:
-        path = Path(cache_dir).expanduser() / "teacher-embeddings" / f"{self.fingerprint}.npy" if cache_dir else None
+    def _cached(self, cache_dir: str | Path | None, images: list[np.ndarray], keys: list[bytes]) -> np.ndarray:
+        """The embeddings of ``images``: those the model embedded before read from its cache, the rest computed
+        and added to it (one file per model, replaced atomically)."""
+        model = str(self.net.info.get("sha256") or "")
+        path = (Path(cache_dir).expanduser() / "teacher-embeddings" / f"{model[:24]}.npz"
+                if cache_dir and model else None)
+        known: dict[bytes, np.ndarray] = {}
         if path is not None and path.is_file():
-            cached = np.load(path)
-            if cached.shape[0] == len(images):
-                log.info("teacher embeddings of %d faces from the cache %s", len(images), path)
-                return cached
-        embeddings = self._embed(images)
-        if path is not None:
-            from crfr import storage
+            with np.load(path) as cached:
+                known = dict(zip((row.tobytes() for row in cached["keys"]), cached["embeddings"]))
+        missing = sorted({k: i for i, k in enumerate(keys) if k not in known}.values())
+        log.info("teacher embeddings: %d of %d faces from the cache%s", len(keys) - len(missing), len(keys),
+                 f" {path}" if path is not None else " (none: storage.cache_dir unset)")
+        if missing:
+            known.update(zip((keys[i] for i in missing), self._embed([images[i] for i in missing])))
+            if path is not None:
+                from crfr import storage
 
-            path.parent.mkdir(parents=True, exist_ok=True)
-            with storage.output_file(path) as tmp:
-                np.save(tmp, embeddings)
-        return embeddings
+                with storage.output_file(path) as tmp, open(tmp, "wb") as f:
+                    np.savez(f, keys=np.frombuffer(b"".join(known), np.uint8).reshape(len(known), -1),
+                             embeddings=np.stack(list(known.values())))
+        return np.stack([known[k] for k in keys]).astype(np.float32)
 
     def to(self, device: torch.device) -> "CentreTeacher":
         self.centres = self.centres.to(device)

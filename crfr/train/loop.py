@@ -135,8 +135,9 @@ class Trainer:
         backbone = build_backbone(spec.backbone, params.model)
         head = ArcFace(params.model.embedding_size, self.num_classes, params.loss.arcface_s, params.loss.arcface_m)
         self.teacher = self.teacher_head = self.centre_teacher = None
-        # Only a distilled student has the matching term (the teacher's slice lacks the key).
+        # Only a distilled student has the matching term and a weighed ArcFace (the teacher's slice lacks both keys).
         self.lambda_match = params.loss.lambda_match if spec.kd else 0.0
+        self.lambda_arcface = params.loss.lambda_arcface if spec.kd else 1.0
         if spec.needs_teacher and not spec.teacher_dir:
             raise TrainingError(f"{spec.name}: KD, wavelet similarity or init_from_teacher need a teacher model")
         if spec.needs_teacher and is_external(spec.teacher_dir):
@@ -342,7 +343,8 @@ class Trainer:
             torch.manual_seed(step_seed(self.params.seed, self.step, self.rt.rank))
             terms, n = self.loss_terms(batch)
             self.check_finite(terms)
-            loss = terms.total(self.params.loss.lambda1, self.params.loss.lambda2, self.lambda_match)
+            loss = terms.total(self.params.loss.lambda1, self.params.loss.lambda2, self.lambda_match,
+                               self.lambda_arcface)
             self.optimizer.zero_grad(set_to_none=True)
             self.scaler.scale(loss).backward()
             self.scaler.step(self.optimizer)
