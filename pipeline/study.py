@@ -95,7 +95,11 @@ def paired_cell(reference: dict, trial: dict, size: int) -> str:
 def teacher_key(data_key: str, params: Params) -> str:
     """What the teacher's training reads: trials that differ only in the student's settings (e.g.
     loss.temperature) share one teacher; any change to what the teacher step reads and computes from
-    (:func:`crfr.config.steps.shaping_settings`: its data, net, losses, schedule, augmentation) trains another."""
+    (:func:`crfr.config.steps.shaping_settings`: its data, net, losses, schedule, augmentation) trains another.
+    An adopted teacher (``teacher.source`` other than train) reads only the ``teacher`` section and the data's
+    validation split, so trials over its students' net or losses share it (and its validation scoring)."""
+    if params.teacher.source != "train":
+        return json_digest([data_key, params.teacher.model_dump(mode="json")], length=12)
     return json_digest([data_key, shaping_settings(params, "train_teacher")], length=12)
 
 

@@ -224,6 +224,11 @@ def test_study_teachers_differ_by_augmentation_and_not_by_student_settings():
     assert teacher_key("data", load_params("params.yaml", ["augment.rotate=0.0"])) == key  # neutral: no change
     assert teacher_key("data", load_params("params.yaml", ["augment.shift=4.0"])) != key
     assert teacher_key("data", load_params("params.yaml", ["teacher.warmup_epochs=0.0"])) != key
+    # An adopted teacher: its students' net and losses do not make another one, its model does.
+    dlib = teacher_key("data", load_params("params.yaml", ["teacher.source=dlib"]))
+    assert dlib == teacher_key("data", load_params("params.yaml", ["teacher.source=dlib", "model.width=0.5",
+                                                                   "loss.lambda1=0"]))
+    assert dlib != teacher_key("data", load_params("params.yaml", ["teacher.source=onnx", "teacher.onnx=x.onnx"]))
 
 
 def test_a_workdir_made_with_other_settings_is_refused_before_any_work(tmp_path):
