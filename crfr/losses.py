@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from crfr.data.shards import UNLABELLED
 from crfr.models.waveconv import LowPass2d
 
 
@@ -43,19 +44,23 @@ class ArcFace(nn.Module):
             return F.linear(F.normalize(embeddings.float()), F.normalize(self.weight.float()))
 
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Return (margin logits for the cross-entropy, plain logits ``s * cos`` for distillation)."""
+        """Return (margin logits for the cross-entropy, plain logits ``s * cos`` for distillation); an
+        ``UNLABELLED`` face's margin logits are its plain ones."""
         cos = self.cosine(embeddings)
-        target = cos.gather(1, labels[:, None])
+        labelled = (labels != UNLABELLED)[:, None]
+        index = labels.clamp_min(0)[:, None]
+        target = cos.gather(1, index)
         sin = torch.sqrt((1.0 - target * target).clamp_min(1e-7))
         with_margin = target * self.cos_m - sin * self.sin_m
         with_margin = torch.where(target > self.threshold, with_margin, target - self.fallback)
-        margin_logits = cos.scatter(1, labels[:, None], with_margin)
+        margin_logits = torch.where(labelled, cos.scatter(1, index, with_margin), cos)
         return self.s * margin_logits, self.s * cos
 
 
 def arcface_loss(margin_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Eq. 1: cross-entropy over the margin logits."""
-    return F.cross_entropy(margin_logits.float(), labels)
+    """Eq. 1: cross-entropy over the margin logits, averaged over the labelled faces (0 where none is)."""
+    total = F.cross_entropy(margin_logits.float(), labels, ignore_index=UNLABELLED, reduction="sum")
+    return total / (labels != UNLABELLED).sum().clamp_min(1)
 
 
 def distillation_loss(teacher_logits: torch.Tensor, student_logits: torch.Tensor, temperature: float) -> torch.Tensor:

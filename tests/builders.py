@@ -8,7 +8,7 @@ import cv2
 import numpy as np
 
 from crfr.data.pairs import write_pair_set
-from crfr.data.shards import ShardWriter
+from crfr.data.shards import UNLABELLED, ShardWriter
 
 
 def centre_face(path: Path) -> np.ndarray:
@@ -29,9 +29,10 @@ def people_with_images(lfw_root: Path, minimum: int) -> list[tuple[str, list[Pat
 
 
 def make_prepared(lfw_root: Path, out: Path, identities: int = 6, per_identity: int = 6, eval_ids: int = 4,
-                  validation_ids: int = 0) -> Path:
+                  validation_ids: int = 0, unlabelled: int = 0) -> Path:
     """prepared/train with ``identities`` people, prepared/eval/lfw with pairs among ``eval_ids`` other people,
-    and with ``validation_ids`` > 0 prepared/validation with pairs among yet other people (3 images each)."""
+    and with ``validation_ids`` > 0 prepared/validation with pairs among yet other people (3 images each);
+    ``unlabelled`` > 0 adds the first image of that many more people to prepared/train, without a label."""
     people = people_with_images(lfw_root, per_identity)
     train_people, eval_people = people[:identities], people[identities : identities + eval_ids]
     validation_people = people[identities + eval_ids : identities + eval_ids + validation_ids]
@@ -39,6 +40,8 @@ def make_prepared(lfw_root: Path, out: Path, identities: int = 6, per_identity: 
     for label, (_, images) in enumerate(train_people):
         for path in images[:per_identity]:
             writer.add(centre_face(path), label)
+    for _, images in people[identities + eval_ids + validation_ids:][:unlabelled]:
+        writer.add(centre_face(images[0]), UNLABELLED)
     writer.close(classes=[name for name, _ in train_people])
     _write_all_pairs(out / "eval" / "lfw", "lfw", eval_people, 4, interleave=False)
     if validation_people:

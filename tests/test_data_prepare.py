@@ -312,3 +312,40 @@ def test_demo_prepare_over_all_of_lfw_and_cfp(tmp_path, lfw_root):
                   .read_text().splitlines() if line.strip()}
     classes = set(json.loads((tmp_path / "prepared" / "train" / "index.json").read_text())["classes"])
     assert not classes & cfp_people
+
+
+def test_unlabelled_people_are_those_below_the_minimum_outside_every_held_out_set(lfw_root):
+    """data.unlabelled over all of LFW (no decoding): the people with 1-3 images outside the evaluated pairs
+    and the validation people, apart from the labelled split, which stays as it was."""
+    folder = LfwFolder(lfw_root)
+    people = folder.identities()
+    evaluated = pair_identities(select_folds(folder.pairs(), [9, 10]))
+    held = {n for n in sorted(people) if len(people[n]) in (2, 3) and n not in evaluated}
+    held = set(sorted(held)[:50])
+    split = leak_free_split(people, evaluated, 4, 30, None, 0, held, unlabelled=True)
+    below = {n for n, paths in people.items() if 1 <= len(paths) < 4} - evaluated - held
+    assert set(split.unlabelled) == below and len(below) > 3000
+    assert all(split.unlabelled[n] == people[n] for n in below)
+    labelled = leak_free_split(people, evaluated, 4, 30, None, 0, held)
+    assert labelled.identities == split.identities and labelled.images == split.images and not labelled.unlabelled
+    capped = leak_free_split(people, evaluated, 4, 30, 5, 0, held, unlabelled=True)
+    assert len(capped.identities) == 5 and list(capped.unlabelled) == sorted(below)[:5]
+
+
+def test_prepare_writes_unlabelled_faces_after_the_labelled_ones(tmp_path, lfw_root):
+    train = _people(lfw_root, 3)
+    evals = _people(lfw_root, 5)[3:]
+    few = [n for n in _people(lfw_root, 60, min_images=1) if len(list((lfw_root / "lfw-deepfunneled" / n)
+                                                                   .glob("*.jpg"))) < 4][:2]
+    root = make_lfw_subset(tmp_path, lfw_root, train + few, evals)
+    p = params("data.eval_sets=[{name: lfw, kind: lfw}]", "data.validation_identities=0", "data.align=center-crop",
+               "data.unlabelled=true", "teacher.source=onnx", "teacher.onnx=teacher.onnx")
+    report = prepare(str(root), str(tmp_path / "out"), p, progress=False)
+    ds = ShardDataset(tmp_path / "out" / "train")
+    unlabelled = sum(len(list((root / "lfw-deepfunneled" / n).glob("*.jpg"))) for n in few)
+    assert ds.num_classes == 3 and ds.classes == train
+    assert report["train"]["unlabelled"] == {"identities": 2, "images": unlabelled}
+    assert list(ds.labels[-unlabelled:]) == [-1] * unlabelled and (ds.labels[:-unlabelled] >= 0).all()
+    assert ds.index["unlabelled_images"] == unlabelled
+    with pytest.raises(Exception, match="data.unlabelled: true needs teacher.source: onnx or dlib"):
+        params("data.unlabelled=true")

@@ -120,6 +120,30 @@ def test_class_centre_logits_are_s_cos_and_the_embeddings_are_cached(tmp_path):
     assert sum(calls) == 30  # another model's cache is its own
 
 
+def test_unlabelled_faces_join_no_centre_and_are_embedded_for_the_matching_term():
+    from crfr.data.shards import UNLABELLED
+
+    rng = np.random.default_rng(1)
+    labelled = [(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8), i % 2) for i in range(4)]
+    extra = [(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8), UNLABELLED) for _ in range(2)]
+    net = ExternalNet(lambda x: x.reshape(len(x), -1)[:, :20] / 255.0, 8, {"sha256": "z" * 64, "source": "onnx"})
+    both = CentreTeacher(net, _Faces(labelled + extra), scale=16.0, cache_dir=None)
+    only = CentreTeacher(net, _Faces(labelled), scale=16.0, cache_dir=None)
+    assert torch.allclose(both.centres, only.centres) and len(both.lookup) == 12
+
+
+def test_a_student_distils_from_unlabelled_faces_too(crfr_onnx, lfw_root, tmp_path):
+    _, onnx_file = crfr_onnx
+    prepared = make_prepared(lfw_root, tmp_path / "prepared", validation_ids=4, unlabelled=12)
+    assert (ShardDataset(prepared / "train").labels == -1).sum() == 12
+    params = tiny_params(tmp_path, "teacher.source=onnx", f"teacher.onnx={onnx_file}", "data.unlabelled=true",
+                         "loss.lambda_match=1.0")
+    train_teacher(str(prepared), str(tmp_path / "teacher"), params)
+    student = distill_student(str(prepared), str(tmp_path / "teacher"), str(tmp_path / "student"), params)
+    final = student["final"]
+    assert all(np.isfinite(v) for v in final.values() if isinstance(v, float)) and final["loss_match"] > 0
+
+
 def test_the_pipeline_adopts_an_onnx_teacher_and_distils_from_it(crfr_onnx, prepared, tmp_path, caplog):
     _, onnx_file = crfr_onnx
     params = tiny_params(tmp_path, "teacher.source=onnx", f"teacher.onnx={onnx_file}")

@@ -149,3 +149,17 @@ def test_a_student_loss_with_every_weight_zero_is_refused():
     load_params("params.yaml", ["loss.lambda_arcface=0", "loss.lambda1=0", "loss.lambda_match=1"])
     with pytest.raises(ConfigError, match="lambda_arcface, lambda1 and lambda_match are all 0"):
         load_params("params.yaml", ["loss.lambda_arcface=0", "loss.lambda1=0"])
+
+
+def test_arcface_leaves_unlabelled_faces_out():
+    from crfr.data.shards import UNLABELLED
+
+    head = ArcFace(4, 3, s=8.0, m=0.3)
+    emb = torch.randn(4, 4)
+    labels = torch.tensor([0, UNLABELLED, 2, UNLABELLED])
+    margin, plain = head(emb, labels)
+    assert torch.equal(margin[[1, 3]], plain[[1, 3]]) and not torch.equal(margin[0], plain[0])
+    expected = torch.nn.functional.cross_entropy(margin[[0, 2]], labels[[0, 2]])
+    assert arcface_loss(margin, labels).item() == pytest.approx(expected.item())
+    none = torch.full((2,), UNLABELLED)
+    assert arcface_loss(head(emb[:2], none)[0], none).item() == 0.0

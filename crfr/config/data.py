@@ -103,7 +103,16 @@ class DataCfg(Section):
     )
     min_images_per_identity: Int = Field(default=4, ge=1)
     max_images_per_identity: Int = Field(default=30, ge=1)
-    max_identities: Int | None = Field(default=None, ge=2, description="keep only the first N identities")
+    max_identities: Int | None = Field(
+        default=None, ge=2, description="keep only the first N identities (and, with unlabelled, the first N "
+                                        "unlabelled people)"
+    )
+    unlabelled: Bool = Field(
+        default=False, description="train: lfw: the people with fewer than min_images_per_identity images "
+                                   "(outside every eval set and the validation split) join the training set "
+                                   "without a label: no ArcFace, only what an adopted teacher (teacher.source "
+                                   "onnx | dlib) gives of them: its logits (Eq. 2) and embeddings (lambda_match)",
+    )
     max_bad_fraction: Float = Field(
         default=0.01, ge=0.0, le=1.0, description="unreadable images skipped (and counted) below this fraction"
     )
@@ -127,6 +136,8 @@ class DataCfg(Section):
             raise ValueError("max_images_per_identity must be >= min_images_per_identity")
         if self.train == "recordio" and not self.train_rec:
             raise ValueError("train: recordio needs train_rec (path or s3:// URI of train.rec)")
+        if self.unlabelled and self.train != "lfw":
+            raise ValueError("unlabelled: true needs train: lfw (a .rec labels every record)")
         for es in self.eval_sets:
             if es.kind == "cfp" and es.path is None:
                 if not self.cfp_root:

@@ -52,6 +52,14 @@ class Params(Section):
         return self
 
     @model_validator(mode="after")
+    def _unlabelled_faces_need_an_adopted_teacher(self) -> "Params":
+        if self.data.unlabelled and self.teacher.source == "train":
+            raise ValueError("data.unlabelled: true needs teacher.source: onnx or dlib: a teacher crfr trains "
+                             "learns from labels only, and its student would get nothing from unlabelled faces "
+                             "but what that teacher never saw")
+        return self
+
+    @model_validator(mode="after")
     def _reference_ll_in_fp32(self) -> "Params":
         if self.model.ll_impl == "reference" and self.runtime.amp != "none":
             raise ValueError(

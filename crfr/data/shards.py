@@ -5,7 +5,7 @@ Layout (docs/formats.md)::
     index.json         {"format": "crfr-shards/1", "num_images", "num_classes", "image_size",
                         "shards": [{"file", "count"}, ...], "classes": [...]}
     shard-00000.npy    uint8 (n, S, S, 3) RGB
-    labels.npy         int64 (N,), in shard order
+    labels.npy         int64 (N,), in shard order; UNLABELLED (-1): a face without an identity label
 
 Each file is written under a temporary name and renamed (a failed write leaves nothing); ``index.json`` comes
 last, so a folder without it is incomplete. Reading is a memory-map per shard plus one copy of the requested
@@ -30,6 +30,7 @@ from crfr.errors import DataError, storage_faults
 FORMAT = "crfr-shards/1"
 INDEX = "index.json"
 LABELS = "labels.npy"
+UNLABELLED = -1  # the label of a training face whose identity is not used (data.unlabelled)
 SHARD_NAME = re.compile(r"shard-\d{5}\.npy")
 
 
@@ -127,8 +128,10 @@ class ShardWriter:
         if len(final) != len(self._labels):
             raise ValueError(f"{len(final)} labels for {len(self._labels)} images")
         num_classes = len(classes) if classes is not None else (int(final.max()) + 1 if len(final) else 0)
-        if len(final) and (final.min() < 0 or final.max() >= num_classes):
-            raise ValueError(f"labels must lie in [0, {num_classes}), got [{final.min()}, {final.max()}]")
+        labelled = final[final != UNLABELLED]
+        if len(labelled) and (labelled.min() < 0 or labelled.max() >= num_classes):
+            raise ValueError(f"labels must lie in [0, {num_classes}) or be {UNLABELLED} (unlabelled), got "
+                             f"[{labelled.min()}, {labelled.max()}]")
         save_npy(self.out_dir / LABELS, final)
         index = {
             "format": FORMAT,
@@ -137,6 +140,8 @@ class ShardWriter:
             "image_size": int(self.image_size or 0),
             "shards": self._shards,
             "classes": list(classes) if classes is not None else [str(i) for i in range(num_classes)],
+            # only where there are any: a labelled set's index is unchanged
+            **({"unlabelled_images": int(len(final) - len(labelled))} if len(labelled) < len(final) else {}),
             **(extra or {}),
         }
         write_json(self.out_dir / INDEX, index)

@@ -24,6 +24,7 @@ class TrainSplit:
     images: dict[str, list[Path]]
     excluded: set[str]
     dropped: dict[str, int] = field(default_factory=dict)
+    unlabelled: dict[str, list[Path]] = field(default_factory=dict)  # below the minimum, kept without a label
 
     @property
     def num_images(self) -> int:
@@ -50,6 +51,7 @@ def leak_free_split(
     max_identities: int | None = None,
     seed: int = 0,
     held_out: set[str] | None = None,
+    unlabelled: bool = False,
 ) -> TrainSplit:
     """Pick training identities from ``people`` (name -> images).
 
@@ -58,15 +60,18 @@ def leak_free_split(
         exclude: identities that occur in any evaluated pair; never trained on.
         min_images: identities with fewer images are left out.
         max_images: cap per identity (seeded, deterministic choice).
-        max_identities: keep only the first N eligible identities in name order.
+        max_identities: keep only the first N eligible identities in name order (and the first N unlabelled).
         seed: the run seed for the per-identity cap.
         held_out: the validation identities; never trained on either.
+        unlabelled: keep the identities with fewer than ``min_images`` images in ``TrainSplit.unlabelled``
+            (their faces train without a label) instead of dropping them.
     """
     held_out = held_out or set()
     dropped = {"identities_in_eval_pairs": 0, "identities_in_validation": 0, "identities_empty": 0,
                "identities_below_min_images": 0, "identities_over_max_identities": 0,
                "images_over_max_per_identity": 0}
     chosen: dict[str, list[Path]] = {}
+    below: dict[str, list[Path]] = {}
     for name in sorted(people):
         paths = people[name]
         if name in exclude:
@@ -75,6 +80,9 @@ def leak_free_split(
             dropped["identities_in_validation"] += 1
         elif not paths:
             dropped["identities_empty"] += 1
+        elif len(paths) < min_images and unlabelled:
+            if max_identities is None or len(below) < max_identities:
+                below[name] = cap_images(name, paths, max_images, seed)
         elif len(paths) < min_images:
             dropped["identities_below_min_images"] += 1
         elif max_identities is not None and len(chosen) >= max_identities:
@@ -83,7 +91,7 @@ def leak_free_split(
             kept = cap_images(name, paths, max_images, seed)
             dropped["images_over_max_per_identity"] += len(paths) - len(kept)
             chosen[name] = kept
-    return TrainSplit(list(chosen), chosen, set(exclude) | held_out, dropped)
+    return TrainSplit(list(chosen), chosen, set(exclude) | held_out, dropped, below)
 
 
 # People with this many images form the validation split: below the training minimum (4 by default), so

@@ -3,7 +3,8 @@
 ``data.train``:
 
 * ``lfw``: identities outside every evaluated pair and the validation split (:mod:`crfr.data.split`), at least
-  ``min_images_per_identity`` readable images each, capped at ``max_images_per_identity``, aligned.
+  ``min_images_per_identity`` readable images each, capped at ``max_images_per_identity``, aligned; with
+  ``data.unlabelled`` the people with fewer images follow, each face labelled ``UNLABELLED``.
 * ``recordio``: an insightface ``train.rec`` streamed once into shards, labels from its record headers.
 
 A training image whose bytes are identical to an evaluation or validation image (same sha256, as
@@ -25,7 +26,7 @@ from crfr.data.decode import BadImages, aligned_faces
 from crfr.data.formats.lfw import LfwFolder
 from crfr.data.formats.recordio import InsightfaceRec
 from crfr.data.manifest import EvalCopies, Manifest, relative_path
-from crfr.data.shards import ShardWriter
+from crfr.data.shards import UNLABELLED, ShardWriter
 from crfr.data.split import leak_free_split
 from crfr.errors import CrfrError, DataError
 from crfr.faces.align import Aligner
@@ -60,12 +61,13 @@ def lfw_train(folder: LfwFolder, exclude: set[str], params: Params, out: Path, m
     people = folder.identities()
     held_out = held_out or set()
     split = leak_free_split(people, exclude, cfg.min_images_per_identity, cfg.max_images_per_identity,
-                            cfg.max_identities, params.seed, held_out)
+                            cfg.max_identities, params.seed, held_out, cfg.unlabelled)
     items = [(str(p), name) for name in split.identities for p in split.images[name]]
+    items += [(str(p), name) for name, paths in split.unlabelled.items() for p in paths]
     aligner = Aligner.cached(cfg)
     bad = BadImages("training images")
     copies = EvalCopies()
-    faces: dict[str, list[tuple[np.ndarray, str, str]]] = {n: [] for n in split.identities}
+    faces: dict[str, list[tuple[np.ndarray, str, str]]] = {n: [] for n in [*split.identities, *split.unlabelled]}
     jobs = [(path, None) for path, _ in items]
     for i, face, sha in aligned_faces(jobs, aligner, bad, workers, pool, skip=manifest.eval_copy, desc="train",
                                       progress=progress):
@@ -89,16 +91,23 @@ def lfw_train(folder: LfwFolder, exclude: set[str], params: Params, out: Path, m
         for face, path, sha in got:
             writer.add(face, label)
             manifest.add(path, name, "train", sha, folder.root)
+    unlabelled = 0
+    for name in split.unlabelled:
+        for face, path, sha in faces[name]:
+            writer.add(face, UNLABELLED)
+            manifest.add(path, name, "train", sha, folder.root)
+            unlabelled += 1
     if not classes:
         raise DataError(
             f"{folder.images_dir}: no training identity left (need >= {cfg.min_images_per_identity} images, outside "
             f"the evaluated pairs; dropped: {split.dropped})"
         )
     index = writer.close(classes, extra={"source": str(folder.images_dir), "align": aligner.mode})
-    leaked = set(classes) & (exclude | held_out)
+    leaked = (set(classes) | set(split.unlabelled)) & (exclude | held_out)
     if leaked:  # a guard against a future bug in the split, never expected to fire
         raise DataError(f"identity leak: {sorted(leaked)[:5]} are both trained on and evaluated or validated")
-    counts = np.bincount(np.load(out / "train" / "labels.npy"), minlength=len(classes))
+    labels = np.load(out / "train" / "labels.npy")
+    counts = np.bincount(labels[labels != UNLABELLED], minlength=len(classes))
     return {
         "kind": "lfw",
         "source": str(folder.images_dir),
@@ -106,6 +115,7 @@ def lfw_train(folder: LfwFolder, exclude: set[str], params: Params, out: Path, m
         "images": index["num_images"],
         "shards": len(index["shards"]),
         "images_per_identity": _histogram(counts.tolist()),
+        **({"unlabelled": {"identities": len(split.unlabelled), "images": unlabelled}} if cfg.unlabelled else {}),
         "identities_available": len(people),
         "dropped": {**split.dropped, "identities_below_min_after_unreadable": below_min,
                     "images_identical_to_eval": len(copies.files)},

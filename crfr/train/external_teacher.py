@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from crfr.data.shards import UNLABELLED
 from crfr.models.embedding import to_tensor
 from crfr.models.external import ExternalNet
 
@@ -56,9 +57,11 @@ class CentreTeacher:
         self.lookup = dict(zip(keys, range(len(keys))))
         self.embeddings = torch.from_numpy(embeddings)
         num_classes = int(faces.num_classes)
-        # embeddings are the faces, then their mirrors, in one order: the labels repeat the same way
-        sums = torch.zeros(num_classes, self.embeddings.shape[1]).index_add_(
-            0, torch.from_numpy(labels).repeat(2), self.embeddings)
+        # embeddings are the faces, then their mirrors, in one order: the labels repeat the same way; an
+        # unlabelled face belongs to no centre (its embedding still serves the matching term)
+        both = torch.from_numpy(labels).repeat(2)
+        keep = both != UNLABELLED
+        sums = torch.zeros(num_classes, self.embeddings.shape[1]).index_add_(0, both[keep], self.embeddings[keep])
         empty = (sums.norm(dim=1) == 0).nonzero().flatten().tolist()
         if empty:
             raise ValueError(f"classes {empty[:5]} have no training face: the centres need at least one each")
