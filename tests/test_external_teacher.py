@@ -221,3 +221,10 @@ def test_dlib_teacher_tells_people_apart_on_lfw_faces(prepared, tmp_path):
     same = [float(emb[0] @ emb[1]), float(emb[2] @ emb[3])]
     different = [float(emb[0] @ emb[2]), float(emb[1] @ emb[3])]
     assert min(same) > max(different)
+    # dlib's worker processes give the embeddings one process gives
+    from crfr.models.external import _dlib_runner
+
+    pixels = np.random.default_rng(0).uniform(0, 255, (20, 3, 150, 150)).astype(np.float32)
+    one, _ = _dlib_runner(workers=1)
+    two, _ = _dlib_runner(workers=2)
+    assert np.array_equal(one(pixels), two(pixels))

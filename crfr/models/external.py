@@ -14,7 +14,9 @@ whose wheel carries the weights); nothing is downloaded at run time.
 from __future__ import annotations
 
 import json
+import logging
 import shutil
+from concurrent.futures.process import BrokenProcessPool
 from collections.abc import Callable
 from pathlib import Path
 
@@ -25,6 +27,8 @@ from torch import nn
 
 from crfr.digests import file_digest
 from crfr.errors import ConfigError, DataError, TrainingError
+
+log = logging.getLogger(__name__)
 
 FORMAT = "crfr-external/1"
 EXTERNAL_FILE = "external.json"
@@ -70,18 +74,64 @@ def _onnx_runner(path: Path, mean: float, std: float, channels: str, what: str,
     return run, side
 
 
-def _dlib_runner() -> tuple[Callable[[np.ndarray], np.ndarray], Path]:
+DLIB_CHIPS_PER_WORKER = 8  # a smaller batch runs in the calling process: starting workers would cost more
+
+
+def _dlib_net():
+    """(dlib's face ResNet, its weights file)."""
     try:
         import dlib
         import face_recognition_models
     except ImportError:
         raise ConfigError(DLIB_EXTRA) from None
     weights = Path(face_recognition_models.face_recognition_model_location())
-    net = dlib.face_recognition_model_v1(str(weights))
+    return dlib.face_recognition_model_v1(str(weights)), weights
+
+
+_worker_net = None  # a dlib worker process's own net (_dlib_worker_start)
+
+
+def _dlib_worker_start() -> None:
+    global _worker_net
+    _worker_net, _ = _dlib_net()
+
+
+def _dlib_embed(chips: list[np.ndarray], net=None) -> np.ndarray:
+    net = net if net is not None else _worker_net
+    return np.asarray(net.compute_face_descriptor(chips), np.float32).reshape(len(chips), -1)
+
+
+def _dlib_runner(workers: int | None = None) -> tuple[Callable[[np.ndarray], np.ndarray], Path]:
+    """dlib's net computes on one core and keeps the GIL while it does (the dlib-bin wheel has no BLAS), so a
+    batch is split over ``workers`` processes (default: torch's thread count), started on the first batch that
+    is large enough and kept for the next ones; the embeddings are the same as from one process."""
+    net, weights = _dlib_net()
+    workers = max(1, workers or torch.get_num_threads())
+    pool = None
 
     def run(pixels: np.ndarray) -> np.ndarray:
+        nonlocal pool, workers
         chips = [np.ascontiguousarray(p.transpose(1, 2, 0).round().clip(0, 255).astype(np.uint8)) for p in pixels]
-        return np.asarray(net.compute_face_descriptor(chips), np.float32).reshape(len(chips), -1)
+        if workers < 2 or len(chips) < 2 * DLIB_CHIPS_PER_WORKER:
+            return _dlib_embed(chips, net)
+        if pool is None:
+            import multiprocessing
+            from concurrent.futures import ProcessPoolExecutor
+
+            # spawn: a forked copy of a process that runs torch's thread pools can deadlock
+            pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                                       initializer=_dlib_worker_start)
+        parts = [chips[i::workers] for i in range(workers)]  # interleaved, so rows go back by a reshape
+        try:
+            out = list(pool.map(_dlib_embed, parts))
+        except BrokenProcessPool as exc:  # e.g. a __main__ that a spawned process cannot import (python -)
+            log.warning("dlib: its worker processes failed (%s); embedding in this process, one core", exc)
+            pool, workers = None, 1
+            return _dlib_embed(chips, net)
+        merged = np.empty((len(chips), out[0].shape[1]), np.float32)
+        for i, part in enumerate(out):
+            merged[i::workers] = part
+        return merged
 
     return run, weights
 
