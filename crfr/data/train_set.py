@@ -91,12 +91,10 @@ def lfw_train(folder: LfwFolder, exclude: set[str], params: Params, out: Path, m
         for face, path, sha in got:
             writer.add(face, label)
             manifest.add(path, name, "train", sha, folder.root)
-    unlabelled = 0
     for name in split.unlabelled:
         for face, path, sha in faces[name]:
             writer.add(face, UNLABELLED)
             manifest.add(path, name, "train", sha, folder.root)
-            unlabelled += 1
     if not classes:
         raise DataError(
             f"{folder.images_dir}: no training identity left (need >= {cfg.min_images_per_identity} images, outside "
@@ -115,7 +113,8 @@ def lfw_train(folder: LfwFolder, exclude: set[str], params: Params, out: Path, m
         "images": index["num_images"],
         "shards": len(index["shards"]),
         "images_per_identity": _histogram(counts.tolist()),
-        **({"unlabelled": {"identities": len(split.unlabelled), "images": unlabelled}} if cfg.unlabelled else {}),
+        **({"unlabelled": {"identities": len(split.unlabelled), "images": index.get("unlabelled_images", 0)}}
+           if cfg.unlabelled else {}),
         "identities_available": len(people),
         "dropped": {**split.dropped, "identities_below_min_after_unreadable": below_min,
                     "images_identical_to_eval": len(copies.files)},
